@@ -1,0 +1,144 @@
+"""FineTuneJob: the one ComponentResource every resource of the stack is a child of."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from infra.common import Names
+from infra.config import DATA_MOUNT, TOKEN_KEY, StackConfig
+from infra.data_access import data_access_pod_manifest
+from infra.rendezvous import etcd_manifests
+from infra.secret import secret_manifest
+from infra.storage import claim_manifest, storage_class_manifest
+from infra.trainer_config import config_map_manifest
+from infra.training_job import pytorchjob_manifest
+
+
+@dataclass
+class FineTuneJobArgs:
+    config: StackConfig
+    hf_token: Optional[pulumi.Input[str]] = None
+    """The token as a secret Output (pulumi.Config.get_secret); never a plain string."""
+
+
+def commands(cfg: StackConfig) -> dict[str, str]:
+    """Ready-to-paste kubectl commands for the stack outputs."""
+    ns, job = cfg.namespace, cfg.job_name
+    pod = Names(job).data_access
+    out = cfg.output_dir
+    data_file = cfg.trainer.data.file or f"{DATA_MOUNT}/dataset.json"
+    return {
+        "watchJob": f"kubectl -n {ns} get pytorchjob {job} -w",
+        "watchPods": f"kubectl -n {ns} get pods -l training.kubeflow.org/job-name={job} -w",
+        "followLogs": f"kubectl -n {ns} logs -f {job}-worker-0 -c pytorch",
+        "uploadDataset": f"kubectl -n {ns} cp ./{data_file.rsplit('/', 1)[-1]} {pod}:{data_file}",
+        "copyModel": f"kubectl -n {ns} cp {pod}:{out}/final ./{job}-final",
+        "copyQuantizedModel": f"kubectl -n {ns} cp {pod}:{out}/quantized ./{job}-quantized",
+        "copyReport": f"kubectl -n {ns} cp {pod}:{out}/report.json ./{job}-report.json",
+        "listOutputs": f"kubectl -n {ns} exec {pod} -- ls -la {out}",
+    }
+
+
+class FineTuneJob(pulumi.ComponentResource):
+    def __init__(self, name: str, args: FineTuneJobArgs, opts: Optional[pulumi.ResourceOptions] = None):
+        super().__init__("llm-finetune:index:FineTuneJob", name, None, opts)
+        cfg = args.config
+        child = pulumi.ResourceOptions(parent=self)
+
+        storage_class = None
+        sc = storage_class_manifest(cfg)
+        if sc is not None:
+            storage_class = k8s.storage.v1.StorageClass(
+                f"{name}-storage-class", metadata=sc["metadata"], provisioner=sc["provisioner"],
+                parameters=sc["parameters"], reclaim_policy=sc["reclaimPolicy"],
+                volume_binding_mode=sc["volumeBindingMode"], allow_volume_expansion=sc["allowVolumeExpansion"],
+                opts=child)
+
+        pvc = claim_manifest(cfg)
+        spec = dict(pvc["spec"])
+        if storage_class is not None:
+            spec["storageClassName"] = storage_class.metadata.apply(lambda m: m["name"])
+        self.claim = k8s.core.v1.PersistentVolumeClaim(f"{name}-data", metadata=pvc["metadata"], spec=spec,
+                                                       opts=claim_options(cfg, self))
+        claim_name = self.claim.metadata.apply(lambda m: m["name"])
+
+        self.secret = None
+        sec = secret_manifest(cfg)
+        if sec is not None:
+            if args.hf_token is None:
+                raise ValueError("config says there is a token but none was passed")
+            # The only place the token goes; Pulumi keeps it encrypted in state as a secret.
+            self.secret = k8s.core.v1.Secret(
+                f"{name}-hf-token", metadata=sec["metadata"], type=sec["type"],
+                string_data={TOKEN_KEY: pulumi.Output.secret(args.hf_token)},
+                opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["data", "stringData"]))
+
+        cm = config_map_manifest(cfg)
+        self.config_map = k8s.core.v1.ConfigMap(f"{name}-config", metadata=cm["metadata"], data=cm["data"],
+                                                opts=child)
+
+        pod = _with_claim(data_access_pod_manifest(cfg), claim_name)
+        self.data_access = k8s.core.v1.Pod(f"{name}-data-access", metadata=pod["metadata"], spec=pod["spec"],
+                                           opts=child)
+
+        self.etcd = []
+        for manifest in etcd_manifests(cfg):
+            kind = manifest["kind"]
+            suffix = {"StatefulSet": "etcd", "NetworkPolicy": "etcd-policy"}.get(
+                kind, manifest["metadata"]["name"][len(cfg.job_name) + 1:])
+            cls = {"StatefulSet": k8s.apps.v1.StatefulSet, "Service": k8s.core.v1.Service,
+                   "NetworkPolicy": k8s.networking.v1.NetworkPolicy}[kind]
+            self.etcd.append(cls(f"{name}-{suffix}", metadata=manifest["metadata"], spec=manifest["spec"],
+                                 opts=child))
+
+        job = pytorchjob_manifest(cfg)
+        job_spec = _with_claim(job, claim_name)["spec"]
+        # Dependencies flow through outputs: the job references the ConfigMap and Secret by their
+        # created names, so it is submitted only after they exist.
+        worker_pod = job_spec["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+        for volume in worker_pod["volumes"]:
+            if "configMap" in volume:
+                volume["configMap"] = {"name": self.config_map.metadata.apply(lambda m: m["name"])}
+            if "secret" in volume and self.secret is not None:
+                volume["secret"] = {**volume["secret"],
+                                    "secretName": self.secret.metadata.apply(lambda m: m["name"])}
+        depends = list(self.etcd)  # etcd must be up before workers rendezvous; no output links them
+        self.job = k8s.apiextensions.CustomResource(
+            f"{name}-job", api_version=job["apiVersion"], kind=job["kind"], metadata=job["metadata"],
+            spec=job_spec, opts=pulumi.ResourceOptions(parent=self, depends_on=depends))
+
+        self.outputs = {
+            "jobName": self.job.metadata.apply(lambda m: m["name"]),
+            "namespace": cfg.namespace,
+            "volumeClaim": claim_name,
+            "dataAccessPod": self.data_access.metadata.apply(lambda m: m["name"]),
+            "outputDir": cfg.output_dir,
+            "rendezvous": cfg.rendezvous,
+            "commands": commands(cfg),
+        }
+        self.register_outputs(self.outputs)
+
+
+def claim_options(cfg: StackConfig, parent: pulumi.Resource) -> pulumi.ResourceOptions:
+    # retainOnDestroy: `pulumi destroy` leaves the claim (and the model on it) in the cluster.
+    return pulumi.ResourceOptions(parent=parent, retain_on_delete=cfg.storage.retain_on_destroy)
+
+
+def _with_claim(manifest: dict, claim_name) -> dict:
+    """Point every volume of a pod or PyTorchJob manifest at the created claim (an Output)."""
+    import copy
+
+    manifest = copy.deepcopy(manifest)
+    if manifest["kind"] == "PyTorchJob":
+        pod_specs = [r["template"]["spec"] for r in manifest["spec"]["pytorchReplicaSpecs"].values()]
+    else:
+        pod_specs = [manifest["spec"]]
+    for spec in pod_specs:
+        for volume in spec["volumes"]:
+            if "persistentVolumeClaim" in volume:
+                volume["persistentVolumeClaim"] = {"claimName": claim_name}
+    return manifest

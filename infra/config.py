@@ -1,0 +1,493 @@
+"""Stack config: parsed once into frozen dataclasses and validated before any resource exists.
+
+Every key is declared (type, default, description) in Pulumi.yaml; the defaults below are read
+from there, not repeated. A wrong value raises :class:`StackConfigError` (a ``pulumi.RunError``,
+so ``pulumi preview`` prints one clean message) naming the key, the stack file and line, and the
+value that would be valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import typing
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+from trainer.config import (ConfigError, DataConfig, LoraConfig, QuantizeConfig, TrainerConfig,
+                            TrainingConfig)
+
+PROJECT = "llm-finetune"
+ROOT = Path(__file__).resolve().parent.parent
+
+try:  # pulumi.RunError prints without a traceback; the pure parser also works without pulumi.
+    from pulumi import RunError as _Base
+except ImportError:  # pragma: no cover - pulumi is a hard dependency of the program
+    _Base = Exception
+
+
+class StackConfigError(_Base):
+    """Bad stack config: names the key, where it is set and the fix."""
+
+
+# Mount points inside the worker pods (the trainer config refers to them).
+DATA_MOUNT = "/data"
+CONFIG_MOUNT = "/etc/llm-finetune"
+TOKEN_MOUNT = "/var/run/secrets/huggingface"
+TOKEN_KEY = "token"
+
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# Kubernetes resource.Quantity grammar (apimachinery quantity.go): sign, digits, optional suffix.
+_QUANTITY = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?\d+)?$")
+_ETCD_TAG = re.compile(r":v?3\.5\.\d+(-[0-9A-Za-z.]+)?(@sha256:[0-9a-f]{64})?$")
+_ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+ACCESS_MODES = ("ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod", "ReadOnlyMany")
+CLEAN_POD_POLICIES = ("None", "Running", "All")
+TOKEN_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN")
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict[str, dict[str, Any]]:
+    """Every stack key -> {type, default, description[, properties]}, read from Pulumi.yaml.
+
+    Scalar keys come from its `config:` block; object keys from `x-nested-config` (Pulumi's
+    project schema has no object type), their default built from their properties' defaults.
+    """
+    doc = yaml.safe_load((ROOT / "Pulumi.yaml").read_text())
+    keys = {k.split(":", 1)[-1]: v for k, v in doc["config"].items()}
+    for name, spec in doc["x-nested-config"].items():
+        props = spec.get("properties")
+        keys[name] = {**spec, "type": "object",
+                      "default": {k: p.get("default") for k, p in props.items()} if props else {}}
+    return keys
+
+
+def stack_file_lines(stack: str, directory: Path = ROOT) -> tuple[str, dict[tuple[str, ...], int]]:
+    """Line of every `llm-finetune:` key (and nested key) in Pulumi.<stack>.yaml, for error messages."""
+    path = directory / f"Pulumi.{stack}.yaml"
+    if not path.exists():
+        return "", {}
+    node = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(n, prefix):
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = prefix + (str(k.value),)
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+
+    if node is not None:
+        for k, v in getattr(node, "value", []):
+            if k.value == "config" and isinstance(v, yaml.MappingNode):
+                for ck, cv in v.value:
+                    name = str(ck.value)
+                    if name.startswith(PROJECT + ":"):
+                        key = (name.split(":", 1)[1],)
+                        lines[key] = ck.start_mark.line + 1
+                        walk(cv, key)
+    return path.name, lines
+
+
+# --------------------------------------------------------------------------------------------
+# The parsed config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Toleration:
+    key: Optional[str]
+    operator: str
+    value: Optional[str]
+    effect: Optional[str]
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: str
+    memory: str
+    gpus: int
+    shm_size: str
+    node_selector: tuple[tuple[str, str], ...]
+    tolerations: tuple[Toleration, ...]
+
+
+@dataclass(frozen=True)
+class Storage:
+    class_name: Optional[str]
+    size: str
+    access_mode: str
+    create_class: bool
+    provisioner: str
+    parameters: tuple[tuple[str, str], ...]
+    volume_binding_mode: str
+    retain_on_destroy: bool
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    namespace: str
+    job_name: str
+    image: str
+    image_pull_policy: str
+    workers: int
+    min_workers: int
+    max_workers: int
+    procs_per_worker: int
+    max_restarts: int
+    rendezvous: str
+    etcd_replicas: int
+    etcd_image: str
+    data_access_image: str
+    resources: Resources
+    storage: Storage
+    intel_runtime: bool
+    extra_env: tuple[tuple[str, str], ...]
+    clean_pod_policy: str
+    ttl_seconds_after_finished: int
+    has_token: bool
+    trainer: TrainerConfig = field(repr=False)
+
+    @property
+    def output_dir(self) -> str:
+        return self.trainer.output_dir
+
+    @property
+    def config_path(self) -> str:
+        return f"{CONFIG_MOUNT}/config.yaml"
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+
+
+class _Ctx:
+    def __init__(self, raw: Mapping[str, Any], source: str, lines: Mapping[tuple[str, ...], int]):
+        self.raw = raw
+        self.source = source
+        self.lines = lines
+
+    def fail(self, key: str, message: str) -> typing.NoReturn:
+        path = tuple(key.split("."))
+        where = ""
+        for depth in range(len(path), 0, -1):
+            if path[:depth] in self.lines:
+                where = f" ({self.source} line {self.lines[path[:depth]]})"
+                break
+        if not where and self.source:
+            where = f" (stack file {self.source})"
+        raise StackConfigError(f"config key '{PROJECT}:{key}'{where}: {message}")
+
+    def get(self, key: str) -> Any:
+        top, _, rest = key.partition(".")
+        value = self.raw.get(top)
+        if rest:
+            value = value.get(rest) if isinstance(value, Mapping) else None
+        if value is None:
+            spec = schema()[top]
+            default = spec.get("default")
+            if rest:
+                default = (default or {}).get(rest) if isinstance(default, Mapping) else None
+            return default
+        return value
+
+    def integer(self, key: str, minimum: int) -> int:
+        value = self.get(key)
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(key, f"must be an integer >= {minimum}, got {value!r}. Fix: pulumi config set {key} {max(minimum, 1)}")
+        if value < minimum:
+            self.fail(key, f"must be >= {minimum}, got {value}. Fix: pulumi config set {key} {max(minimum, 1)}")
+        return value
+
+    def boolean(self, key: str) -> bool:
+        value = self.get(key)
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        if not isinstance(value, bool):
+            self.fail(key, f"must be true or false, got {value!r}")
+        return value
+
+    def string(self, key: str, choices: tuple[str, ...] = ()) -> str:
+        value = self.get(key)
+        if not isinstance(value, str) or not value:
+            self.fail(key, f"must be a non-empty string, got {value!r}")
+        if choices and value not in choices:
+            near = difflib.get_close_matches(value, choices, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            self.fail(key, f"invalid value {value!r}{hint}; valid values: {', '.join(choices)}")
+        return value
+
+    def quantity(self, key: str) -> str:
+        value = self.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not _QUANTITY.match(value.strip()):
+            self.fail(key, f"{value!r} is not a Kubernetes quantity; write it like 16Gi, 512Mi, 8 or 500m "
+                           "(binary suffixes Ki Mi Gi Ti, no space)")
+        return value.strip()
+
+    def mapping(self, key: str) -> Mapping[str, Any]:
+        value = self.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.fail(key, f"must be an object (set nested keys with pulumi config set --path {key}.NAME VALUE), got {value!r}")
+        return value
+
+
+def _known_keys(ctx: _Ctx) -> None:
+    known = schema()
+    for key in ctx.raw:
+        if key not in known:
+            near = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            ctx.fail(key, f"unknown key{hint} (Pulumi.yaml lists every key). Fix: pulumi config rm {key}")
+    for section in ("resources", "storage", "dataset", "runPolicy"):
+        allowed = list(known[section]["properties"])
+        for sub in ctx.mapping(section):
+            if sub not in allowed:
+                near = difflib.get_close_matches(sub, allowed, n=1)
+                hint = f"; did you mean '{near[0]}'?" if near else ""
+                ctx.fail(f"{section}.{sub}", f"unknown key{hint}; valid keys: {', '.join(allowed)}")
+
+
+def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[tuple[str, ...], int]] = None,
+          token_is_secret: Optional[bool] = None) -> StackConfig:
+    """Parse raw stack config (key -> value, objects already decoded) into a validated StackConfig.
+
+    ``token_is_secret`` is False when hfToken was set without --secret: refused, since the token
+    would then sit in plain text in the stack file and the state.
+    """
+    ctx = _Ctx(raw, source, lines or {})
+    _known_keys(ctx)
+
+    has_token = raw.get("hfToken") not in (None, "")
+    if has_token and token_is_secret is False:
+        ctx.fail("hfToken", "is stored in plain text. Fix: pulumi config rm hfToken && "
+                            "pulumi config set --secret hfToken hf_...")
+
+    job_name = ctx.string("jobName")
+    if not _DNS1035.match(job_name):
+        ctx.fail("jobName", f"{job_name!r} is not a DNS-1035 label: lower-case letters, digits and '-', "
+                            "starting with a letter, ending with a letter or digit, at most 63 characters "
+                            "(e.g. llama2-medical)")
+    # The longest child name is "<job>-etcd-client"/"<job>-data-access"; StatefulSet pods add "-N".
+    if len(job_name) > 40:
+        ctx.fail("jobName", f"{job_name!r} is {len(job_name)} characters; at most 40, so derived names "
+                            "(<jobName>-data-access, <jobName>-etcd-0) stay valid labels")
+    namespace = ctx.string("namespace")
+    if not _DNS1123.match(namespace):
+        ctx.fail("namespace", f"{namespace!r} is not a valid namespace name (DNS-1123 label, e.g. ml-training)")
+
+    workers = ctx.integer("workers", 1)
+    min_workers = ctx.integer("minWorkers", 0) or workers  # 0: same as workers (Pulumi.yaml)
+    max_workers = ctx.integer("maxWorkers", 0) or workers
+    if not min_workers <= workers <= max_workers:
+        key = "minWorkers" if min_workers > workers else "maxWorkers"
+        ctx.fail(key, f"need minWorkers <= workers <= maxWorkers, got {min_workers} <= {workers} <= {max_workers}. "
+                      f"Fix: pulumi config set {key} {workers}")
+    procs = ctx.integer("procsPerWorker", 1)
+    max_restarts = ctx.integer("maxRestarts", 0)
+
+    rendezvous = ctx.string("rendezvous", ("etcd", "c10d"))
+    etcd_replicas = ctx.integer("etcdReplicas", 1)
+    if etcd_replicas not in (1, 3):
+        ctx.fail("etcdReplicas", f"must be 1 or 3 (an etcd cluster needs an odd quorum; 1 for a single job, "
+                                 f"3 to survive a node loss), got {etcd_replicas}")
+    etcd_image = ctx.string("etcdImage")
+    if not _ETCD_TAG.search(etcd_image):
+        ctx.fail("etcdImage", f"{etcd_image!r} must be pinned to an etcd 3.5.x tag (e.g. "
+                              "quay.io/coreos/etcd:v3.5.17): torchrun's etcd-v2 rendezvous needs the v2 API, "
+                              "which etcd 3.6 removed")
+
+    image = ctx.string("image")
+    if image.endswith(":latest") or ("@" not in image and ":" not in image.rsplit("/", 1)[-1]):
+        ctx.fail("image", f"{image!r} is not pinned; use a version tag or digest "
+                          "(e.g. ghcr.io/you/llm-finetune-cpu:0.1.0) so every worker runs the same trainer")
+    pull = ctx.string("imagePullPolicy", ("IfNotPresent", "Always", "Never"))
+    data_access_image = ctx.string("dataAccessImage")
+
+    res = ctx.mapping("resources")
+    cpu = ctx.quantity("resources.cpu")
+    memory = ctx.quantity("resources.memory")
+    shm = ctx.quantity("resources.shmSize")
+    gpus = ctx.integer("resources.gpus", 0)
+    node_selector = res.get("nodeSelector") or {}
+    if not isinstance(node_selector, Mapping) or not all(isinstance(v, str) for v in node_selector.values()):
+        ctx.fail("resources.nodeSelector", "must map label names to string values, e.g. "
+                                           "{\"node.kubernetes.io/instance-type\": \"c7i.8xlarge\"}")
+    tolerations = []
+    for i, t in enumerate(res.get("tolerations") or []):
+        if not isinstance(t, Mapping) or t.get("operator", "Equal") not in ("Equal", "Exists") \
+                or t.get("effect") not in (None, "", "NoSchedule", "PreferNoSchedule", "NoExecute"):
+            ctx.fail(f"resources.tolerations", f"entry {i} {t!r} is not a toleration: "
+                                               "{key, operator: Equal|Exists, value, effect: NoSchedule|PreferNoSchedule|NoExecute}")
+        tolerations.append(Toleration(t.get("key"), t.get("operator", "Equal"), t.get("value"), t.get("effect") or None))
+
+    storage = ctx.mapping("storage")
+    access_mode = ctx.string("storage.accessMode", ACCESS_MODES)
+    if access_mode in ("ReadWriteOnce", "ReadWriteOncePod") and max_workers > 1:
+        ctx.fail("storage.accessMode", f"{access_mode} lets only one node mount the volume, but up to "
+                                       f"{max_workers} workers share it. Fix: pulumi config set --path "
+                                       "storage.accessMode ReadWriteMany (with a class that supports it: "
+                                       "NFS, Filestore, EFS, CephFS), or workers 1")
+    if access_mode == "ReadOnlyMany":
+        ctx.fail("storage.accessMode", "ReadOnlyMany cannot hold checkpoints; use ReadWriteMany")
+    size = ctx.quantity("storage.size")
+    create_class = ctx.boolean("storage.createClass")
+    class_name = storage.get("className") or None
+    if class_name is not None and not _DNS1123.match(str(class_name).replace(".", "-")):
+        ctx.fail("storage.className", f"{class_name!r} is not a valid StorageClass name")
+    if create_class and class_name is None:
+        ctx.fail("storage.className", "is required when storage.createClass is true (the name of the class to create)")
+    provisioner = ctx.string("storage.provisioner") if create_class else str(ctx.get("storage.provisioner") or "")
+    parameters = ctx.mapping("storage.parameters")
+    binding = ctx.string("storage.volumeBindingMode", ("WaitForFirstConsumer", "Immediate"))
+    retain = ctx.boolean("storage.retainOnDestroy")
+
+    extra_env = ctx.mapping("extraEnv")
+    for name, value in extra_env.items():
+        if not _ENV_NAME.match(name):
+            ctx.fail("extraEnv", f"{name!r} is not a valid environment variable name")
+        if name.upper() in TOKEN_ENV_NAMES:
+            ctx.fail("extraEnv", f"{name} would put the token in a plain env value; use "
+                                 "pulumi config set --secret hfToken hf_... (mounted as a file)")
+        if not isinstance(value, (str, int, float, bool)):
+            ctx.fail("extraEnv", f"{name} must be a string value, got {value!r}")
+
+    run_policy = ctx.mapping("runPolicy")
+    clean = ctx.string("runPolicy.cleanPodPolicy", CLEAN_POD_POLICIES)
+    ttl = ctx.integer("runPolicy.ttlSecondsAfterFinished", 0)
+    del run_policy
+
+    trainer_cfg = _trainer_config(ctx, job_name)
+    if gpus == 0 and trainer_cfg.training.ddp_backend == "nccl":
+        ctx.fail("training", "ddp_backend nccl needs GPUs; set resources.gpus or use gloo/ccl")
+    if gpus > 0 and procs > gpus:
+        ctx.fail("procsPerWorker", f"{procs} processes per worker but only {gpus} GPUs each; one process per GPU. "
+                                   f"Fix: pulumi config set procsPerWorker {gpus}")
+
+    return StackConfig(
+        namespace=namespace, job_name=job_name, image=image, image_pull_policy=pull,
+        workers=workers, min_workers=min_workers, max_workers=max_workers, procs_per_worker=procs,
+        max_restarts=max_restarts, rendezvous=rendezvous, etcd_replicas=etcd_replicas,
+        etcd_image=etcd_image, data_access_image=data_access_image,
+        resources=Resources(cpu=cpu, memory=memory, gpus=gpus, shm_size=shm,
+                            node_selector=tuple(sorted((str(k), str(v)) for k, v in node_selector.items())),
+                            tolerations=tuple(tolerations)),
+        storage=Storage(class_name=class_name, size=size, access_mode=access_mode, create_class=create_class,
+                        provisioner=provisioner,
+                        parameters=tuple(sorted((str(k), str(v)) for k, v in parameters.items())),
+                        volume_binding_mode=binding, retain_on_destroy=retain),
+        intel_runtime=ctx.boolean("intelRuntime"),
+        extra_env=tuple(sorted((str(k), str(v)) for k, v in extra_env.items())),
+        clean_pod_policy=clean, ttl_seconds_after_finished=ttl, has_token=has_token,
+        trainer=trainer_cfg,
+    )
+
+
+def _trainer_config(ctx: _Ctx, job_name: str) -> TrainerConfig:
+    """Render the trainer config from the stack's model/dataset/training/lora/quantize keys."""
+    model = ctx.get("model")
+    if isinstance(model, str):
+        model = {"name_or_path": model}
+    data: dict[str, Any] = {}
+    for key, value in ctx.mapping("dataset").items():
+        if value is None or value == "" or (key in ("maxSeqLength", "maxExamples") and value in (0, "0")):
+            continue  # unset: the trainer's default applies
+        if key == "name":
+            data["dataset"] = value
+        elif key == "config":
+            data["dataset_config"] = value
+        elif key == "file":
+            # Relative files live on the shared volume; workers wait for an upload that comes
+            # after `pulumi up` created the data-access pod.
+            data["file"] = value if str(value).startswith("/") else f"{DATA_MOUNT}/{value}"
+            data.setdefault("file_wait_seconds", 1800)
+        else:
+            data[_snake(key)] = value
+    raw = {
+        "model": model,
+        "data": _typed(DataConfig, data),
+        "training": _typed(TrainingConfig, {_snake(k): v for k, v in ctx.mapping("training").items()}),
+        "lora": _typed(LoraConfig, {_snake(k): v for k, v in ctx.mapping("lora").items()}),
+        "quantize": _typed(QuantizeConfig, {_snake(k): v for k, v in ctx.mapping("quantize").items()}),
+        "output_dir": f"{DATA_MOUNT}/output/{job_name}",
+    }
+    try:
+        return TrainerConfig.from_dict(raw)
+    except ConfigError as exc:
+        msg = str(exc)
+        section, _, rest = msg.partition(".")
+        stack_key = {"data": "dataset", "model": "model"}.get(section, section)
+        ctx.fail(stack_key, f"invalid trainer config: {msg}")
+
+
+def _typed(cls, section: Mapping[str, Any]) -> dict[str, Any]:
+    """`pulumi config set --path training.max_steps 20` stores the string "20": decode scalars
+    (as YAML) for every key the trainer does not declare as a string."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in section.items():
+        hint = hints.get(key)
+        is_str = hint is str or (typing.get_origin(hint) is typing.Union and str in typing.get_args(hint))
+        if isinstance(value, str) and hint is not None and not is_str:
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        out[key] = value
+    return out
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading from Pulumi
+# --------------------------------------------------------------------------------------------
+
+
+def _decode(value: Optional[str]) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def load() -> StackConfig:
+    """Read this stack's config through the Pulumi runtime and parse it."""
+    import pulumi
+    from pulumi.runtime import config as runtime_config
+
+    prefix = PROJECT + ":"
+    # The language host hands config over with set_all_config; PULUMI_CONFIG is the older route.
+    all_config = {**runtime_config.get_config_env(), **runtime_config.CONFIG.get()}
+    raw = {k[len(prefix):]: _decode(v) for k, v in all_config.items() if k.startswith(prefix)}
+    # The token's value never enters the parsed config (it stays a secret Output, see load_token).
+    if raw.get("hfToken") not in (None, ""):
+        raw["hfToken"] = "<secret>"
+    token_is_secret = (runtime_config.is_config_secret(prefix + "hfToken")
+                       or prefix + "hfToken" in runtime_config.get_config_secret_keys_env()) \
+        if raw.get("hfToken") else None
+    source, lines = stack_file_lines(pulumi.get_stack())
+    return parse(raw, source=source, lines=lines, token_is_secret=token_is_secret)
+
+
+def load_token():
+    """The Hugging Face token as a secret Output, or None for public models."""
+    import pulumi
+
+    return pulumi.Config(PROJECT).get_secret("hfToken")

@@ -1,0 +1,224 @@
+"""Render the Pulumi program under Pulumi's own mocks and validate what it declares."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import runpy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pulumi
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+REFERENCE = ROOT.parent / "shared" / "reference" / "kubeflow-training-operator"
+KUBERNETES_VERSION = "1.30.0"
+SECRET_SIG = "4dabf18193072939515e22adb298388d"  # pulumi's marker for a secret value in mock inputs
+
+
+@dataclass
+class Declared:
+    typ: str
+    name: str
+    inputs: dict
+    secret_paths: list[str] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return self.typ.rsplit(":", 1)[-1]
+
+    def manifest(self) -> dict:
+        """The object as the provider would send it: secrets unwrapped, whole floats back to ints."""
+        return _plain(self.inputs)
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        if SECRET_SIG in value:
+            return _plain(value.get("value"))
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # protobuf Struct carries every number as a double
+    return value
+
+
+class Recorder(pulumi.runtime.Mocks):
+    def __init__(self):
+        self.resources: list[Declared] = []
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs):
+        self.resources.append(Declared(args.typ, args.name, copy.deepcopy(args.inputs)))
+        return [f"{args.name}-id", args.inputs]
+
+    def call(self, args: pulumi.runtime.MockCallArgs):
+        return {}
+
+
+@dataclass
+class Rendered:
+    resources: list[Declared]
+    outputs: dict[str, Any]
+
+    def of_kind(self, kind: str) -> list[Declared]:
+        return [r for r in self.resources if r.kind == kind]
+
+    def one(self, kind: str) -> dict:
+        found = self.of_kind(kind)
+        assert len(found) == 1, f"expected one {kind}, got {[r.name for r in found]}"
+        return found[0].manifest()
+
+
+def config_values(raw: dict[str, Any]) -> dict[str, str]:
+    """Stack config as the Pulumi engine hands it to the program: strings, objects as JSON."""
+    return {f"llm-finetune:{k}": v if isinstance(v, str) else json.dumps(v) for k, v in raw.items()}
+
+
+def render(raw: dict[str, Any], *, secret_keys: tuple[str, ...] = ("hfToken",), stack: str = "test") -> Rendered:
+    """Run __main__.py under mocks with this stack config; return what it declared and exported."""
+    recorder = Recorder()
+    pulumi.runtime.set_mocks(recorder, project="llm-finetune", stack=stack, preview=False)
+    pulumi.runtime.set_all_config(config_values(raw), [f"llm-finetune:{k}" for k in secret_keys if k in raw])
+    exported: dict[str, Any] = {}
+    original_export = pulumi.export
+
+    def capture(name, value):
+        exported[name] = value
+        original_export(name, value)
+
+    @pulumi.runtime.test
+    def program():
+        pulumi.export = capture
+        try:
+            runpy.run_path(str(ROOT / "__main__.py"), run_name="__main__")
+        finally:
+            pulumi.export = original_export
+        return pulumi.Output.all(**{k: pulumi.Output.from_input(v) for k, v in exported.items()})
+
+    program()
+    resolved: dict[str, Any] = {}
+
+    @pulumi.runtime.test
+    def collect():
+        return pulumi.Output.all(**exported).apply(resolved.update)
+
+    collect()
+    return Rendered(recorder.resources, resolved)
+
+
+def stack_config(stack_file: Path) -> dict[str, Any]:
+    doc = yaml.safe_load(stack_file.read_text())
+    return {k.split(":", 1)[1]: v for k, v in (doc.get("config") or {}).items() if k.startswith("llm-finetune:")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def validate_core(manifest: dict) -> None:
+    """Against the Kubernetes JSON schemas, strictly (unknown fields are errors)."""
+    kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+
+
+@functools.lru_cache(maxsize=1)
+def pytorchjob_schema() -> dict:
+    crd = yaml.safe_load((REFERENCE / "kubeflow.org_pytorchjobs.yaml").read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return _strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+
+
+def _strict(node):
+    """The API server prunes unknown fields silently; make them errors so a typo cannot hide."""
+    if isinstance(node, dict):
+        if "properties" in node and "additionalProperties" not in node \
+                and not node.get("x-kubernetes-preserve-unknown-fields"):
+            node["additionalProperties"] = False
+        for value in node.values():
+            _strict(value)
+    elif isinstance(node, list):
+        for value in node:
+            _strict(value)
+    return node
+
+
+_DNS1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+
+def validate_pytorchjob(job: dict) -> None:
+    """The operator's CRD schema plus the webhook rules in shared/reference/.../NOTES.md."""
+    jsonschema.validate(job, pytorchjob_schema())
+    import re
+
+    name = job["metadata"]["name"]
+    assert re.match(_DNS1035, name) and len(name) <= 63, f"metadata.name {name!r} is not a DNS-1035 label"
+    specs = job["spec"].get("pytorchReplicaSpecs")
+    assert specs, "spec.pytorchReplicaSpecs is required"
+    assert set(specs) <= {"Master", "Worker"}, f"replica types {sorted(specs)}: only Master and Worker"
+    for rtype, spec in specs.items():
+        containers = spec["template"]["spec"].get("containers") or []
+        assert containers, f"{rtype} needs at least one container"
+        assert all(c.get("image") for c in containers), f"{rtype}: every container needs an image"
+        assert any(c.get("name") == "pytorch" for c in containers), f"{rtype}: a container must be named pytorch"
+    if "Master" in specs:
+        assert specs["Master"].get("replicas") == 1, "Master.replicas must be 1"
+    if "Worker" in specs and specs["Worker"].get("replicas") is not None:
+        assert specs["Worker"]["replicas"] >= 1, "Worker.replicas must be >= 1"
+    elastic = job["spec"].get("elasticPolicy")
+    if elastic is not None:
+        assert "Worker" in specs, "elasticPolicy needs a Worker replica spec"
+        assert not ("nProcPerNode" in elastic and "nprocPerNode" in job["spec"]), \
+            "set spec.nprocPerNode, not both it and the deprecated elasticPolicy.nProcPerNode"
+        assert elastic.get("rdzvBackend", "c10d") in ("c10d", "etcd", "etcd-v2")
+        if elastic.get("minReplicas") is not None and elastic.get("maxReplicas") is not None:
+            assert elastic["minReplicas"] <= elastic["maxReplicas"]
+
+
+def validate_all(rendered: Rendered) -> None:
+    for r in rendered.resources:
+        if r.kind == "PyTorchJob":
+            validate_pytorchjob(r.manifest())
+        elif r.typ.startswith("kubernetes:"):
+            validate_core(r.manifest())
+
+
+def pod_specs(rendered: Rendered) -> dict[str, dict]:
+    """Every pod spec the stack controls, by owner."""
+    out = {}
+    for r in rendered.resources:
+        m = r.manifest()
+        if r.kind == "Pod":
+            out[r.name] = m["spec"]
+        elif r.kind == "StatefulSet":
+            out[r.name] = m["spec"]["template"]["spec"]
+        elif r.kind == "PyTorchJob":
+            for rtype, spec in m["spec"]["pytorchReplicaSpecs"].items():
+                out[f"{r.name}/{rtype}"] = spec["template"]["spec"]
+    return out
+
+
+def assert_restricted(pod_spec: dict, where: str) -> None:
+    """The restricted Pod Security Standard (v1.30), the checks that apply to our pods."""
+    psc = pod_spec.get("securityContext") or {}
+    assert psc.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost"), f"{where}: seccomp"
+    assert not pod_spec.get("hostNetwork") and not pod_spec.get("hostPID") and not pod_spec.get("hostIPC"), where
+    for v in pod_spec.get("volumes") or []:
+        allowed = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                   "projected", "secret"}
+        assert set(v) - {"name"} <= allowed, f"{where}: volume type {set(v) - {'name'}} not allowed"
+    for c in pod_spec["containers"] + pod_spec.get("initContainers", []):
+        sc = c.get("securityContext") or {}
+        assert sc.get("allowPrivilegeEscalation") is False, f"{where}/{c['name']}: allowPrivilegeEscalation"
+        assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{where}/{c['name']}: drop ALL"
+        assert not set(sc.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}
+        non_root = sc.get("runAsNonRoot", psc.get("runAsNonRoot"))
+        assert non_root is True, f"{where}/{c['name']}: runAsNonRoot"
+        assert sc.get("runAsUser", psc.get("runAsUser")) != 0, f"{where}/{c['name']}: runAsUser 0"
+        assert not sc.get("privileged"), f"{where}/{c['name']}: privileged"
+        assert not any(p.get("hostPort") for p in c.get("ports", [])), f"{where}/{c['name']}: hostPort"

@@ -1,0 +1,439 @@
+"""Trainer configuration: the one contract between the Pulumi program and the trainer.
+
+The Pulumi program renders this YAML into a ConfigMap and validates it at preview time with this
+module, so it must import nothing heavy (no torch, no transformers). The same file runs the trainer
+locally:
+
+    python -m trainer finetune --config config.yaml --set training.max_steps=20
+
+Sections: ``model``, ``data``, ``training`` (Hugging Face ``TrainingArguments`` names), ``lora``,
+``quantize`` and ``output_dir``. Every error names the key (and the file and line when the config
+came from a file) and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key, where it came from and the fix."""
+
+
+Location = dict[tuple[str, ...], int]
+
+
+def _fail(path: tuple[str, ...], message: str, where: "_Where") -> typing.NoReturn:
+    raise ConfigError(f"{where.describe(path)}{'.'.join(path) or '<config>'}: {message}")
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where a raw config came from, so errors can say 'file:line'."""
+
+    source: str = ""
+    lines: Location = field(default_factory=dict)
+
+    def describe(self, path: tuple[str, ...]) -> str:
+        if not self.source:
+            return ""
+        # The deepest known ancestor's line is the best pointer for a missing or nested key.
+        for depth in range(len(path), 0, -1):
+            line = self.lines.get(path[:depth])
+            if line is not None:
+                return f"{self.source}:{line}: "
+        return f"{self.source}: "
+
+
+# --------------------------------------------------------------------------------------------
+# Sections. Defaults live here and nowhere else (Pulumi.yaml documents the stack-level ones).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = ""
+    """Hub id (e.g. meta-llama/Llama-2-7b-hf) or a local model directory."""
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 where the hardware has fast bf16 (CUDA with bf16, Xeon with AMX/AVX512-BF16), else fp32."""
+    revision: Optional[str] = None
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+    def validate(self, check) -> None:
+        check(bool(self.name_or_path.strip()), ("name_or_path",),
+              "is required: a hub id such as meta-llama/Llama-2-7b-hf or a local model directory")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Optional[str] = None
+    """Hub dataset id, e.g. medalpaca/medical_meadow_medical_flashcards (exclusive with file)."""
+    dataset_config: Optional[str] = None
+    split: str = "train"
+    file: Optional[str] = None
+    """Local file: .json (array or lines), .jsonl, .csv, .parquet or .txt (exclusive with dataset)."""
+    file_wait_seconds: int = 0
+    """Wait this long for data.file to appear (uploaded after the job started) before failing."""
+    template: Literal["alpaca", "chat", "text"] = "alpaca"
+    max_seq_length: int = 512
+    packing: bool = True
+    train_on_prompt: bool = False
+    validation_fraction: float = 0.05
+    validation_split: Optional[str] = None
+    """Use the dataset's own split of this name instead of holding out validation_fraction."""
+    max_examples: Optional[int] = None
+    instruction_column: str = "instruction"
+    input_column: str = "input"
+    output_column: str = "output"
+    text_column: str = "text"
+    system_prompt: Optional[str] = None
+    """chat template: system message. alpaca: replaces the preamble of both prompts."""
+    prompt_with_input: Optional[str] = None
+    """alpaca prompt for examples with input; placeholders {instruction} and {input}."""
+    prompt_no_input: Optional[str] = None
+    """alpaca prompt for examples without input; placeholder {instruction}."""
+
+    def validate(self, check) -> None:
+        check((self.dataset is None) != (self.file is None), ("dataset",),
+              "set exactly one of data.dataset (a hub dataset id) and data.file (a file path); "
+              + ("both are set" if self.dataset else "neither is set"))
+        if self.file is not None:
+            suffix = Path(self.file).suffix.lower()
+            check(suffix in DATA_FILE_TYPES, ("file",),
+                  f"unsupported file type {suffix or '(none)'!r}; use one of {', '.join(DATA_FILE_TYPES)}")
+        check(self.max_seq_length >= 16, ("max_seq_length",), "must be at least 16 tokens")
+        check(0.0 <= self.validation_fraction < 0.5, ("validation_fraction",),
+              "must be in [0, 0.5) (e.g. 0.05 holds out 5% of the examples)")
+        check(self.max_examples is None or self.max_examples > 0, ("max_examples",), "must be > 0 or null")
+        if self.prompt_with_input is not None:
+            for name in ("{instruction}", "{input}"):
+                check(name in self.prompt_with_input, ("prompt_with_input",), f"must contain {name}")
+        if self.prompt_no_input is not None:
+            check("{instruction}" in self.prompt_no_input, ("prompt_no_input",), "must contain {instruction}")
+
+
+DATA_FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Names follow Hugging Face ``TrainingArguments`` so users bring what they know."""
+
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    """Optimizer steps; overrides num_train_epochs when > 0."""
+    learning_rate: float = 2e-4
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: Literal["adamw_torch", "adamw_torch_fused"] = "adamw_torch"
+    logging_steps: int = 10
+    save_steps: int = 100
+    save_total_limit: int = 2
+    eval_steps: Optional[int] = None
+    """Evaluate every N steps (validation loss in metrics.jsonl); always once at the end."""
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    ddp_backend: Optional[Literal["gloo", "nccl", "ccl"]] = None
+    """null: ccl when the oneCCL bindings import, nccl on CUDA, else gloo."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state (FSDP2) for models that do not fit a device."""
+    use_ipex: Optional[bool] = None
+    """null: apply Intel Extension for PyTorch when it imports (CPU)."""
+    torch_compile: bool = False
+    cpu_threads: Optional[int] = None
+    """Intra-op threads per process on CPU; null: cores / local processes."""
+    resume_from_checkpoint: Optional[str] = "auto"
+    """auto: newest complete checkpoint in output_dir/checkpoints; null: start fresh; or a path."""
+
+    def validate(self, check) -> None:
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "logging_steps", "save_steps", "save_total_limit"):
+            check(getattr(self, name) >= 1, (name,), "must be >= 1")
+        check(self.max_steps == -1 or self.max_steps > 0, ("max_steps",), "must be > 0, or -1 to use num_train_epochs")
+        check(self.max_steps > 0 or self.num_train_epochs > 0, ("num_train_epochs",),
+              "must be > 0 when max_steps is -1")
+        check(self.learning_rate > 0, ("learning_rate",), "must be > 0")
+        check(0.0 <= self.warmup_ratio < 1.0, ("warmup_ratio",), "must be in [0, 1)")
+        check(self.warmup_steps >= 0, ("warmup_steps",), "must be >= 0")
+        check(self.max_grad_norm >= 0, ("max_grad_norm",), "must be >= 0 (0 disables clipping)")
+        check(self.eval_steps is None or self.eval_steps >= 1, ("eval_steps",), "must be >= 1 or null")
+        check(self.cpu_threads is None or self.cpu_threads >= 1, ("cpu_threads",), "must be >= 1 or null")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = True
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """Checked against the model's module names before training starts."""
+
+    def validate(self, check) -> None:
+        check(self.r >= 1, ("r",), "must be >= 1 (typical: 8 to 64)")
+        check(self.alpha >= 1, ("alpha",), "must be >= 1 (typical: 2 x r)")
+        check(0.0 <= self.dropout < 1.0, ("dropout",), "must be in [0, 1)")
+        check(len(self.target_modules) > 0, ("target_modules",), "must name at least one module, e.g. [q_proj, v_proj]")
+
+
+QUANT_BITS = (4, 8)
+QUANT_ALGORITHMS = ("rtn", "gptq", "awq")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    enabled: bool = True
+    bits: int = 4
+    algorithm: str = "rtn"
+    group_size: int = 128
+    """Weights per quantization group; -1 for per-channel. Clamped to each layer's input width."""
+    scheme: Literal["sym", "asym"] = "sym"
+    calibration_samples: int = 32
+    """Training examples used to calibrate GPTQ and AWQ (unused by RTN)."""
+    eval_samples: int = 64
+    """Validation examples for perplexity before/after (0: all)."""
+    sample_prompts: int = 3
+    max_new_tokens: int = 32
+
+    def validate(self, check) -> None:
+        check(self.bits in QUANT_BITS, ("bits",), f"unsupported bits {self.bits}; use 4 or 8")
+        check(self.algorithm in QUANT_ALGORITHMS, ("algorithm",),
+              f"unsupported algorithm {self.algorithm!r}; use one of {', '.join(QUANT_ALGORITHMS)}")
+        check(self.group_size == -1 or self.group_size >= 8, ("group_size",), "must be -1 (per channel) or >= 8")
+        check(self.calibration_samples >= 1, ("calibration_samples",), "must be >= 1")
+        check(self.eval_samples >= 0, ("eval_samples",), "must be >= 0 (0: whole validation split)")
+        check(self.sample_prompts >= 0, ("sample_prompts",), "must be >= 0")
+        check(self.max_new_tokens >= 1, ("max_new_tokens",), "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig = TrainingConfig()
+    lora: LoraConfig = LoraConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    output_dir: str = "./output"
+
+    # ---- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "", lines: Optional[Location] = None) -> "TrainerConfig":
+        where = _Where(source, lines or {})
+        return _build(cls, raw, (), where)
+
+    def to_dict(self) -> dict[str, Any]:
+        def plain(value):
+            if isinstance(value, tuple):
+                return [plain(v) for v in value]
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            return value
+
+        return plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # ---- derived paths (the output layout DESIGN.md promises) --------------------------
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir)
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def final_dir(self) -> Path:
+        return self.out / "final"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.out / "adapter"
+
+    @property
+    def quantized_dir(self) -> Path:
+        return self.out / "quantized"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    @property
+    def report_path(self) -> Path:
+        return self.out / "report.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Generic dataclass builder: types from annotations, unknown keys with the nearest valid name.
+# Hand-written because the alternatives (pydantic, omegaconf) would add a heavy dependency to the
+# Pulumi program for ~80 lines, and neither reports YAML file:line for a nested key.
+# --------------------------------------------------------------------------------------------
+
+
+def _build(cls, raw: Any, path: tuple[str, ...], where: _Where):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        _fail(path, f"must be a mapping of keys, got {type(raw).__name__} {raw!r}", where)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            _fail(path + (str(key),), f"unknown key{hint} Valid keys here: {', '.join(fields)}", where)
+        values[key] = _coerce(hints[key], value, path + (key,), where)
+    for name, f in fields.items():
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in values and no_default:
+            sub = hints[name]
+            if dataclasses.is_dataclass(sub):
+                values[name] = _build(sub, {}, path + (name,), where)
+            else:
+                _fail(path + (name,), "is required", where)
+    obj = cls(**values)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        def check(ok: bool, sub: tuple[str, ...], message: str) -> None:
+            if not ok:
+                _fail(path + sub, message, where)
+
+        validate(check)
+    return obj
+
+
+def _coerce(tp, value, path, where):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, where)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path, where)
+    if value is None:
+        _fail(path, "must not be null", where)
+    if origin is Literal:
+        if value not in args:
+            near = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            _fail(path, f"invalid value {value!r}{hint}; use one of {', '.join(map(str, args))}", where)
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            _fail(path, f"must be a list, got {value!r}", where)
+        return tuple(_coerce(args[0], v, path, where) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(path, f"must be true or false, got {value!r}", where)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(path, f"must be an integer, got {value!r}", where)
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-4 (no dot) as a string; accept what users write for learning rates.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(path, f"must be a number, got {value!r}", where)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            _fail(path, f"must be a string, got {value!r}", where)
+        return str(value)
+    raise TypeError(f"unsupported config type {tp!r} at {'.'.join(path)}")  # a bug in this module
+
+
+# --------------------------------------------------------------------------------------------
+# Files and --set overrides
+# --------------------------------------------------------------------------------------------
+
+
+def _yaml_with_lines(text: str, source: str) -> tuple[Any, Location]:
+    """Parse YAML and remember the 1-based line of every mapping key path."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{source}:{mark.line + 1}: " if mark else f"{source}: "
+        raise ConfigError(f"{at}not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    lines: Location = {}
+
+    def walk(n, path):
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = path + (str(k.value),)
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+
+    if node is not None:
+        walk(node, ())
+    return data, lines
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config dict."""
+    out = _deep_copy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set training.max_steps=20")
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def _deep_copy(d):
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in (d or {}).items()}
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainerConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    raw, lines = _yaml_with_lines(text, str(path))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping with sections model, data, training, ...")
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return TrainerConfig.from_dict(raw, source=str(path), lines=lines)
+
+
+def load_config_text(text: str, source: str = "<config>") -> TrainerConfig:
+    raw, lines = _yaml_with_lines(text, source)
+    return TrainerConfig.from_dict(raw or {}, source=source, lines=lines)
