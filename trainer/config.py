@@ -22,8 +22,10 @@ from typing import Any, Literal, Mapping, Optional
 
 import yaml
 
+from trainer.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value is wrong; the message names the key, where it came from and the fix."""
 
 

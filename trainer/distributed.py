@@ -1,0 +1,158 @@
+"""Everything distributed lives here: torchrun's environment, backend choice, wrapping, collectives.
+
+Trusts torchrun (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT); a plain `python -m trainer`
+is a world of one. Rank 0 alone logs and writes shared files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+def ccl_available() -> bool:
+    return importlib.util.find_spec("oneccl_bindings_for_pytorch") is not None
+
+
+def ipex_available() -> bool:
+    return importlib.util.find_spec("intel_extension_for_pytorch") is not None
+
+
+def choose_backend(requested: Optional[str], cuda: bool, ccl: bool) -> str:
+    """ccl when the oneCCL bindings import (Intel CPUs), nccl on CUDA, else gloo; overridable."""
+    if requested:
+        if requested == "nccl" and not cuda:
+            raise RuntimeError("training.ddp_backend nccl needs CUDA GPUs; use gloo (or ccl on Intel CPUs)")
+        if requested == "ccl" and not ccl:
+            raise RuntimeError("training.ddp_backend ccl needs oneccl_bindings_for_pytorch (the Intel image has it); "
+                               "use gloo or leave ddp_backend unset")
+        return requested
+    if cuda:
+        return "nccl"
+    if ccl:
+        return "ccl"
+    return "gloo"
+
+
+def cpu_has_fast_bf16(cpuinfo: Optional[str] = None) -> bool:
+    """AMX or AVX512-BF16: bf16 matmuls faster than fp32 (Sapphire Rapids and later Xeons)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set(cpuinfo.split())
+    return bool({"amx_bf16", "avx512_bf16"} & flags)
+
+
+def choose_dtype(requested: str, cuda: bool, cuda_bf16: bool = False, cpu_bf16: Optional[bool] = None) -> torch.dtype:
+    if requested == "fp32":
+        return torch.float32
+    if requested == "bf16":
+        return torch.bfloat16
+    if cuda:
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return torch.bfloat16 if (cpu_has_fast_bf16() if cpu_bf16 is None else cpu_bf16) else torch.float32
+
+
+def default_threads(local_world_size: int, cores: Optional[int] = None) -> int:
+    """Split the cores of this pod/machine between its local processes (no oversubscription)."""
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(1, cores // max(1, local_world_size))
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    backend: Optional[str]
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum floats over ranks (one collective)."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self._collective_device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    @property
+    def _collective_device(self) -> torch.device:
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init(requested_backend: Optional[str], timeout_minutes: int = 60) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    backend = None
+    if world > 1:
+        backend = choose_backend(requested_backend, cuda, ccl_available())
+        if backend == "ccl":
+            import oneccl_bindings_for_pytorch  # noqa: F401  registers the "ccl" backend
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=device if backend == "nccl" else None)
+    return Dist(rank, local_rank, world, local_world, backend, device)
+
+
+def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool) -> torch.nn.Module:
+    """DDP (replicate) or FSDP2 (shard each decoder layer, then the root)."""
+    if not d.enabled:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        layers = _decoder_layers(model)
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # LoRA freezes most parameters; static_graph lets DDP skip searching for unused ones every step.
+    return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+               gradient_as_bucket_view=True, static_graph=True)
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    layers = []
+    for module in model.modules():
+        if module.__class__.__name__.endswith("DecoderLayer"):
+            layers.append(module)
+    return layers
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)

@@ -1,0 +1,375 @@
+"""The fine-tuning loop: load, prepare data, wrap, train with checkpoints, evaluate, save.
+
+    torchrun --nproc-per-node 2 -m trainer finetune --config config.yaml
+
+The loop is hand-written rather than the Hugging Face Trainer because the product needs what that
+Trainer does not give: a completeness marker on checkpoints on shared network volumes, exact
+token accounting over packed sequences without padding, loss normalised by trained tokens across
+ranks and accumulation steps, and the oneCCL/IPEX path that transformers 5 no longer wires in.
+Models, tokenizers, schedulers (transformers) and LoRA (peft) come from the libraries.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from trainer import distributed as D
+from trainer import modeling
+from trainer.checkpoint import Checkpointer
+from trainer.config import TrainerConfig
+from trainer.data import Prepared, Row, collate, epoch_order, label_tokens, make_batches, prepare, shard
+from trainer.errors import UserError
+from trainer.metrics import Logger, MetricsWriter, Progress, fmt, update_report
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over labelled positions (normalised by the caller)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=-100, reduction="sum")
+
+
+@dataclass
+class Plan:
+    """Which micro-batches each rank runs, and the global label-token count of every step."""
+
+    batches: list[list[int]]
+    label_counts: list[int]
+    micro_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def plan(rows: list[Row], cfg: TrainerConfig, world: int) -> Plan:
+    t = cfg.training
+    batches = make_batches(rows, t.per_device_train_batch_size)
+    micro_per_epoch = len(batches) // world
+    steps_per_epoch = micro_per_epoch // t.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise UserError(f"data: {len(rows)} training sequences make {len(batches)} batches of "
+                        f"{t.per_device_train_batch_size}, too few for {world} processes x "
+                        f"{t.gradient_accumulation_steps} accumulation steps. Fix: more data, or smaller "
+                        "training.per_device_train_batch_size / gradient_accumulation_steps")
+    total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
+    counts = [label_tokens(rows[i] for i in b) for b in batches]
+    return Plan(batches, counts, micro_per_epoch, steps_per_epoch, total)
+
+
+def step_batches(p: Plan, cfg: TrainerConfig, step: int, rank: int, world: int) -> tuple[int, list[list[int]], int]:
+    """(epoch, this rank's micro-batches, global label tokens) of optimizer step `step` (0-based).
+
+    Every rank holds all rows and the same seeded order, so each can compute the global token
+    count of a step locally: the loss is normalised without a collective per step."""
+    accum = cfg.training.gradient_accumulation_steps
+    epoch, index = divmod(step, p.steps_per_epoch)
+    order = epoch_order(len(p.batches), cfg.training.seed, epoch)
+    lo, hi = index * accum, (index + 1) * accum
+    mine = None
+    total = 0
+    for r in range(world):
+        ids = shard(order, r, world)[lo:hi]
+        if r == rank:
+            mine = [p.batches[b] for b in ids]
+        total += sum(p.label_counts[b] for b in ids)
+    return epoch, mine, total
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig):
+        self.cfg = cfg
+        self.t = cfg.training
+        self.dist = D.init(self.t.ddp_backend)
+        self.log = Logger(self.dist.is_main)
+
+    # ------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg, t, d = self.cfg, self.t, self.dist
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+        if d.device.type == "cpu":
+            torch.set_num_threads(t.cpu_threads or D.default_threads(d.local_world_size))
+        token = modeling.read_token()
+        path = modeling.resolve(cfg.model, token, d.is_main, d.barrier)
+        self.tokenizer = modeling.load_tokenizer(path)
+        self.model_path = path
+        self.log(f"world {d.world_size} (backend {d.backend or 'none'}, device {d.device.type}, "
+                 f"{torch.get_num_threads()} threads/process)")
+        self.data: Prepared = prepare(cfg.data, self.tokenizer, t.seed, token)
+        self.log(f"data: {self.data.train_stats.summary()}; validation: {len(self.data.val_examples)} examples")
+        if self.data.train_stats.truncated:
+            self.log(f"data: {self.data.train_stats.truncated} examples longer than data.max_seq_length="
+                     f"{cfg.data.max_seq_length} were truncated")
+        self.plan = plan(self.data.train_rows, cfg, d.world_size)
+
+        self.dtype = D.choose_dtype(cfg.model.dtype, d.device.type == "cuda",
+                                    torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        model = modeling.load_model(path, self.dtype, cfg.model.attn_implementation, d.device)
+        if t.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+        if cfg.lora.enabled:
+            model = modeling.apply_lora(model, cfg.lora)
+        trainable, total = modeling.trainable_parameters(model)
+        self.log(f"model {cfg.model.name_or_path}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
+                 f"({'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tune'}), dtype {self.dtype}")
+        self.base = model
+        if t.fsdp and d.enabled:
+            model = D.wrap_model(model, d, fsdp=True)
+        self.optimizer = self._optimizer(model)
+        use_ipex = t.use_ipex if t.use_ipex is not None else (D.ipex_available() and d.device.type == "cpu")
+        if use_ipex and not t.fsdp:
+            import intel_extension_for_pytorch as ipex
+
+            model, self.optimizer = ipex.optimize(model, optimizer=self.optimizer,
+                                                  dtype=self.dtype if self.dtype == torch.bfloat16 else None)
+            self.base = model
+            self.log("Intel Extension for PyTorch applied")
+        if not t.fsdp:
+            model = D.wrap_model(model, d, fsdp=False)
+        if t.torch_compile:
+            model = torch.compile(model)
+        self.model = model
+        from transformers import get_scheduler
+
+        warmup = t.warmup_steps or int(t.warmup_ratio * self.plan.total_steps)
+        self.scheduler = get_scheduler(t.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
+                                       num_training_steps=self.plan.total_steps)
+        self.ckpt = Checkpointer(cfg.checkpoints_dir, t.save_total_limit, d.rank, d.barrier, self.log)
+        self.metrics = MetricsWriter(cfg.metrics_path, d.is_main)
+
+    def _optimizer(self, model) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.t.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.t.optim == "adamw_torch_fused"
+        return torch.optim.AdamW(groups, lr=self.t.learning_rate, fused=fused or None)
+
+    # ---- state for checkpoints ---------------------------------------------------------
+
+    def _states(self) -> tuple[Optional[dict], Optional[dict]]:
+        if self.t.fsdp and self.dist.enabled:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+            return get_state_dict(self.model, self.optimizer, options=opts)
+        if not self.dist.is_main:
+            return None, None
+        base = D.unwrap(self.base)
+        model_state = {n: p.detach().cpu().clone() for n, p in base.named_parameters() if p.requires_grad}
+        return model_state, self.optimizer.state_dict()
+
+    def _restore(self, model_state: dict, optim_state: dict) -> None:
+        if self.t.fsdp and self.dist.enabled:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
+            set_state_dict(self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                           options=opts)
+            return
+        base = D.unwrap(self.base)
+        missing = [n for n, p in base.named_parameters() if p.requires_grad and n not in model_state]
+        if missing:
+            raise UserError(f"checkpoint does not match the model (missing {missing[:3]}...): it was written by a "
+                            "different model or LoRA setting. Fix: training.resume_from_checkpoint: null, or a new "
+                            "output_dir")
+        base.load_state_dict(model_state, strict=False)
+        self.optimizer.load_state_dict(optim_state)
+
+    def resume(self) -> dict[str, Any]:
+        choice = self.t.resume_from_checkpoint
+        if choice is None:
+            return {"step": 0, "tokens_seen": 0}
+        if choice == "auto":
+            path = self.ckpt.latest()
+            if path is None:
+                return {"step": 0, "tokens_seen": 0}
+        else:
+            from pathlib import Path
+
+            path = Path(choice)
+            if not (path / "COMPLETE").exists():
+                raise UserError(f"training.resume_from_checkpoint {path} is not a complete checkpoint")
+        model_state, optim_state, sched_state, state = self.ckpt.load(path)
+        self._restore(model_state, optim_state)
+        self.scheduler.load_state_dict(sched_state)
+        self.log(f"resumed from checkpoint step {state['step']} ({path})")
+        self.metrics.truncate_after(state["step"])
+        return state
+
+    # ---- loop ----------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        cfg, t, d, p = self.cfg, self.t, self.dist, self.plan
+        state = self.resume()
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        self.log(f"training {p.total_steps} steps ({p.steps_per_epoch} per epoch, "
+                 f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} sequences per process per step)"
+                 + (f", from step {step}" if step else ""))
+        progress = Progress(d.is_main, p.total_steps, step)
+        pad_id = self.tokenizer.pad_token_id
+        window = {"loss": 0.0, "tokens": 0, "real": 0, "start": time.perf_counter()}
+        first_step_seconds = None
+        started = time.perf_counter()
+        last_eval = None
+        self.model.train()
+        while step < p.total_steps:
+            epoch, micro, global_tokens = step_batches(p, cfg, step, d.rank, d.world_size)
+            scale = d.world_size / max(1, global_tokens)  # DDP averages gradients over ranks
+            for i, batch in enumerate(micro):
+                tensors, real = collate([self.data.train_rows[j] for j in batch], pad_id)
+                tensors = {k: v.to(d.device, non_blocking=True) for k, v in tensors.items()}
+                sync = i == len(micro) - 1
+                ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else _null()
+                with ctx:
+                    logits = self.model(input_ids=tensors["input_ids"], position_ids=tensors["position_ids"]).logits
+                    loss_sum = causal_lm_loss_sum(logits, tensors["labels"])
+                    (loss_sum * scale).backward()
+                window["loss"] += loss_sum.detach()
+                window["real"] += real
+            window["tokens"] += global_tokens
+            max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_([q for q in self.model.parameters() if q.requires_grad],
+                                                       max_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if first_step_seconds is None:
+                first_step_seconds = time.perf_counter() - started
+            do_eval = bool(self.data.val_rows) and t.eval_steps is not None and step % t.eval_steps == 0
+            if step % t.logging_steps == 0 or step == p.total_steps or do_eval:
+                # The only host-device syncs of the loop: at logging steps.
+                loss_total, real_total = d.all_reduce_sum([float(window["loss"]), float(window["real"])])
+                tokens_seen += int(real_total)
+                elapsed = time.perf_counter() - window["start"]
+                row = {"step": step, "epoch": round(step / p.steps_per_epoch, 4),
+                       "loss": loss_total / max(1, window["tokens"]),
+                       "learning_rate": self.scheduler.get_last_lr()[0],
+                       "grad_norm": float(grad_norm), "tokens_per_second": real_total / max(elapsed, 1e-9),
+                       "num_input_tokens_seen": tokens_seen}
+                if do_eval:
+                    row["eval_loss"] = last_eval = self.evaluate()
+                self.metrics.write(row)
+                if d.is_main and _plain():
+                    self.log(f"step {step}/{p.total_steps} loss {row['loss']:.4f} lr {row['learning_rate']:.3g} "
+                             f"grad_norm {row['grad_norm']:.3g} tokens/s {row['tokens_per_second']:.0f}"
+                             + (f" eval_loss {row['eval_loss']:.4f}" if do_eval else ""))
+                progress.update(0, loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
+                window = {"loss": 0.0, "tokens": 0, "real": 0, "start": time.perf_counter()}
+            progress.update(1)
+            if step % t.save_steps == 0 or step == p.total_steps:
+                model_state, optim_state = self._states()
+                path = self.ckpt.save(step, model_state, optim_state, self.scheduler.state_dict(),
+                                      {"step": step, "epoch": epoch, "tokens_seen": tokens_seen,
+                                       "world_size": d.world_size})
+                self.log(f"saved checkpoint {path}")
+        progress.close()
+        train_seconds = time.perf_counter() - started
+        eval_loss = self.evaluate() if self.data.val_rows else None
+        if eval_loss is not None and last_eval != eval_loss:
+            self.metrics.write({"step": step, "eval_loss": eval_loss, "eval_perplexity": _ppl(eval_loss)})
+        summary = {"steps": step, "train_seconds": train_seconds, "first_step_seconds": first_step_seconds,
+                   "num_input_tokens_seen": tokens_seen, "eval_loss": eval_loss,
+                   "eval_perplexity": _ppl(eval_loss) if eval_loss is not None else None,
+                   "world_size": d.world_size, "data": {k: v for k, v in vars(self.data.train_stats).items()
+                                                         if k != "prompt_lengths"}}
+        self.log(f"done: {step} steps in {train_seconds:.1f}s, eval_loss {fmt(eval_loss)}, "
+                 f"perplexity {fmt(summary['eval_perplexity'])}")
+        return summary
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss per trained token over the validation rows, all ranks sharing the work."""
+        d = self.dist
+        model = self.model if (self.t.fsdp and d.enabled) else D.unwrap(self.model)
+        was_training = model.training
+        model.eval()
+        batches = make_batches(self.data.val_rows, self.t.per_device_eval_batch_size)
+        mine = batches[d.rank::d.world_size]
+        rounds = math.ceil(len(batches) / d.world_size)
+        loss, count = 0.0, 0
+        for i in range(rounds):
+            # Every rank runs the same number of forwards (FSDP's collectives need it); extra ones weigh 0.
+            batch = mine[i] if i < len(mine) else batches[0]
+            tensors, _ = collate([self.data.val_rows[j] for j in batch], self.tokenizer.pad_token_id)
+            tensors = {k: v.to(d.device) for k, v in tensors.items()}
+            logits = model(input_ids=tensors["input_ids"], position_ids=tensors["position_ids"]).logits
+            if i < len(mine):
+                loss += float(causal_lm_loss_sum(logits, tensors["labels"]))
+                count += int((tensors["labels"][:, 1:] != -100).sum())
+        loss, count = d.all_reduce_sum([loss, float(count)])
+        if was_training:
+            model.train()
+        return loss / max(1.0, count)
+
+    def save(self) -> None:
+        cfg, d = self.cfg, self.dist
+        if self.t.fsdp and d.enabled:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if d.is_main:
+                # Rebuild an unsharded copy on the CPU to merge and save it the usual way.
+                model = modeling.load_model(self.model_path, self.dtype, "sdpa", torch.device("cpu"))
+                if cfg.lora.enabled:
+                    model = modeling.apply_lora(model, cfg.lora)
+                model.load_state_dict(full)
+                modeling.save_final(model, self.tokenizer, cfg.final_dir,
+                                    cfg.adapter_dir if cfg.lora.enabled else None, self.dtype)
+        elif d.is_main:
+            model = D.unwrap(self.base)
+            if hasattr(model, "_orig_mod"):
+                model = model._orig_mod
+            modeling.save_final(model, self.tokenizer, cfg.final_dir, cfg.adapter_dir if cfg.lora.enabled else None,
+                                self.dtype)
+        d.barrier()
+        self.log(f"saved fine-tuned model to {cfg.final_dir}" + (f" and adapter to {cfg.adapter_dir}"
+                                                                   if cfg.lora.enabled else ""))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _plain() -> bool:
+    from trainer.metrics import plain_logs
+
+    return plain_logs()
+
+
+def _ppl(loss: Optional[float]) -> Optional[float]:
+    return None if loss is None else math.exp(min(loss, 50.0))
+
+
+def finetune(cfg: TrainerConfig) -> dict[str, Any]:
+    """Train, save final/, then (rank 0, process group closed) quantize when enabled."""
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        summary = trainer.train()
+        trainer.save()
+        if trainer.dist.is_main:
+            update_report(cfg.report_path, "training", summary)
+    finally:
+        is_main = trainer.dist.is_main
+        trainer.dist.close()
+    if is_main and cfg.quantize.enabled:
+        # Other ranks have exited cleanly; rank 0 quantizes alone (a single-process stage).
+        from trainer import quantize
+
+        quantize.run(cfg, log=trainer.log)
+    return summary
