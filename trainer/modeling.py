@@ -86,7 +86,9 @@ def load_model(path: str, dtype: torch.dtype, attn: str, device: torch.device):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     except Exception as exc:
         raise UserError(f"model at {path} cannot be loaded: {type(exc).__name__}: {exc}") from None
-    model.config.use_cache = False  # training: no KV cache
+    # No KV cache in training; it also matters for packing: transformers looks for packed sequences
+    # (position_ids restarting at 0) only when there is no cache.
+    model.config.use_cache = False
     return model.to(device)
 
 

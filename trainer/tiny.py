@@ -77,8 +77,12 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512, chat_template: Opti
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts + ["[INST] <<SYS>> <</SYS>> [/INST] ### Instruction: ### Input: ### Response:"],
-                            trainer=trainer)
+    from trainer.data import ALPACA_PREAMBLE, ALPACA_PREAMBLE_INPUT
+
+    # The prompt scaffolding is part of the corpus so templated prompts tokenize to realistic lengths.
+    scaffold = [ALPACA_PREAMBLE, ALPACA_PREAMBLE_INPUT, "[INST] <<SYS>> <</SYS>> [/INST]",
+                "### Instruction: ### Input: ### Response:"] * 20
+    tok.train_from_iterator(texts + scaffold, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>")
     if chat_template:
@@ -88,7 +92,8 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512, chat_template: Opti
 
 def write_model(path: str | Path, texts: list[str], *, hidden: int = 64, layers: int = 2, heads: int = 4,
                 kv_heads: int = 2, intermediate: Optional[int] = None, vocab_size: int = 512, seed: int = 0,
-                max_positions: int = 2048, chat_template: Optional[str] = None) -> Path:
+                max_positions: int = 2048, chat_template: Optional[str] = None,
+                initializer_range: float = 0.02) -> Path:
     """Write a random-weight LlamaForCausalLM and its tokenizer to `path`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -99,7 +104,7 @@ def write_model(path: str | Path, texts: list[str], *, hidden: int = 64, layers:
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=False)
+                         tie_word_embeddings=False, initializer_range=initializer_range)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.save_pretrained(str(path), safe_serialization=True)

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny Llama-architecture models and seed-schema datasets written to temp dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing may reach a hub at test time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ["LLM_FINETUNE_LOG_FORMAT"] = "plain"
+
+
+@pytest.fixture(scope="session")
+def flashcards_records():
+    from trainer.tiny import flashcards
+
+    return flashcards(600, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, flashcards_records) -> Path:
+    from trainer.tiny import corpus, finance_alpaca, write_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    return write_model(path, corpus(flashcards_records) + corpus(finance_alpaca(100)), hidden=64, layers=2)
+
+
+@pytest.fixture(scope="session")
+def flashcards_file(tmp_path_factory, flashcards_records) -> Path:
+    from trainer.tiny import write_json
+
+    return write_json(tmp_path_factory.mktemp("data") / "medical_meadow_flashcards.json", flashcards_records)
+
+
+@pytest.fixture(scope="session")
+def finance_file(tmp_path_factory) -> Path:
+    from trainer.tiny import finance_alpaca, write_json
+
+    return write_json(tmp_path_factory.mktemp("data") / "finance-alpaca.jsonl", finance_alpaca(300, seed=2), lines=True)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from trainer.modeling import load_tokenizer
+
+    return load_tokenizer(str(tiny_model))
+
+
+def write_config(path: Path, model: Path, data_file: Path, out: Path, **sections) -> Path:
+    import yaml
+
+    cfg = {
+        "model": {"name_or_path": str(model)},
+        "data": {"file": str(data_file), "max_seq_length": 256, **sections.pop("data", {})},
+        "training": {"max_steps": 20, "learning_rate": 0.003, "logging_steps": 5, "save_steps": 10,
+                     "per_device_train_batch_size": 4, **sections.pop("training", {})},
+        "lora": {"enabled": False, **sections.pop("lora", {})},
+        "quantize": {"enabled": False, **sections.pop("quantize", {})},
+        "output_dir": str(out),
+    }
+    assert not sections, sections
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
+def pretrained_model(tmp_path_factory, tiny_model, flashcards_file) -> Path:
+    """The tiny model after a short full fine-tune: a base that has learnt something, as LoRA expects
+    (a random-weight base gives a low-rank adapter almost nothing to steer)."""
+    from trainer.config import load_config
+    from trainer.train import finetune
+
+    root = tmp_path_factory.mktemp("pretrained")
+    cfg = write_config(root / "c.yaml", tiny_model, flashcards_file, root / "out",
+                       training={"max_steps": 60, "learning_rate": 0.005, "save_steps": 1000})
+    finetune(load_config(cfg))
+    return root / "out" / "final"

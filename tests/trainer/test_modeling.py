@@ -1,0 +1,39 @@
+import pytest
+
+from trainer.config import LoraConfig, ModelConfig
+from trainer.errors import UserError
+from trainer.modeling import apply_lora, linear_module_names, load_model, read_token, resolve
+
+
+def test_lora_target_the_model_lacks_is_refused_with_the_valid_names(tiny_model):
+    import torch
+
+    model = load_model(str(tiny_model), torch.float32, "sdpa", torch.device("cpu"))
+    assert {"q_proj", "v_proj", "down_proj"} <= set(linear_module_names(model))
+    with pytest.raises(UserError, match=r"\['query_key_value'\] not found .* q_proj"):
+        apply_lora(model, LoraConfig(target_modules=("q_proj", "query_key_value")))
+    peft_model = apply_lora(model, LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
+    assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) > 0
+
+
+def test_unloadable_model_paths(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        resolve(ModelConfig(name_or_path=str(tmp_path / "nope")), None, True, lambda: None)
+    with pytest.raises(UserError, match="without config.json"):
+        resolve(ModelConfig(name_or_path=str(tmp_path)), None, True, lambda: None)
+    # A hub id with the hub unreachable (offline in tests) is refused with a fix, not a traceback.
+    with pytest.raises(UserError, match="org/missing-model.*cannot be loaded.*Fix"):
+        resolve(ModelConfig(name_or_path="org/missing-model"), None, True, lambda: None)
+
+
+def test_token_comes_from_the_mounted_file(tmp_path, monkeypatch):
+    f = tmp_path / "token"
+    f.write_text("hf_fromfile\n")
+    monkeypatch.setenv("HF_TOKEN_PATH", str(f))
+    monkeypatch.setenv("HF_TOKEN", "hf_fromenv")
+    assert read_token() == "hf_fromfile"
+    monkeypatch.delenv("HF_TOKEN_PATH")
+    assert read_token() == "hf_fromenv"
+    monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="cannot be read"):
+        read_token()

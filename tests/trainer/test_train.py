@@ -1,0 +1,99 @@
+"""Single-process smoke runs on the tiny model: loss falls, weights change, final/ loads, resume."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import write_config
+from trainer.config import load_config
+from trainer.train import finetune
+
+
+def _metrics(out):
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_loss_falls_weights_change_final_loads(tmp_path, request, flashcards_file, finance_file, lora):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Full: the random tiny model on flashcards. LoRA: a briefly trained base adapted to finance data.
+    tiny_model = request.getfixturevalue("pretrained_model" if lora else "tiny_model")
+    data = finance_file if lora else flashcards_file
+    out = tmp_path / "out"
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_model, data, out,
+                                   data={"template": "chat"} if lora else {},
+                                   training={"max_steps": 30, "eval_steps": 15, "learning_rate": 0.01 if lora else 0.003},
+                                   lora={"enabled": lora, "r": 8, "alpha": 32,
+                                         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"]}))
+    summary = finetune(cfg)
+    rows = _metrics(out)
+    train_rows = [r for r in rows if "loss" in r]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] * 0.9
+    for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "num_input_tokens_seen"):
+        assert key in train_rows[0]
+    assert [r["num_input_tokens_seen"] for r in train_rows] == sorted(r["num_input_tokens_seen"] for r in train_rows)
+    assert any("eval_loss" in r for r in rows) and summary["eval_loss"] is not None
+    before = load_file(str(tiny_model / "model.safetensors"))
+    after = load_file(str(out / "final" / "model.safetensors"))
+    assert set(before) == set(after)  # LoRA merged: a plain model directory
+    assert any(not torch.allclose(before[k], after[k]) for k in before)
+    model = AutoModelForCausalLM.from_pretrained(str(out / "final"))
+    tok = AutoTokenizer.from_pretrained(str(out / "final"))
+    ids = tok("What is the main effect of insulin", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    assert (out / "adapter").exists() == lora
+    report = json.loads((out / "report.json").read_text())
+    assert report["training"]["steps"] == 30
+
+
+def test_resumes_from_the_newest_complete_checkpoint(tmp_path, tiny_model, flashcards_file, capsys):
+    out = tmp_path / "out"
+    cfg_path = write_config(tmp_path / "c.yaml", tiny_model, flashcards_file, out,
+                            training={"max_steps": 10, "save_steps": 10})
+    finetune(load_config(cfg_path))
+    (out / "checkpoints" / "step-00000015").mkdir()  # debris of a crashed save
+    capsys.readouterr()
+    finetune(load_config(cfg_path, ["training.max_steps=20"]))
+    err = capsys.readouterr().err
+    assert "resumed from checkpoint step 10" in err
+    assert "ignoring incomplete checkpoint" in err
+    steps = [r["step"] for r in _metrics(out) if "loss" in r]
+    assert steps == [5, 10, 15, 20]  # continued, not restarted
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_model, flashcards_file, monkeypatch):
+    """Model, optimizer, scheduler, data position and RNG all restored: same weights either way."""
+    straight = tmp_path / "straight"
+    finetune(load_config(write_config(tmp_path / "a.yaml", tiny_model, flashcards_file, straight,
+                                      training={"max_steps": 12, "save_steps": 6},
+                                      lora={"enabled": True, "dropout": 0.1})))
+    split = tmp_path / "split"
+    cfg_b = write_config(tmp_path / "b.yaml", tiny_model, flashcards_file, split,
+                         training={"max_steps": 12, "save_steps": 6}, lora={"enabled": True, "dropout": 0.1})
+    from trainer.checkpoint import Checkpointer
+
+    original = Checkpointer.save
+
+    def save_then_crash(self, step, *args):
+        path = original(self, step, *args)
+        if step == 6:
+            raise Crash("killed right after the first checkpoint")
+        return path
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
+    with pytest.raises(Crash):
+        finetune(load_config(cfg_b))
+    monkeypatch.setattr(Checkpointer, "save", original)
+    assert not (split / "final").exists()
+    finetune(load_config(cfg_b))
+    a = load_file(str(straight / "final" / "model.safetensors"))
+    b = load_file(str(split / "final" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
