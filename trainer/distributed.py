@@ -122,9 +122,26 @@ def init(requested_backend: Optional[str], timeout_minutes: int = 60) -> Dist:
         backend = choose_backend(requested_backend, cuda, ccl_available())
         if backend == "ccl":
             import oneccl_bindings_for_pytorch  # noqa: F401  registers the "ccl" backend
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=device if backend == "nccl" else None)
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend=backend, timeout=timeout, store=_attempt_store(rank, world, timeout),
+                                rank=rank, world_size=world, device_id=device if backend == "nccl" else None)
     return Dist(rank, local_rank, world, local_world, backend, device)
+
+
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta):
+    """The rendezvous store, with a key prefix of its own for every torchrun restart attempt.
+
+    With torch 2.13 and the default env:// store, workers restarted by torchrun (after a worker
+    died) hang or fail in gloo's connectFullMesh: they read the dead attempt's addresses
+    ("timed out connecting: Connection refused"). A fresh prefix per attempt avoids it; see
+    tests/integration/test_torchrun.py::test_killed_worker_is_survived_by_resuming.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    # Under torchrun the agent hosts the store; a hand-made launch (no agent) has rank 0 host it.
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=(rank == 0 and not agent_hosts), timeout=timeout)
+    return dist.PrefixStore(f"llm-finetune/attempt_{attempt}/", store)
 
 
 def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool) -> torch.nn.Module:

@@ -1,0 +1,113 @@
+"""Real torchrun: 2 processes over gloo, a 2-node etcd-v2 rendezvous, and a killed worker survived."""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from tests.conftest import write_config
+from tests.integration.procs import etcd_server, free_port, start, stop, torchrun_cmd, wait
+
+
+def _loss_fell(out):
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    return train[-1]["loss"] < train[0]["loss"] * 0.9, train
+
+
+def _loads(final):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(final))
+    tok = AutoTokenizer.from_pretrained(str(final))
+    return model, tok
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_two_process_gloo_run(tmp_path, request, flashcards_file, finance_file, lora):
+    model = request.getfixturevalue("pretrained_model" if lora else "tiny_model")
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", model, finance_file if lora else flashcards_file, out,
+                       data={"template": "chat"} if lora else {},
+                       training={"max_steps": 24, "learning_rate": 0.01 if lora else 0.003, "logging_steps": 4,
+                                 "eval_steps": 12},
+                       lora={"enabled": lora, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                 "gate_proj", "up_proj", "down_proj"]})
+    log = tmp_path / "run.log"
+    proc = start(torchrun_cmd("--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                              "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "trainer", "finetune",
+                              "--config", str(cfg)), log)
+    try:
+        assert wait(proc, 300, log) == 0, log.read_text()[-4000:]
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert "world 2 (backend gloo" in text
+    fell, rows = _loss_fell(out)
+    assert fell, rows
+    # Tokens seen count both ranks: more than one rank's share of a step.
+    model, tok = _loads(out / "final")
+    assert (out / "adapter").exists() == lora
+    assert model.config.vocab_size == len(tok)
+
+
+def test_two_nodes_rendezvous_over_etcd_v2(tmp_path, tiny_model, flashcards_file):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, flashcards_file, out,
+                       training={"max_steps": 10, "logging_steps": 5})
+    with etcd_server(tmp_path) as endpoint:
+        agents, logs = [], []
+        try:
+            for node in range(2):
+                log = tmp_path / f"node{node}.log"
+                logs.append(log)
+                agents.append(start(torchrun_cmd("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend",
+                                                 "etcd-v2", "--rdzv-endpoint", endpoint, "--rdzv-id",
+                                                 f"test-{os.getpid()}", "--max-restarts", "0", "-m", "trainer",
+                                                 "finetune", "--config", str(cfg)), log))
+            for proc, log in zip(agents, logs):
+                assert wait(proc, 300, log) == 0, log.read_text()[-4000:]
+        finally:
+            for proc in agents:
+                stop(proc)
+    combined = "".join(l.read_text() for l in logs)
+    assert "world 2 (backend gloo" in combined
+    assert (out / "final" / "config.json").exists()
+
+
+def test_killed_worker_is_survived_by_resuming(tmp_path, tiny_model, flashcards_file):
+    import psutil
+
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, flashcards_file, out,
+                       training={"max_steps": 150, "save_steps": 10, "logging_steps": 10})
+    # A truncated checkpoint left by an earlier crash must not stop the run.
+    debris = out / "checkpoints" / "step-00000005"
+    debris.mkdir(parents=True)
+    (debris / "model.pt").write_bytes(b"truncated")
+    log = tmp_path / "run.log"
+    proc = start(torchrun_cmd("--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "2", "--rdzv-backend",
+                              "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "trainer", "finetune",
+                              "--config", str(cfg)), log)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints" / "step-00000010" / "COMPLETE").exists():
+            assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.05)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "finetune" in " ".join(p.cmdline())]
+        assert len(workers) == 2, workers
+        os.kill(workers[1].pid, signal.SIGKILL)
+        assert wait(proc, 400, log) == 0, log.read_text()[-4000:]
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert "resumed from checkpoint step" in text, text[-4000:]
+    resumed = int(text.split("resumed from checkpoint step ")[1].split()[0])
+    assert resumed >= 10
+    assert (out / "final" / "config.json").exists()
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 150  # continued, one row per logging step
