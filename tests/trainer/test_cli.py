@@ -1,0 +1,55 @@
+"""Bad input through the real CLI: non-zero exit before any training, a message, no traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import write_config
+from tests.integration.procs import ROOT, env
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True, text=True, env=env(),
+                          cwd=ROOT, timeout=300)
+
+
+def test_help_documents_every_command_and_option():
+    out = run("--help").stdout
+    for cmd in ("finetune", "evaluate", "quantize", "report"):
+        assert cmd in out
+    sub = run("finetune", "--help").stdout
+    assert "--config" in sub and "--set" in sub and "training.max_steps=20" in sub
+
+
+def _bad(tmp_path, tiny_model, data_text, suffix=".jsonl", **sections):
+    data = tmp_path / f"data{suffix}"
+    data.write_text(data_text)
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, data, tmp_path / "out", **sections)
+    return run("finetune", "--config", str(cfg))
+
+
+GOOD = json.dumps({"instruction": "i", "input": "", "output": "o"}) + "\n"
+
+
+@pytest.mark.parametrize("case,data,sections,words", [
+    ("malformed-line", GOOD + '{"instruction": "x", "output"\n', {}, "data.jsonl:2: malformed JSON line"),
+    ("empty", "", {}, "has no examples"),
+    ("columns", json.dumps({"question": "q", "answer": "a"}) + "\n", {}, "but the data has question, answer"),
+    ("lora-target", GOOD * 50, {"lora": {"enabled": True, "target_modules": ["c_attn"]}}, "lora.target_modules ['c_attn'] not found"),
+    ("seq-len", GOOD * 50, {"data": {"max_seq_length": 16}}, "data.max_seq_length=16 is too small"),
+    ("unknown-key", GOOD * 50, {"training": {"max_step": 5}}, "did you mean 'max_steps'"),
+])
+def test_bad_input_exits_clearly(tmp_path, tiny_model, case, data, sections, words):
+    result = _bad(tmp_path, tiny_model, data, **sections)
+    assert result.returncode == 2, result.stderr
+    assert words in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()  # nothing trained
+
+
+def test_unloadable_model_exits_clearly(tmp_path, flashcards_file):
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "no-such-model", flashcards_file, tmp_path / "out")
+    result = run("finetune", "--config", str(cfg))
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
