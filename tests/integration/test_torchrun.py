@@ -34,7 +34,9 @@ def test_two_process_gloo_run(tmp_path, request, flashcards_file, finance_file, 
                        training={"max_steps": 24, "learning_rate": 0.01 if lora else 0.003, "logging_steps": 4,
                                  "eval_steps": 12},
                        lora={"enabled": lora, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                 "gate_proj", "up_proj", "down_proj"]})
+                                                                 "gate_proj", "up_proj", "down_proj"]},
+                       # Quantization runs after training, once, on rank 0; every rank must exit 0.
+                       quantize={"enabled": not lora, "eval_samples": 16, "max_new_tokens": 4})
     log = tmp_path / "run.log"
     proc = start(torchrun_cmd("--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
                               "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "trainer", "finetune",
@@ -50,6 +52,9 @@ def test_two_process_gloo_run(tmp_path, request, flashcards_file, finance_file, 
     # Tokens seen count both ranks: more than one rank's share of a step.
     model, tok = _loads(out / "final")
     assert (out / "adapter").exists() == lora
+    report = json.loads((out / "report.json").read_text())
+    assert ("quantize" in report) == (not lora) and (out / "quantized").exists() == (not lora)
+    assert text.count("quantize: measuring") == (0 if lora else 1)
     assert model.config.vocab_size == len(tok)
 
 
