@@ -364,6 +364,9 @@ def finetune(cfg: TrainerConfig) -> dict[str, Any]:
         trainer.save()
         if trainer.dist.is_main:
             update_report(cfg.report_path, "training", summary)
+            from trainer.report import regenerate
+
+            regenerate(cfg.output_dir)  # loss curve and report.md (again after quantization)
     finally:
         is_main = trainer.dist.is_main
         trainer.dist.close()

@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from trainer import local
+from trainer.local import free_port, stop  # noqa: F401  (re-exported for the tests)
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict[str, str]:
@@ -42,18 +34,6 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env(), cwd=ROOT, start_new_session=True)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
-
-
 def wait(proc: subprocess.Popen, timeout: float, log: Path) -> int:
     try:
         return proc.wait(timeout=timeout)
@@ -64,32 +44,11 @@ def wait(proc: subprocess.Popen, timeout: float, log: Path) -> int:
 
 @contextlib.contextmanager
 def etcd_server(tmp: Path):
-    """A real etcd (Debian etcd-server 3.4) with the v2 API on free loopback ports."""
-    binary = shutil.which("etcd")
-    if binary is None:
-        if os.environ.get("LLM_FINETUNE_REQUIRE_ETCD") == "1":
-            pytest.fail("etcd is required here (CI): apt-get install etcd-server")
-        pytest.skip("etcd not installed (apt-get install etcd-server)")
-    client, peer = free_port(), free_port()
-    log = tmp / "etcd.log"
-    proc = start([binary, "--name", "test", "--data-dir", str(tmp / "etcd-data"), "--enable-v2=true",
-                  "--listen-client-urls", f"http://127.0.0.1:{client}",
-                  "--advertise-client-urls", f"http://127.0.0.1:{client}",
-                  "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                  "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                  "--initial-cluster", f"test=http://127.0.0.1:{peer}"], log)
+    """A real etcd on loopback; skipped where etcd is not installed, except in CI where it must be."""
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{client}/v2/keys", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"etcd did not start; log:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield f"127.0.0.1:{client}"
-    finally:
-        stop(proc)
+        with local.etcd(tmp / "etcd") as endpoint:
+            yield endpoint
+    except local.EtcdUnavailable as exc:
+        if os.environ.get("LLM_FINETUNE_REQUIRE_ETCD") == "1":
+            pytest.fail(f"{exc}: CI must run the etcd tests")
+        pytest.skip(str(exc))

@@ -1,0 +1,87 @@
+"""Local runs without a cluster: free loopback ports, a local etcd (v2 API), the torchrun command.
+
+Shared by `make demo` (trainer/demo.py), the integration tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator, Optional
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *args: str, rdzv: str = "c10d", endpoint: Optional[str] = None, nnodes: int = 1,
+             max_restarts: int = 0, rdzv_id: Optional[str] = None) -> list[str]:
+    """`python -m torch.distributed.run` on loopback (the same launcher the PyTorchJob runs)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--local-addr", "127.0.0.1", "--nnodes", str(nnodes),
+           "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts), "--rdzv-backend", rdzv,
+           "--rdzv-endpoint", endpoint or f"127.0.0.1:{free_port()}"]
+    if rdzv_id:
+        cmd += ["--rdzv-id", rdzv_id]
+    return cmd + list(args)
+
+
+def stop(proc: subprocess.Popen, grace: float = 15) -> None:
+    """Stop a process started with start_new_session=True, and everything it spawned."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace)
+
+
+class EtcdUnavailable(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def etcd(workdir: Path, timeout: float = 30) -> Iterator[str]:
+    """A real etcd (Debian's etcd-server) with the v2 API on free loopback ports; yields host:port."""
+    binary = shutil.which("etcd")
+    if binary is None:
+        raise EtcdUnavailable("etcd is not installed (Debian: apt-get install etcd-server)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    client, peer = free_port(), free_port()
+    log = open(workdir / "etcd.log", "wb")
+    proc = subprocess.Popen([binary, "--name", "local", "--data-dir", str(workdir / "etcd-data"), "--enable-v2=true",
+                             "--listen-client-urls", f"http://127.0.0.1:{client}",
+                             "--advertise-client-urls", f"http://127.0.0.1:{client}",
+                             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                             "--initial-cluster", f"local=http://127.0.0.1:{peer}"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{client}/v2/keys", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise EtcdUnavailable(f"etcd did not start; see {workdir / 'etcd.log'}")
+            time.sleep(0.2)
+        yield f"127.0.0.1:{client}"
+    finally:
+        stop(proc)
+        log.close()
