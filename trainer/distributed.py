@@ -163,6 +163,16 @@ def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool) -> torch.nn.Module:
                gradient_as_bucket_view=True, static_graph=True)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF (or peft) model inside DDP / torch.compile / the loss module."""
+    for attr in ("module", "_orig_mod", "model"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, torch.nn.Module) and model.__class__.__name__ in (
+                "DistributedDataParallel", "OptimizedModule", "CausalLMLoss"):
+            return unwrap(inner)
+    return model
+
+
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     layers = []
     for module in model.modules():
@@ -170,6 +180,3 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
             layers.append(module)
     return layers
 
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)

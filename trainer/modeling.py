@@ -142,3 +142,30 @@ def save_final(model, tokenizer, final_dir: Path, adapter_dir: Optional[Path], d
     # Swap in whole: a reader never sees a half-written final/.
     shutil.rmtree(final_dir, ignore_errors=True)
     tmp.rename(final_dir)
+
+
+class CausalLMLoss(torch.nn.Module):
+    """Summed next-token loss, with the vocabulary projection only where a label exists.
+
+    Prompt tokens (masked out of the loss) and padding need hidden states but no logits: projecting
+    only the labelled positions skips a large share of the lm_head matmul and never materialises
+    a [batch, length, vocab] fp32 logits tensor (gigabytes at 32k-128k vocabularies on GPU).
+    transformers has no per-row selection of logits (`logits_to_keep` keeps the same positions in
+    every row), so this is done here. DDP/FSDP wrap this module, so it is what their hooks see.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model  # the HF (or peft) model: the only registered child, so state dicts stay "model.*"
+        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # Plain attributes, not submodules: the same modules registered twice would duplicate keys.
+        object.__setattr__(self, "_body", hf.get_decoder() if hasattr(hf, "get_decoder") else hf.model)
+        object.__setattr__(self, "_lm_head", hf.get_output_embeddings())
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor):
+        hidden = self._body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != -100
+        logits = self._lm_head(hidden[:, :-1][keep])
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return loss, keep.sum()

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from trainer import distributed as D
 from trainer import modeling
@@ -27,12 +26,6 @@ from trainer.config import TrainerConfig
 from trainer.data import Prepared, Row, collate, epoch_order, label_tokens, make_batches, prepare, shard
 from trainer.errors import UserError
 from trainer.metrics import Logger, MetricsWriter, Progress, fmt, update_report
-
-
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over labelled positions (normalised by the caller)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=-100, reduction="sum")
 
 
 @dataclass
@@ -120,6 +113,7 @@ class Trainer:
         self.log(f"model {cfg.model.name_or_path}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
                  f"({'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tune'}), dtype {self.dtype}")
         self.base = model
+        model = self.loss_module = modeling.CausalLMLoss(model)
         if t.fsdp and d.enabled:
             model = D.wrap_model(model, d, fsdp=True)
         self.optimizer = self._optimizer(model)
@@ -129,7 +123,7 @@ class Trainer:
 
             model, self.optimizer = ipex.optimize(model, optimizer=self.optimizer,
                                                   dtype=self.dtype if self.dtype == torch.bfloat16 else None)
-            self.base = model
+            self.base, self.loss_module = model.model, model  # ipex.optimize returns a copy
             self.log("Intel Extension for PyTorch applied")
         if not t.fsdp:
             model = D.wrap_model(model, d, fsdp=False)
@@ -231,8 +225,7 @@ class Trainer:
                 sync = i == len(micro) - 1
                 ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else _null()
                 with ctx:
-                    logits = self.model(input_ids=tensors["input_ids"], position_ids=tensors["position_ids"]).logits
-                    loss_sum = causal_lm_loss_sum(logits, tensors["labels"])
+                    loss_sum, _ = self.model(tensors["input_ids"], tensors["position_ids"], tensors["labels"])
                     (loss_sum * scale).backward()
                 window["loss"] += loss_sum.detach()
                 window["real"] += real
@@ -291,7 +284,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean loss per trained token over the validation rows, all ranks sharing the work."""
         d = self.dist
-        model = self.model if (self.t.fsdp and d.enabled) else D.unwrap(self.model)
+        model = self.loss_module  # outside DDP (no gradient hooks needed); FSDP's root itself
         was_training = model.training
         model.eval()
         batches = make_batches(self.data.val_rows, self.t.per_device_eval_batch_size)
@@ -303,10 +296,10 @@ class Trainer:
             batch = mine[i] if i < len(mine) else batches[0]
             tensors, _ = collate([self.data.val_rows[j] for j in batch], self.tokenizer.pad_token_id)
             tensors = {k: v.to(d.device) for k, v in tensors.items()}
-            logits = model(input_ids=tensors["input_ids"], position_ids=tensors["position_ids"]).logits
+            loss_sum, n = model(tensors["input_ids"], tensors["position_ids"], tensors["labels"])
             if i < len(mine):
-                loss += float(causal_lm_loss_sum(logits, tensors["labels"]))
-                count += int((tensors["labels"][:, 1:] != -100).sum())
+                loss += float(loss_sum)
+                count += int(n)
         loss, count = d.all_reduce_sum([loss, float(count)])
         if was_training:
             model.train()
@@ -323,7 +316,7 @@ class Trainer:
                 model = modeling.load_model(self.model_path, self.dtype, "sdpa", torch.device("cpu"))
                 if cfg.lora.enabled:
                     model = modeling.apply_lora(model, cfg.lora)
-                model.load_state_dict(full)
+                model.load_state_dict({k[len("model."):]: v for k, v in full.items() if k.startswith("model.")})
                 modeling.save_final(model, self.tokenizer, cfg.final_dir,
                                     cfg.adapter_dir if cfg.lora.enabled else None, self.dtype)
         elif d.is_main:

@@ -58,6 +58,27 @@ def test_two_process_gloo_run(tmp_path, request, flashcards_file, finance_file, 
     assert model.config.vocab_size == len(tok)
 
 
+def test_fsdp_two_processes_shards_trains_and_saves(tmp_path, tiny_model, flashcards_file):
+    """FSDP2 over gloo: sharded training, full-state checkpoints, resume, and an unsharded final/."""
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, flashcards_file, out,
+                       training={"max_steps": 20, "save_steps": 10, "fsdp": True, "logging_steps": 5})
+    log = tmp_path / "run.log"
+    for max_steps in (10, 20):  # the second run resumes from the first one's checkpoint
+        proc = start(torchrun_cmd("--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                                  "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "trainer", "finetune",
+                                  "--config", str(cfg), "--set", f"training.max_steps={max_steps}"), log)
+        try:
+            assert wait(proc, 300, log) == 0, log.read_text()[-4000:]
+        finally:
+            stop(proc)
+    assert "resumed from checkpoint step 10" in log.read_text()
+    fell, rows = _loss_fell(out)
+    assert fell, rows
+    model, tok = _loads(out / "final")
+    assert model.num_parameters() > 0
+
+
 def test_two_nodes_rendezvous_over_etcd_v2(tmp_path, tiny_model, flashcards_file):
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "c.yaml", tiny_model, flashcards_file, out,

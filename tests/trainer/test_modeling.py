@@ -37,3 +37,31 @@ def test_token_comes_from_the_mounted_file(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "missing"))
     with pytest.raises(UserError, match="cannot be read"):
         read_token()
+
+
+def test_selective_loss_equals_full_logits_loss(tiny_model):
+    """Projecting only labelled positions gives the same loss and gradients as full logits."""
+    import torch
+
+    from trainer.modeling import CausalLMLoss
+
+    torch.manual_seed(0)
+    model = load_model(str(tiny_model), torch.float32, "sdpa", torch.device("cpu"))
+    ids = torch.randint(4, 500, (2, 40))
+    labels = ids.clone()
+    labels[:, :15] = -100  # a masked prompt
+    labels[1, 30:] = -100  # padding
+    pos = torch.cat([torch.arange(20), torch.arange(20)]).expand(2, 40)
+    loss, n = CausalLMLoss(model)(ids, pos, labels)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    logits = model(input_ids=ids, position_ids=pos).logits
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                            ignore_index=-100, reduction="sum")
+    ref.backward()
+    ref_grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert int(n) == int((labels[:, 1:] != -100).sum())
+    assert torch.allclose(loss, ref, rtol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, ref_grads))
+    assert set(CausalLMLoss(model).state_dict()) == {f"model.{k}" for k in model.state_dict()}
