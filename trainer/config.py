@@ -135,8 +135,10 @@ class TrainingConfig:
     per_device_train_batch_size: int = 4
     per_device_eval_batch_size: int = 4
     gradient_accumulation_steps: int = 1
-    warmup_steps: int = 0
+    warmup_steps: float = 0
+    """Steps of linear warm-up; a float in (0, 1) is a fraction of all steps (transformers 5 style)."""
     warmup_ratio: float = 0.0
+    """Fraction of all steps for warm-up (transformers 4 name; same as a fractional warmup_steps)."""
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -169,7 +171,8 @@ class TrainingConfig:
               "must be > 0 when max_steps is -1")
         check(self.learning_rate > 0, ("learning_rate",), "must be > 0")
         check(0.0 <= self.warmup_ratio < 1.0, ("warmup_ratio",), "must be in [0, 1)")
-        check(self.warmup_steps >= 0, ("warmup_steps",), "must be >= 0")
+        check(self.warmup_steps >= 0 and (self.warmup_steps < 1 or float(self.warmup_steps).is_integer()),
+              ("warmup_steps",), "must be a whole number of steps, or a fraction in (0, 1)")
         check(self.max_grad_norm >= 0, ("max_grad_norm",), "must be >= 0 (0 disables clipping)")
         check(self.eval_steps is None or self.eval_steps >= 1, ("eval_steps",), "must be >= 1 or null")
         check(self.cpu_threads is None or self.cpu_threads >= 1, ("cpu_threads",), "must be >= 1 or null")

@@ -4,7 +4,7 @@
 
 The loop is hand-written rather than the Hugging Face Trainer because the product needs what that
 Trainer does not give: a completeness marker on checkpoints on shared network volumes, exact
-token accounting over packed sequences without padding, loss normalised by trained tokens across
+token accounting over packed micro-batches without padding, loss normalised by trained tokens across
 ranks and accumulation steps, and the oneCCL/IPEX path that transformers 5 no longer wires in.
 Models, tokenizers, schedulers (transformers) and LoRA (peft) come from the libraries.
 """
@@ -41,11 +41,11 @@ class Plan:
 
 def plan(rows: list[Row], cfg: TrainerConfig, world: int) -> Plan:
     t = cfg.training
-    batches = make_batches(rows, t.per_device_train_batch_size)
+    batches = make_batches(rows, t.per_device_train_batch_size, t.seed)
     micro_per_epoch = len(batches) // world
     steps_per_epoch = micro_per_epoch // t.gradient_accumulation_steps
     if steps_per_epoch == 0:
-        raise UserError(f"data: {len(rows)} training sequences make {len(batches)} batches of "
+        raise UserError(f"data: {len(rows)} training examples make {len(batches)} batches of "
                         f"{t.per_device_train_batch_size}, too few for {world} processes x "
                         f"{t.gradient_accumulation_steps} accumulation steps. Fix: more data, or smaller "
                         "training.per_device_train_batch_size / gradient_accumulation_steps")
@@ -132,7 +132,8 @@ class Trainer:
         self.model = model
         from transformers import get_scheduler
 
-        warmup = t.warmup_steps or int(t.warmup_ratio * self.plan.total_steps)
+        ratio = t.warmup_steps if 0 < t.warmup_steps < 1 else t.warmup_ratio
+        warmup = int(t.warmup_steps) if t.warmup_steps >= 1 else int(ratio * self.plan.total_steps)
         self.scheduler = get_scheduler(t.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
                                        num_training_steps=self.plan.total_steps)
         self.ckpt = Checkpointer(cfg.checkpoints_dir, t.save_total_limit, d.rank, d.barrier, self.log)
@@ -207,7 +208,8 @@ class Trainer:
         state = self.resume()
         step, tokens_seen = state["step"], state["tokens_seen"]
         self.log(f"training {p.total_steps} steps ({p.steps_per_epoch} per epoch, "
-                 f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} sequences per process per step)"
+                 f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} examples per process per step, "
+                 f"{'packed' if cfg.data.packing else 'padded'})"
                  + (f", from step {step}" if step else ""))
         progress = Progress(d.is_main, p.total_steps, step)
         pad_id = self.tokenizer.pad_token_id
@@ -220,7 +222,7 @@ class Trainer:
             epoch, micro, global_tokens = step_batches(p, cfg, step, d.rank, d.world_size)
             scale = d.world_size / max(1, global_tokens)  # DDP averages gradients over ranks
             for i, batch in enumerate(micro):
-                tensors, real = collate([self.data.train_rows[j] for j in batch], pad_id)
+                tensors, real = collate([self.data.train_rows[j] for j in batch], pad_id, cfg.data.packing)
                 tensors = {k: v.to(d.device, non_blocking=True) for k, v in tensors.items()}
                 sync = i == len(micro) - 1
                 ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else _null()
@@ -287,14 +289,15 @@ class Trainer:
         model = self.loss_module  # outside DDP (no gradient hooks needed); FSDP's root itself
         was_training = model.training
         model.eval()
-        batches = make_batches(self.data.val_rows, self.t.per_device_eval_batch_size)
+        batches = make_batches(self.data.val_rows, self.t.per_device_eval_batch_size, self.t.seed)
         mine = batches[d.rank::d.world_size]
         rounds = math.ceil(len(batches) / d.world_size)
         loss, count = 0.0, 0
         for i in range(rounds):
             # Every rank runs the same number of forwards (FSDP's collectives need it); extra ones weigh 0.
             batch = mine[i] if i < len(mine) else batches[0]
-            tensors, _ = collate([self.data.val_rows[j] for j in batch], self.tokenizer.pad_token_id)
+            tensors, _ = collate([self.data.val_rows[j] for j in batch], self.tokenizer.pad_token_id,
+                                 self.cfg.data.packing)
             tensors = {k: v.to(d.device) for k, v in tensors.items()}
             loss_sum, n = model(tensors["input_ids"], tensors["position_ids"], tensors["labels"])
             if i < len(mine):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from trainer.config import DataConfig
-from trainer.data import (IGNORE, ALPACA_NO_INPUT, check_columns, collate, label_tokens, llama2_chat_prompt, make_batches,
-                          pack, prepare, read_file, render, shard, split_validation, tokenize)
+from trainer.data import (IGNORE, check_columns, collate, label_tokens, llama2_chat_prompt, make_batches, prepare,
+                          read_file, render, rows_of, shard, split_validation, tokenize)
 from trainer.errors import UserError
 
 
@@ -81,18 +81,21 @@ def test_max_seq_length_too_small_for_the_prompt(tmp_path, tiny_model, tokenizer
 def test_packing_keeps_examples_whole_and_labels_right_at_boundaries(tokenizer, flashcards_records):
     cfg = dc(max_seq_length=512)
     examples = tokenize(flashcards_records[:200], cfg, tokenizer)
-    rows = pack(examples, 512)
-    assert all(len(r) <= 512 for r in rows)
-    assert sum(len(r) for r in rows) == sum(len(e.input_ids) for e in examples)
-    assert len(rows) < len(examples) / 2  # actually packs
-    # Every example appears intact: split each row at position restarts.
+    rows = rows_of(examples)
+    batches = make_batches(rows, 4, seed=0)
+    assert sorted(i for b in batches for i in b) == list(range(len(rows)))  # every example once
+    assert all(len(b) == 4 for b in batches[:-1])
     seen = []
-    for r in rows:
-        starts = [i for i, p in enumerate(r.position_ids) if p == 0] + [len(r)]
-        for a, b in zip(starts, starts[1:]):
-            seen.append(tuple(r.input_ids[a:b]))
-            assert r.labels[a] == IGNORE  # no example learns its first token from its neighbour
-            assert r.position_ids[a:b] == list(range(b - a))
+    for b in batches:
+        t, real = collate([rows[i] for i in b], tokenizer.pad_token_id)
+        ids, labels, pos = (t[k][0].tolist() for k in ("input_ids", "labels", "position_ids"))
+        assert t["input_ids"].shape[0] == 1 and real == len(ids)  # one sequence, not a token of padding
+        starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+        assert len(starts) - 1 == len(b)
+        for a, z in zip(starts, starts[1:]):
+            seen.append(tuple(ids[a:z]))
+            assert labels[a] == IGNORE  # no example learns its first token from its neighbour
+            assert pos[a:z] == list(range(z - a))
     assert sorted(seen) == sorted(tuple(e.input_ids) for e in examples)
     assert label_tokens(rows) == sum(sum(1 for x in e.labels[1:] if x != IGNORE) for e in examples)
 
@@ -102,37 +105,27 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model, tokenizer, flas
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), attn_implementation="sdpa").eval()
-    a, b = tokenize(flashcards_records[:2], dc(), tokenizer)
-    rows = pack([a, b], 512)
-    assert len(rows) == 1
-    t, _ = collate(rows, tokenizer.pad_token_id)
+    a, b = rows_of(tokenize(flashcards_records[:2], dc(), tokenizer))
+    t, _ = collate([a, b], tokenizer.pad_token_id)
+    split = len(a)
     with torch.no_grad():
         # use_cache=False as in training: with a KV cache transformers does not look for packing.
         packed = model(input_ids=t["input_ids"], position_ids=t["position_ids"], use_cache=False).logits[0]
-        split = rows[0].position_ids.index(0, 1)  # where the second example starts
-        first, second = rows[0].input_ids[:split], rows[0].input_ids[split:]
-        alone = model(input_ids=torch.tensor([second]), use_cache=False).logits[0]
+        alone = model(input_ids=torch.tensor([b.input_ids]), use_cache=False).logits[0]
         leaky = model(input_ids=t["input_ids"], use_cache=False).logits[0]  # no restarts: plain causal
     assert torch.allclose(packed[split:], alone, atol=1e-5)
     assert not torch.allclose(leaky[split:], alone, atol=1e-3)
 
 
-def test_batches_pad_little_and_padding_is_isolated(tokenizer, flashcards_records):
-    rows = pack(tokenize(flashcards_records, dc(max_seq_length=512), tokenizer), 512)
-    batches = make_batches(rows, 4)
-    waste = 0
-    for b in batches:
-        _, real = collate([rows[i] for i in b], 0)
-        waste += max(len(rows[i]) for i in b) * len(b) - real
-    assert waste / sum(len(r) for r in rows) < 0.03
+def test_unpacked_batches_pad_in_an_isolated_segment(tokenizer, flashcards_records):
+    rows = rows_of(tokenize(flashcards_records[:50], dc(max_seq_length=512), tokenizer))
     longest, shortest = max(rows, key=len), min(rows, key=len)
     assert len(longest) > len(shortest)
-    t, real = collate([longest, shortest], tokenizer.pad_token_id)
+    t, real = collate([longest, shortest], tokenizer.pad_token_id, packing=False)
     short = len(shortest)
-    assert real == len(longest) + len(shortest)
-    pad_row = 1
-    assert (t["labels"][pad_row, short:] == IGNORE).all()
-    assert t["position_ids"][pad_row, short].item() == 0  # the pad segment starts its own sequence
+    assert real == len(longest) + len(shortest) and t["input_ids"].shape == (2, len(longest))
+    assert (t["labels"][1, short:] == IGNORE).all()
+    assert t["position_ids"][1, short].item() == 0  # the pad segment starts its own sequence
 
 
 def test_sharding_gives_every_rank_the_same_count():

@@ -44,7 +44,7 @@ def test_loss_falls_weights_change_final_loads(tmp_path, request, flashcards_fil
     model = AutoModelForCausalLM.from_pretrained(str(out / "final"))
     tok = AutoTokenizer.from_pretrained(str(out / "final"))
     ids = tok("What is the main effect of insulin", return_tensors="pt").input_ids
-    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    assert model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
     assert (out / "adapter").exists() == lora
     report = json.loads((out / "report.json").read_text())
     assert report["training"]["steps"] == 30
