@@ -50,7 +50,7 @@ def main() -> int:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     records, _ = load_records(cfg.data)
-    train_records, _ = split_validation(records, cfg.data.validation_fraction, t.seed)
+    train_records, _ = split_validation(records, cfg.data.validation_fraction, cfg.data.validation_seed)
     examples = tokenize(train_records, cfg.data, tok)
     if args.mode == "padded":
         rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}

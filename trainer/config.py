@@ -90,6 +90,8 @@ class DataConfig:
     validation_fraction: float = 0.05
     validation_split: Optional[str] = None
     """Use the dataset's own split of this name instead of holding out validation_fraction."""
+    validation_seed: int = 42
+    """Seed of the held-out split; separate from training.seed, so a new seed keeps the same validation set."""
     max_examples: Optional[int] = None
     instruction_column: str = "instruction"
     input_column: str = "input"

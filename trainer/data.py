@@ -332,7 +332,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, token: Optional[str] = None) 
     records, val_records = load_records(cfg, token)
     check_columns(records, cfg)
     if val_records is None:
-        records, val_records = split_validation(records, cfg.validation_fraction, seed)
+        records, val_records = split_validation(records, cfg.validation_fraction, cfg.validation_seed)
     elif val_records:
         check_columns(val_records, cfg)
     stats = DataStats()

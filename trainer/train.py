@@ -94,7 +94,7 @@ class Trainer:
         self.model_path = path
         self.log(f"world {d.world_size} (backend {d.backend or 'none'}, device {d.device.type}, "
                  f"{torch.get_num_threads()} threads/process)")
-        self.data: Prepared = prepare(cfg.data, self.tokenizer, t.seed, token)
+        self.data: Prepared = main_first(d, lambda: prepare(cfg.data, self.tokenizer, t.seed, token))
         self.log(f"data: {self.data.train_stats.summary()}; validation: {len(self.data.val_examples)} examples")
         if self.data.train_stats.truncated:
             self.log(f"data: {self.data.train_stats.truncated} examples longer than data.max_seq_length="
@@ -331,6 +331,23 @@ class Trainer:
         d.barrier()
         self.log(f"saved fine-tuned model to {cfg.final_dir}" + (f" and adapter to {cfg.adapter_dir}"
                                                                    if cfg.lora.enabled else ""))
+
+
+def main_first(d: D.Dist, fn):
+    """Run fn on rank 0 first (it downloads into the shared cache), then on the others (cache hits).
+
+    A rank-0 failure is raised only after the barrier, so the other ranks are never left waiting
+    at it; they then fail the same way on their own."""
+    error = result = None
+    if d.is_main:
+        try:
+            result = fn()
+        except UserError as exc:
+            error = exc
+    d.barrier()
+    if error is not None:
+        raise error
+    return result if d.is_main else fn()
 
 
 class _null:
