@@ -95,6 +95,10 @@ def main() -> int:
                    "num_input_tokens_seen": int(trainer.state.num_input_tokens_seen or 0) or real,
                    "computed_tokens": sum(len(r["input_ids"]) for r in rows), "real_tokens": real}
         (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
+    # Leave together: a rank exiting while rank 0 still saves can abort in gloo's teardown.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
 
 

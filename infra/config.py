@@ -254,7 +254,7 @@ def _known_keys(ctx: _Ctx) -> None:
     for section in ("resources", "storage", "dataset", "runPolicy"):
         allowed = list(known[section]["properties"])
         for sub in ctx.mapping(section):
-            if sub not in allowed:
+            if sub not in allowed and _camel(sub) not in allowed:  # the trainer's snake_case works too
                 near = difflib.get_close_matches(sub, allowed, n=1)
                 hint = f"; did you mean '{near[0]}'?" if near else ""
                 ctx.fail(f"{section}.{sub}", f"unknown key{hint}; valid keys: {', '.join(allowed)}")
@@ -447,6 +447,11 @@ def _typed(cls, section: Mapping[str, Any]) -> dict[str, Any]:
                 pass
         out[key] = value
     return out
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
 
 
 def _snake(name: str) -> str:

@@ -107,6 +107,11 @@ def test_defaults_come_from_pulumi_yaml():
     assert parsed.min_workers == parsed.max_workers == parsed.workers
 
 
+def test_dataset_keys_in_camel_or_snake_case():
+    parsed = parse({"dataset": {"name": "org/data", "maxSeqLength": 256, "train_on_prompt": True}})
+    assert parsed.trainer.data.max_seq_length == 256 and parsed.trainer.data.train_on_prompt is True
+
+
 def test_relative_dataset_file_lives_on_volume_and_waits_for_upload():
     parsed = parse({"dataset": {"file": "finance-alpaca.json", "template": "chat"}})
     assert parsed.trainer.data.file == "/data/finance-alpaca.json"
