@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from trainer.config import (ConfigError, DataConfig, LoraConfig, QuantizeConfig, TrainerConfig,
-                            TrainingConfig)
+                            TrainingConfig, key_lines)
 
 PROJECT = "llm-finetune"
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,14 +75,6 @@ def stack_file_lines(stack: str, directory: Path = ROOT) -> tuple[str, dict[tupl
         return "", {}
     node = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
     lines: dict[tuple[str, ...], int] = {}
-
-    def walk(n, prefix):
-        if isinstance(n, yaml.MappingNode):
-            for k, v in n.value:
-                key = prefix + (str(k.value),)
-                lines[key] = k.start_mark.line + 1
-                walk(v, key)
-
     if node is not None:
         for k, v in getattr(node, "value", []):
             if k.value == "config" and isinstance(v, yaml.MappingNode):
@@ -91,7 +83,7 @@ def stack_file_lines(stack: str, directory: Path = ROOT) -> tuple[str, dict[tupl
                     if name.startswith(PROJECT + ":"):
                         key = (name.split(":", 1)[1],)
                         lines[key] = ck.start_mark.line + 1
-                        walk(cv, key)
+                        lines.update(key_lines(cv, key))
     return path.name, lines
 
 

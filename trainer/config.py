@@ -390,18 +390,18 @@ def _yaml_with_lines(text: str, source: str) -> tuple[Any, Location]:
         mark = getattr(exc, "problem_mark", None)
         at = f"{source}:{mark.line + 1}: " if mark else f"{source}: "
         raise ConfigError(f"{at}not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    return data, key_lines(node)
+
+
+def key_lines(node, prefix: tuple[str, ...] = ()) -> Location:
+    """The 1-based line of every mapping key path under a composed YAML node."""
     lines: Location = {}
-
-    def walk(n, path):
-        if isinstance(n, yaml.MappingNode):
-            for k, v in n.value:
-                key = path + (str(k.value),)
-                lines[key] = k.start_mark.line + 1
-                walk(v, key)
-
-    if node is not None:
-        walk(node, ())
-    return data, lines
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = prefix + (str(k.value),)
+            lines[key] = k.start_mark.line + 1
+            lines.update(key_lines(v, key))
+    return lines
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
