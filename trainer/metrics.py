@@ -93,13 +93,5 @@ def update_report(path: Path, section: str, values: dict[str, Any]) -> dict[str,
     return report
 
 
-class Timer:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-
 def fmt(value: Optional[float], digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}"

@@ -3,9 +3,8 @@
 import json
 
 import pytest
-import yaml
 
-from infra.component import FineTuneJob, claim_options
+from infra.component import claim_options
 from infra.config import parse
 from tests.infra.harness import render, validate_core
 from trainer.config import load_config_text
