@@ -216,7 +216,7 @@ class Trainer:
         window = {"loss": 0.0, "tokens": 0, "real": 0, "start": time.perf_counter()}
         first_step_seconds = None
         started = time.perf_counter()
-        last_eval = None
+        last_eval = last_eval_step = None
         self.model.train()
         while step < p.total_steps:
             epoch, micro, global_tokens = step_batches(p, cfg, step, d.rank, d.world_size)
@@ -241,8 +241,12 @@ class Trainer:
             step += 1
             if first_step_seconds is None:
                 first_step_seconds = time.perf_counter() - started
-            do_eval = bool(self.data.val_rows) and t.eval_steps is not None and step % t.eval_steps == 0
-            if step % t.logging_steps == 0 or step == p.total_steps or do_eval:
+            last = step == p.total_steps
+            save = step % t.save_steps == 0 or last
+            do_eval = bool(self.data.val_rows) and (last or (t.eval_steps is not None and step % t.eval_steps == 0))
+            # Flush at save steps too, so a checkpoint's tokens_seen (and the metrics rows kept on
+            # resume) account for every step up to it.
+            if step % t.logging_steps == 0 or last or do_eval or save:
                 # The only host-device syncs of the loop: at logging steps.
                 loss_total, real_total = d.all_reduce_sum([float(window["loss"]), float(window["real"])])
                 tokens_seen += int(real_total)
@@ -254,6 +258,8 @@ class Trainer:
                        "num_input_tokens_seen": tokens_seen}
                 if do_eval:
                     row["eval_loss"] = last_eval = self.evaluate()
+                    row["eval_perplexity"] = _ppl(last_eval)
+                    last_eval_step = step
                 self.metrics.write(row)
                 if d.is_main and _plain():
                     self.log(f"step {step}/{p.total_steps} loss {row['loss']:.4f} lr {row['learning_rate']:.3g} "
@@ -262,7 +268,7 @@ class Trainer:
                 progress.update(0, loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
                 window = {"loss": 0.0, "tokens": 0, "real": 0, "start": time.perf_counter()}
             progress.update(1)
-            if step % t.save_steps == 0 or step == p.total_steps:
+            if save:
                 model_state, optim_state = self._states()
                 path = self.ckpt.save(step, model_state, optim_state, self.scheduler.state_dict(),
                                       {"step": step, "epoch": epoch, "tokens_seen": tokens_seen,
@@ -270,9 +276,7 @@ class Trainer:
                 self.log(f"saved checkpoint {path}")
         progress.close()
         train_seconds = time.perf_counter() - started
-        eval_loss = self.evaluate() if self.data.val_rows else None
-        if eval_loss is not None and last_eval != eval_loss:
-            self.metrics.write({"step": step, "eval_loss": eval_loss, "eval_perplexity": _ppl(eval_loss)})
+        eval_loss = last_eval if last_eval_step == step else (self.evaluate() if self.data.val_rows else None)
         summary = {"steps": step, "train_seconds": train_seconds, "first_step_seconds": first_step_seconds,
                    "num_input_tokens_seen": tokens_seen, "eval_loss": eval_loss,
                    "eval_perplexity": _ppl(eval_loss) if eval_loss is not None else None,

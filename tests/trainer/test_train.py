@@ -97,3 +97,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_model, flashcards_fi
     a = load_file(str(straight / "final" / "model.safetensors"))
     b = load_file(str(split / "final" / "model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # Token accounting survives the crash too (save_steps 6 is not a multiple of logging_steps 5).
+    seen = [[r["num_input_tokens_seen"] for r in _metrics(d) if "loss" in r] for d in (straight, split)]
+    assert seen[0] == seen[1]
+    assert json.loads((split / "report.json").read_text())["training"]["num_input_tokens_seen"] == seen[0][-1]
