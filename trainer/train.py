@@ -130,6 +130,7 @@ class Trainer:
         if t.torch_compile:
             model = torch.compile(model)
         self.model = model
+        self.trainable = [q for q in model.parameters() if q.requires_grad]  # clipped every step
         from transformers import get_scheduler
 
         ratio = t.warmup_steps if 0 < t.warmup_steps < 1 else t.warmup_ratio
@@ -233,8 +234,7 @@ class Trainer:
                 window["real"] += real
             window["tokens"] += global_tokens
             max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_([q for q in self.model.parameters() if q.requires_grad],
-                                                       max_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)

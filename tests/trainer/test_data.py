@@ -190,3 +190,8 @@ def test_finance_alpaca_schema_prepares(finance_file, tokenizer):
     prepared = prepare(DataConfig(file=str(finance_file), template="chat", system_prompt="Finance."), tokenizer, seed=0)
     assert prepared.train_rows and prepared.val_rows
     assert prepared.train_stats.trained_tokens > 0
+
+
+def test_unreachable_hub_dataset_is_refused_clearly(tokenizer):
+    with pytest.raises(UserError, match=r"data.dataset 'org/no-such-dataset' \(split 'train'\) cannot be loaded.*Fix"):
+        prepare(DataConfig(dataset="org/no-such-dataset"), tokenizer, seed=0)

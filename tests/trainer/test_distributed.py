@@ -36,3 +36,29 @@ def test_bf16_where_the_hardware_has_it():
 def test_threads_split_cores_between_local_processes():
     assert default_threads(2, cores=16) == 8
     assert default_threads(4, cores=2) == 1
+
+
+class FakeDist:
+    def __init__(self, rank):
+        self.rank, self.is_main, self.events = rank, rank == 0, []
+
+    def barrier(self):
+        self.events.append("barrier")
+
+
+def test_main_first_runs_rank0_before_the_others_and_never_strands_them():
+    from trainer.errors import UserError
+    from trainer.train import main_first
+
+    for rank in (0, 1):
+        d = FakeDist(rank)
+        assert main_first(d, lambda: d.events.append("work") or "ok") == "ok"
+        assert d.events == (["work", "barrier"] if rank == 0 else ["barrier", "work"])
+
+    def fail():
+        raise UserError("bad data")
+
+    d = FakeDist(0)
+    with pytest.raises(UserError, match="bad data"):
+        main_first(d, fail)
+    assert d.events == ["barrier"]  # rank 0 reached the barrier before raising: others are released
