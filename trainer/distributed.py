@@ -106,6 +106,25 @@ class Dist:
             dist.destroy_process_group()
 
 
+def main_first(d: "Dist", fn):
+    """Run fn on rank 0 first (it downloads into the shared cache), then on the others (cache hits).
+
+    A rank-0 failure (a UserError) is raised only after the barrier, so the other ranks are never
+    left waiting at it; they then fail the same way on their own."""
+    from trainer.errors import UserError
+
+    error = result = None
+    if d.is_main:
+        try:
+            result = fn()
+        except UserError as exc:
+            error = exc
+    d.barrier()
+    if error is not None:
+        raise error
+    return result if d.is_main else fn()
+
+
 def init(requested_backend: Optional[str], timeout_minutes: int = 60) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -25,7 +25,7 @@ def read_token() -> Optional[str]:
     return os.environ.get("HF_TOKEN") or None
 
 
-def resolve(cfg: ModelConfig, token: Optional[str], is_main: bool, barrier) -> str:
+def resolve(cfg: ModelConfig, token: Optional[str], d) -> str:
     """A local directory holding the model. On the hub, rank 0 downloads (into HF_HOME on the
     shared volume) while the others wait, then everyone loads from the cache."""
     local = Path(cfg.name_or_path).expanduser()
@@ -41,30 +41,22 @@ def resolve(cfg: ModelConfig, token: Optional[str], is_main: bool, barrier) -> s
 
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
 
-    def fetch(offline: bool) -> str:
-        return snapshot_download(cfg.name_or_path, revision=cfg.revision, token=token, allow_patterns=patterns,
-                                 local_files_only=offline)
+    def fetch() -> str:
+        # Rank 0 downloads; the others, released after it, read the shared cache only.
+        try:
+            return snapshot_download(cfg.name_or_path, revision=cfg.revision, token=token, allow_patterns=patterns,
+                                     local_files_only=not d.is_main)
+        except Exception as error:  # hub errors come in many types; the message is what matters
+            gated = "gated" in str(error).lower() or "401" in str(error) or "403" in str(error)
+            hint = ("it is gated: accept its licence on the hub and set the token (pulumi config set --secret "
+                    "hfToken hf_...; locally HF_TOKEN)" if gated
+                    else "check the hub id, the network, and the token for private or gated models")
+            raise UserError(f"model.name_or_path {cfg.name_or_path!r} cannot be loaded: {type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error) else ''}. Fix: {hint}") from None
 
-    error = None
-    path = None
-    if is_main:
-        try:
-            path = fetch(offline=False)
-        except Exception as exc:  # hub errors come in many types; the message is what matters
-            error = exc
-    barrier()
-    if error is None and path is None:
-        try:
-            path = fetch(offline=True)
-        except Exception as exc:
-            error = exc
-    if error is not None:
-        hint = ("it is gated: accept its licence on the hub and set the token (pulumi config set --secret hfToken "
-                "hf_...; locally HF_TOKEN)" if "gated" in str(error).lower() or "401" in str(error) or "403" in str(error)
-                else "check the hub id, the network, and the token for private or gated models")
-        raise UserError(f"model.name_or_path {cfg.name_or_path!r} cannot be loaded: "
-                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. Fix: {hint}")
-    return path
+    from trainer.distributed import main_first
+
+    return main_first(d, fetch)
 
 
 def load_tokenizer(path: str):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -25,7 +26,7 @@ from trainer.checkpoint import Checkpointer
 from trainer.config import TrainerConfig
 from trainer.data import Prepared, Row, collate, epoch_order, label_tokens, make_batches, prepare, shard
 from trainer.errors import UserError
-from trainer.metrics import Logger, MetricsWriter, Progress, fmt, update_report
+from trainer.metrics import Logger, MetricsWriter, Progress, fmt, plain_logs, update_report
 
 
 @dataclass
@@ -89,12 +90,12 @@ class Trainer:
         if d.device.type == "cpu":
             torch.set_num_threads(t.cpu_threads or D.default_threads(d.local_world_size))
         token = modeling.read_token()
-        path = modeling.resolve(cfg.model, token, d.is_main, d.barrier)
+        path = modeling.resolve(cfg.model, token, d)
         self.tokenizer = modeling.load_tokenizer(path)
         self.model_path = path
         self.log(f"world {d.world_size} (backend {d.backend or 'none'}, device {d.device.type}, "
                  f"{torch.get_num_threads()} threads/process)")
-        self.data: Prepared = main_first(d, lambda: prepare(cfg.data, self.tokenizer, t.seed, token))
+        self.data: Prepared = D.main_first(d, lambda: prepare(cfg.data, self.tokenizer, t.seed, token))
         self.log(f"data: {self.data.train_stats.summary()}; validation: {len(self.data.val_examples)} examples")
         if self.data.train_stats.truncated:
             self.log(f"data: {self.data.train_stats.truncated} examples longer than data.max_seq_length="
@@ -226,7 +227,7 @@ class Trainer:
                 tensors, real = collate([self.data.train_rows[j] for j in batch], pad_id, cfg.data.packing)
                 tensors = {k: v.to(d.device, non_blocking=True) for k, v in tensors.items()}
                 sync = i == len(micro) - 1
-                ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else _null()
+                ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else nullcontext()
                 with ctx:
                     loss_sum, _ = self.model(tensors["input_ids"], tensors["position_ids"], tensors["labels"])
                     (loss_sum * scale).backward()
@@ -261,7 +262,7 @@ class Trainer:
                     row["eval_perplexity"] = _ppl(last_eval)
                     last_eval_step = step
                 self.metrics.write(row)
-                if d.is_main and _plain():
+                if d.is_main and plain_logs():
                     self.log(f"step {step}/{p.total_steps} loss {row['loss']:.4f} lr {row['learning_rate']:.3g} "
                              f"grad_norm {row['grad_norm']:.3g} tokens/s {row['tokens_per_second']:.0f}"
                              + (f" eval_loss {row['eval_loss']:.4f}" if do_eval else ""))
@@ -335,37 +336,6 @@ class Trainer:
         d.barrier()
         self.log(f"saved fine-tuned model to {cfg.final_dir}" + (f" and adapter to {cfg.adapter_dir}"
                                                                    if cfg.lora.enabled else ""))
-
-
-def main_first(d: D.Dist, fn):
-    """Run fn on rank 0 first (it downloads into the shared cache), then on the others (cache hits).
-
-    A rank-0 failure is raised only after the barrier, so the other ranks are never left waiting
-    at it; they then fail the same way on their own."""
-    error = result = None
-    if d.is_main:
-        try:
-            result = fn()
-        except UserError as exc:
-            error = exc
-    d.barrier()
-    if error is not None:
-        raise error
-    return result if d.is_main else fn()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _plain() -> bool:
-    from trainer.metrics import plain_logs
-
-    return plain_logs()
 
 
 def _ppl(loss: Optional[float]) -> Optional[float]:

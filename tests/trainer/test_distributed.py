@@ -48,7 +48,7 @@ class FakeDist:
 
 def test_main_first_runs_rank0_before_the_others_and_never_strands_them():
     from trainer.errors import UserError
-    from trainer.train import main_first
+    from trainer.distributed import main_first
 
     for rank in (0, 1):
         d = FakeDist(rank)

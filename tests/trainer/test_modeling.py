@@ -17,13 +17,18 @@ def test_lora_target_the_model_lacks_is_refused_with_the_valid_names(tiny_model)
 
 
 def test_unloadable_model_paths(tmp_path):
+    import torch
+
+    from trainer.distributed import Dist
+
+    single = Dist(0, 0, 1, 1, None, torch.device("cpu"))
     with pytest.raises(UserError, match="does not exist"):
-        resolve(ModelConfig(name_or_path=str(tmp_path / "nope")), None, True, lambda: None)
+        resolve(ModelConfig(name_or_path=str(tmp_path / "nope")), None, single)
     with pytest.raises(UserError, match="without config.json"):
-        resolve(ModelConfig(name_or_path=str(tmp_path)), None, True, lambda: None)
+        resolve(ModelConfig(name_or_path=str(tmp_path)), None, single)
     # A hub id with the hub unreachable (offline in tests) is refused with a fix, not a traceback.
     with pytest.raises(UserError, match="org/missing-model.*cannot be loaded.*Fix"):
-        resolve(ModelConfig(name_or_path="org/missing-model"), None, True, lambda: None)
+        resolve(ModelConfig(name_or_path="org/missing-model"), None, single)
 
 
 def test_token_comes_from_the_mounted_file(tmp_path, monkeypatch):
