@@ -75,8 +75,7 @@ def run_one(recipe: str, cfg_path: Path, out: Path, nproc: int) -> dict:
         mode = recipe.split("_")[1]
         cmd = local.torchrun(nproc, str(ROOT / "bench" / "hf_baseline.py"), "--config", str(cfg_path),
                              "--mode", mode, "--out", str(out))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), GLOO_SOCKET_IFNAME="lo", LLM_FINETUNE_LOG_FORMAT="plain",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = local.run_env(LLM_FINETUNE_LOG_FORMAT="plain")
     log = out.parent / f"{out.name}.log"
     start = time.perf_counter()
     with open(log, "wb") as f:

@@ -71,8 +71,7 @@ def main(argv=None) -> int:
     import shutil
 
     shutil.rmtree(cfg.out, ignore_errors=True)  # a fresh run each time (checkpoints would resume it)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = local.run_env()
     command = ["-m", "trainer", "finetune", "--config", str(config)]
 
     def run(endpoint_args: dict) -> int:

@@ -18,6 +18,21 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    """The environment of a local torchrun: this checkout importable, collectives on loopback, no hub
+    access (nothing may download in demos, benchmarks or tests). Threads are left to torchrun and the
+    trainer (which sets them per process), so a benchmark baseline gets torchrun's default too."""
+    env = dict(os.environ)
+    env.update({"PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), "GLOO_SOCKET_IFNAME": "lo",
+                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -5,27 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from trainer import local
-from trainer.local import free_port, stop  # noqa: F401  (re-exported for the tests)
+from trainer.local import free_port, stop, torchrun  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e.update({"PYTHONPATH": str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""), "GLOO_SOCKET_IFNAME": "lo",
-              "OMP_NUM_THREADS": "1", "LLM_FINETUNE_LOG_FORMAT": "plain", "HF_HUB_OFFLINE": "1",
-              "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
-    return e
-
-
-def torchrun_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--local-addr", "127.0.0.1", *args]
+    return local.run_env(LLM_FINETUNE_LOG_FORMAT="plain")
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.conftest import write_config
-from tests.integration.procs import etcd_server, free_port, start, stop, torchrun_cmd, wait
+from tests.integration.procs import etcd_server, start, stop, torchrun, wait
 
 
 def _loss_fell(out):
@@ -38,9 +38,7 @@ def test_two_process_gloo_run(tmp_path, request, flashcards_file, finance_file, 
                        # Quantization runs after training, once, on rank 0; every rank must exit 0.
                        quantize={"enabled": not lora, "eval_samples": 16, "max_new_tokens": 4})
     log = tmp_path / "run.log"
-    proc = start(torchrun_cmd("--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-                              "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "trainer", "finetune",
-                              "--config", str(cfg)), log)
+    proc = start(torchrun(2, "-m", "trainer", "finetune", "--config", str(cfg)), log)
     try:
         assert wait(proc, 300, log) == 0, log.read_text()[-4000:]
     finally:
@@ -65,9 +63,8 @@ def test_fsdp_two_processes_shards_trains_and_saves(tmp_path, tiny_model, flashc
                        training={"max_steps": 20, "save_steps": 10, "fsdp": True, "logging_steps": 5})
     log = tmp_path / "run.log"
     for max_steps in (10, 20):  # the second run resumes from the first one's checkpoint
-        proc = start(torchrun_cmd("--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-                                  "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "trainer", "finetune",
-                                  "--config", str(cfg), "--set", f"training.max_steps={max_steps}"), log)
+        proc = start(torchrun(2, "-m", "trainer", "finetune", "--config", str(cfg),
+                              "--set", f"training.max_steps={max_steps}"), log)
         try:
             assert wait(proc, 300, log) == 0, log.read_text()[-4000:]
         finally:
@@ -89,10 +86,9 @@ def test_two_nodes_rendezvous_over_etcd_v2(tmp_path, tiny_model, flashcards_file
             for node in range(2):
                 log = tmp_path / f"node{node}.log"
                 logs.append(log)
-                agents.append(start(torchrun_cmd("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend",
-                                                 "etcd-v2", "--rdzv-endpoint", endpoint, "--rdzv-id",
-                                                 f"test-{os.getpid()}", "--max-restarts", "0", "-m", "trainer",
-                                                 "finetune", "--config", str(cfg)), log))
+                agents.append(start(torchrun(1, "-m", "trainer", "finetune", "--config", str(cfg), nnodes=2,
+                                             rdzv="etcd-v2", endpoint=endpoint, rdzv_id=f"test-{os.getpid()}"),
+                                    log))
             for proc, log in zip(agents, logs):
                 assert wait(proc, 300, log) == 0, log.read_text()[-4000:]
         finally:
@@ -114,9 +110,7 @@ def test_killed_worker_is_survived_by_resuming(tmp_path, tiny_model, flashcards_
     debris.mkdir(parents=True)
     (debris / "model.pt").write_bytes(b"truncated")
     log = tmp_path / "run.log"
-    proc = start(torchrun_cmd("--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "2", "--rdzv-backend",
-                              "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "trainer", "finetune",
-                              "--config", str(cfg)), log)
+    proc = start(torchrun(2, "-m", "trainer", "finetune", "--config", str(cfg), max_restarts=2), log)
     try:
         deadline = time.monotonic() + 240
         while not (out / "checkpoints" / "step-00000010" / "COMPLETE").exists():
