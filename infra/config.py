@@ -356,10 +356,8 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
         if not isinstance(value, (str, int, float, bool)):
             ctx.fail("extraEnv", f"{name} must be a string value, got {value!r}")
 
-    run_policy = ctx.mapping("runPolicy")
     clean = ctx.string("runPolicy.cleanPodPolicy", CLEAN_POD_POLICIES)
     ttl = ctx.integer("runPolicy.ttlSecondsAfterFinished", 0)
-    del run_policy
 
     trainer_cfg = _trainer_config(ctx, job_name)
     if gpus == 0 and trainer_cfg.training.ddp_backend == "nccl":

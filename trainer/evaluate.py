@@ -80,9 +80,9 @@ class EvalSet:
         if not self.examples:
             raise UserError("evaluation needs a validation split: set data.validation_fraction > 0 "
                             "or data.validation_split")
-        records = prepared.val_records[: cfg.quantize.sample_prompts]
-        self.prompts = [render(r, cfg.data, tokenizer)[0] for r in records]
-        self.references = [render(r, cfg.data, tokenizer)[1] for r in records]
+        pairs = [render(r, cfg.data, tokenizer) for r in prepared.val_records[: cfg.quantize.sample_prompts]]
+        self.prompts = [prompt for prompt, _ in pairs]
+        self.references = [reference for _, reference in pairs]
         self.calibration = prepared.train_records[: cfg.quantize.calibration_samples]
         self.latency_prompt = self.examples[0].input_ids[:64]
 
