@@ -323,22 +323,25 @@ class Prepared:
     train_rows: list[Row]
     val_rows: list[Row]
     train_stats: DataStats
-    val_examples: list[Example]
-    val_records: list[dict]
-    train_records: list[dict]
 
 
-def prepare(cfg: DataConfig, tokenizer, seed: int, token: Optional[str] = None) -> Prepared:
+def split_records(cfg: DataConfig, token: Optional[str] = None) -> tuple[list[dict], list[dict]]:
+    """(training records, validation records): loaded, columns checked, validation held out."""
     records, val_records = load_records(cfg, token)
     check_columns(records, cfg)
     if val_records is None:
-        records, val_records = split_validation(records, cfg.validation_fraction, cfg.validation_seed)
-    elif val_records:
+        return split_validation(records, cfg.validation_fraction, cfg.validation_seed)
+    if val_records:
         check_columns(val_records, cfg)
+    return records, val_records
+
+
+def prepare(cfg: DataConfig, tokenizer, token: Optional[str] = None) -> Prepared:
+    records, val_records = split_records(cfg, token)
     stats = DataStats()
     train = tokenize(records, cfg, tokenizer, stats)
     check_lengths(stats, len(records), cfg)
     if not train:
         raise UserError("data: no training examples are left after tokenization; check data.max_seq_length")
     val = tokenize(val_records, cfg, tokenizer) if val_records else []
-    return Prepared(rows_of(train), rows_of(val), stats, val, val_records, records)
+    return Prepared(rows_of(train), rows_of(val), stats)

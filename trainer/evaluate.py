@@ -72,18 +72,19 @@ class EvalSet:
     """Validation examples and prompts of a config, tokenized once, shared by every model compared."""
 
     def __init__(self, cfg: TrainerConfig, tokenizer):
-        from trainer.data import prepare, render
+        from trainer.data import render, split_records, tokenize
 
-        prepared = prepare(cfg.data, tokenizer, cfg.training.seed)
-        n = cfg.quantize.eval_samples or len(prepared.val_examples)
-        self.examples = prepared.val_examples[:n]
+        # Only the validation split is tokenized: evaluation never needs the training examples.
+        train_records, val_records = split_records(cfg.data)
+        examples = tokenize(val_records, cfg.data, tokenizer)
+        self.examples = examples[: cfg.quantize.eval_samples or len(examples)]
         if not self.examples:
             raise UserError("evaluation needs a validation split: set data.validation_fraction > 0 "
                             "or data.validation_split")
-        pairs = [render(r, cfg.data, tokenizer) for r in prepared.val_records[: cfg.quantize.sample_prompts]]
+        pairs = [render(r, cfg.data, tokenizer) for r in val_records[: cfg.quantize.sample_prompts]]
         self.prompts = [prompt for prompt, _ in pairs]
         self.references = [reference for _, reference in pairs]
-        self.calibration = prepared.train_records[: cfg.quantize.calibration_samples]
+        self.calibration = train_records[: cfg.quantize.calibration_samples]
         self.latency_prompt = self.examples[0].input_ids[:64]
 
 

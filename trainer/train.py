@@ -95,8 +95,8 @@ class Trainer:
         self.model_path = path
         self.log(f"world {d.world_size} (backend {d.backend or 'none'}, device {d.device.type}, "
                  f"{torch.get_num_threads()} threads/process)")
-        self.data: Prepared = D.main_first(d, lambda: prepare(cfg.data, self.tokenizer, t.seed, token))
-        self.log(f"data: {self.data.train_stats.summary()}; validation: {len(self.data.val_examples)} examples")
+        self.data: Prepared = D.main_first(d, lambda: prepare(cfg.data, self.tokenizer, token))
+        self.log(f"data: {self.data.train_stats.summary()}; validation: {len(self.data.val_rows)} examples")
         if self.data.train_stats.truncated:
             self.log(f"data: {self.data.train_stats.truncated} examples longer than data.max_seq_length="
                      f"{cfg.data.max_seq_length} were truncated")

@@ -73,7 +73,7 @@ def test_max_seq_length_too_small_for_the_prompt(tmp_path, tiny_model, tokenizer
     f = tmp_path / "d.json"
     f.write_text(json.dumps(flashcards_records[:20]))
     with pytest.raises(UserError, match=r"data.max_seq_length=16 is too small .* set data.max_seq_length to"):
-        prepare(DataConfig(file=str(f), max_seq_length=16), tokenizer, seed=0)
+        prepare(DataConfig(file=str(f), max_seq_length=16), tokenizer)
 
 
 # ---- packing -----------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def test_empty_dataset_is_refused(tmp_path, tokenizer):
     f = tmp_path / "d.jsonl"
     f.write_text("\n")
     with pytest.raises(UserError, match="has no examples"):
-        prepare(DataConfig(file=str(f)), tokenizer, seed=0)
+        prepare(DataConfig(file=str(f)), tokenizer)
 
 
 def test_missing_columns_name_the_columns_found(tokenizer):
@@ -187,11 +187,11 @@ def test_csv_parquet_and_text_files(tmp_path):
 
 
 def test_finance_alpaca_schema_prepares(finance_file, tokenizer):
-    prepared = prepare(DataConfig(file=str(finance_file), template="chat", system_prompt="Finance."), tokenizer, seed=0)
+    prepared = prepare(DataConfig(file=str(finance_file), template="chat", system_prompt="Finance."), tokenizer)
     assert prepared.train_rows and prepared.val_rows
     assert prepared.train_stats.trained_tokens > 0
 
 
 def test_unreachable_hub_dataset_is_refused_clearly(tokenizer):
     with pytest.raises(UserError, match=r"data.dataset 'org/no-such-dataset' \(split 'train'\) cannot be loaded.*Fix"):
-        prepare(DataConfig(dataset="org/no-such-dataset"), tokenizer, seed=0)
+        prepare(DataConfig(dataset="org/no-such-dataset"), tokenizer)
