@@ -3,20 +3,36 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt constraints.txt | sha1sum | cut -c1-12)
+LOCK := requirements.lock
+PIP_VERSION := 26.3
+PIP_TOOLS_VERSION := 7.6.2
+STAMP := $(VENV)/.installed-$(shell cat $(LOCK) constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup etcd test demo bench clean
+.PHONY: setup lock etcd test demo bench clean
 
-# Idempotent: re-runs only when requirements change. torch first, from the exact pin, so nothing
-# resolves a newer (CUDA) build; every later install is held to constraints.txt.
-$(STAMP): requirements.txt constraints.txt
+# Idempotent: re-runs only when the lock changes. torch first, from the exact pin (the CPU wheel on
+# disk), so nothing resolves a newer (CUDA) build; then the lock file: every package at the exact
+# version CI was green with, whatever the registry serves today.
+$(STAMP): $(LOCK) constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q pip==$(PIP_VERSION)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -r requirements.txt
+	$(PY) -m pip install -q -c constraints.txt -r $(LOCK)
 	@rm -f $(VENV)/.installed-*; touch $@
 
 setup: $(STAMP)
+
+# Regenerate requirements.lock from requirements.txt's ranges (the newest releases inside them),
+# with pip-tools in a throw-away virtual environment. Run `make test` before committing the result.
+lock:
+	@test -x .cache/lock-venv/bin/pip-compile || { $(PYTHON) -m venv .cache/lock-venv && \
+	  .cache/lock-venv/bin/pip install -q pip-tools==$(PIP_TOOLS_VERSION); }
+	.cache/lock-venv/bin/pip-compile --quiet --upgrade --no-emit-find-links --no-emit-index-url --strip-extras \
+	  --allow-unsafe --no-header -c constraints.txt -o $(LOCK) requirements.txt
+	@{ echo "# Exact versions of every package \`make setup\` installs (torch first, from its own pin)."; \
+	   echo "# Generated from requirements.txt's ranges by pip-tools: regenerate with \`make lock\`, then run"; \
+	   echo "# \`make test\` before committing. Do not edit by hand."; grep -v '^# \(Exact\|Generated\|.make test\)' $(LOCK); } \
+	  > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK)
 
 # etcd 3.4 from Debian for the real etcd-v2 rendezvous tests (installed when missing and root).
 etcd:
