@@ -31,6 +31,16 @@ def tiny_model(tmp_path_factory, flashcards_records) -> Path:
 
 
 @pytest.fixture(scope="session")
+def wide_model(tmp_path_factory, flashcards_records) -> Path:
+    """A tiny model whose linear layers dominate its weights (as in every real LLM: 96% for Llama-2-7B),
+    so that quantizing it means something; the 64-wide tiny_model is mostly embeddings."""
+    from trainer.tiny import corpus, write_model
+
+    path = tmp_path_factory.mktemp("models") / "wide-llama"
+    return write_model(path, corpus(flashcards_records), hidden=256, layers=2, heads=4, kv_heads=2, intermediate=1024)
+
+
+@pytest.fixture(scope="session")
 def flashcards_file(tmp_path_factory, flashcards_records) -> Path:
     from trainer.tiny import write_json
 
@@ -51,11 +61,13 @@ def tokenizer(tiny_model):
     return load_tokenizer(str(tiny_model))
 
 
-def write_config(path: Path, model: Path, data_file: Path, out: Path, **sections) -> Path:
+def write_config(path: Path, model_path: Path, data_file: Path, out: Path, **sections) -> Path:
     import yaml
 
+    # The precision is always stated: `auto` picks bf16 or fp32 by the CPU, and no assertion may
+    # depend on the machine. Tests of the bf16 path pass model={"dtype": "bf16"}.
     cfg = {
-        "model": {"name_or_path": str(model)},
+        "model": {"name_or_path": str(model_path), "dtype": "fp32", **sections.pop("model", {})},
         "data": {"file": str(data_file), "max_seq_length": 256, **sections.pop("data", {})},
         "training": {"max_steps": 20, "learning_rate": 0.003, "logging_steps": 5, "save_steps": 10,
                      "per_device_train_batch_size": 4, **sections.pop("training", {})},

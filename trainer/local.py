@@ -41,10 +41,16 @@ def free_port() -> int:
 
 def torchrun(nproc: int, *args: str, rdzv: str = "c10d", endpoint: Optional[str] = None, nnodes: int = 1,
              max_restarts: int = 0, rdzv_id: Optional[str] = None) -> list[str]:
-    """`python -m torch.distributed.run` on loopback (the same launcher the PyTorchJob runs)."""
+    """`python -m torch.distributed.run` on loopback (the same launcher the PyTorchJob runs).
+
+    Without an endpoint (one node), the c10d store binds port 0: the kernel picks a free port at
+    bind time, so no port is chosen in advance and nothing can take it in between (what
+    torchrun --standalone does)."""
+    if endpoint is None and nnodes != 1:
+        raise ValueError("several nodes need a rendezvous endpoint they all know (e.g. a local etcd)")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--local-addr", "127.0.0.1", "--nnodes", str(nnodes),
            "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts), "--rdzv-backend", rdzv,
-           "--rdzv-endpoint", endpoint or f"127.0.0.1:{free_port()}"]
+           "--rdzv-endpoint", endpoint or "127.0.0.1:0"]
     if rdzv_id:
         cmd += ["--rdzv-id", rdzv_id]
     return cmd + list(args)
@@ -68,35 +74,52 @@ class EtcdUnavailable(RuntimeError):
     pass
 
 
+def _start_etcd(binary: str, workdir: Path, timeout: float) -> tuple[subprocess.Popen, int]:
+    """Start etcd on two free loopback ports; (process, client port) once it answers, or raise.
+
+    etcd cannot bind port 0 (it must advertise its URLs), so ports are picked first; if another
+    process took one in between, etcd exits at once with "address already in use" and the caller
+    tries again with new ports."""
+    client, peer = free_port(), free_port()
+    with open(workdir / "etcd.log", "ab") as log:
+        proc = subprocess.Popen([binary, "--name", "local", "--data-dir", str(workdir / "etcd-data"),
+                                 "--enable-v2=true",
+                                 "--listen-client-urls", f"http://127.0.0.1:{client}",
+                                 "--advertise-client-urls", f"http://127.0.0.1:{client}",
+                                 "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                                 "--initial-cluster", f"local=http://127.0.0.1:{peer}"],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{client}/v2/keys", timeout=2) as r:
+                if r.status == 200:
+                    return proc, client
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            raise EtcdUnavailable(f"etcd did not start; see {workdir / 'etcd.log'}")
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
-def etcd(workdir: Path, timeout: float = 30) -> Iterator[str]:
-    """A real etcd (Debian's etcd-server) with the v2 API on free loopback ports; yields host:port."""
+def etcd(workdir: Path, timeout: float = 30, attempts: int = 3) -> Iterator[str]:
+    """A real etcd (Debian's etcd-server) with the v2 API on free loopback ports; yields host:port.
+    Always stopped on exit."""
     binary = shutil.which("etcd")
     if binary is None:
         raise EtcdUnavailable("etcd is not installed (Debian: apt-get install etcd-server)")
     workdir.mkdir(parents=True, exist_ok=True)
-    client, peer = free_port(), free_port()
-    log = open(workdir / "etcd.log", "wb")
-    proc = subprocess.Popen([binary, "--name", "local", "--data-dir", str(workdir / "etcd-data"), "--enable-v2=true",
-                             "--listen-client-urls", f"http://127.0.0.1:{client}",
-                             "--advertise-client-urls", f"http://127.0.0.1:{client}",
-                             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                             "--initial-cluster", f"local=http://127.0.0.1:{peer}"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    for attempt in range(attempts):
+        try:
+            proc, client = _start_etcd(binary, workdir, timeout)
+            break
+        except EtcdUnavailable:
+            if attempt == attempts - 1 or "address already in use" not in (workdir / "etcd.log").read_text():
+                raise
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{client}/v2/keys", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise EtcdUnavailable(f"etcd did not start; see {workdir / 'etcd.log'}")
-            time.sleep(0.2)
         yield f"127.0.0.1:{client}"
     finally:
         stop(proc)
-        log.close()

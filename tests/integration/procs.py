@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from trainer import local
-from trainer.local import free_port, stop, torchrun  # noqa: F401  (re-exported for the tests)
+from trainer.local import stop, torchrun  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 

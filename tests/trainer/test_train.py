@@ -101,3 +101,32 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_model, flashcards_fi
     seen = [[r["num_input_tokens_seen"] for r in _metrics(d) if "loss" in r] for d in (straight, split)]
     assert seen[0] == seen[1]
     assert json.loads((split / "report.json").read_text())["training"]["num_input_tokens_seen"] == seen[0][-1]
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False], ids=["cpu-with-bf16", "cpu-without-bf16"])
+def test_auto_precision_on_either_cpu_trains_saves_and_quantizes(tmp_path, wide_model, flashcards_file, monkeypatch,
+                                                                 capsys, fast_bf16):
+    """`model.dtype: auto` decided both ways, whatever this machine's CPU: the bf16 path (taken on
+    AVX512-BF16/AMX CPUs) and the fp32 path each train, save a loadable final/ and quantize it smaller."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer import distributed
+    from trainer.quantsize import saved_dtype
+
+    monkeypatch.setattr(distributed, "cpu_has_fast_bf16", lambda cpuinfo=None: fast_bf16)
+    out = tmp_path / "out"
+    cfg = load_config(write_config(tmp_path / "c.yaml", wide_model, flashcards_file, out, model={"dtype": "auto"},
+                                   training={"max_steps": 8, "save_steps": 8, "logging_steps": 4},
+                                   quantize={"enabled": True, "eval_samples": 8, "sample_prompts": 1,
+                                             "max_new_tokens": 4}))
+    finetune(cfg)
+    expected = torch.bfloat16 if fast_bf16 else torch.float32
+    assert f"dtype {expected}" in capsys.readouterr().err
+    assert saved_dtype(str(out / "final")) == expected
+    model = AutoModelForCausalLM.from_pretrained(str(out / "final"))
+    tok = AutoTokenizer.from_pretrained(str(out / "final"))
+    ids = tok("What is the main effect of insulin", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+    q = json.loads((out / "report.json").read_text())["quantize"]
+    assert q["size_bytes_after"] < q["size_bytes_before"] * 0.4
+    assert q["breakdown"]["kept_dtype"] == str(expected).replace("torch.", "")
