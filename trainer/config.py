@@ -215,6 +215,8 @@ class QuantizeConfig:
     """Validation examples for perplexity before/after (0: all)."""
     sample_prompts: int = 3
     max_new_tokens: int = 32
+    allow_larger: bool = False
+    """Write the quantized model even when it is not smaller than final/ (refused by default)."""
 
     def validate(self, check) -> None:
         check(self.bits in QUANT_BITS, ("bits",), f"unsupported bits {self.bits}; use 4 or 8")

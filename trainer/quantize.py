@@ -16,23 +16,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from trainer import quantsize
 from trainer.config import QUANT_ALGORITHMS, QUANT_BITS, QuantizeConfig, TrainerConfig
 from trainer.errors import UserError
 from trainer.metrics import Logger, update_report
-
-
-def effective_group_size(model, requested: int) -> int:
-    """The requested group size, or the largest power of two that fits every quantized layer's input
-    width (a 64-wide test model cannot have groups of 128)."""
-    if requested == -1:
-        return -1
-    widths = [m.in_features for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")]
-    narrowest = min(widths) if widths else requested
-    size = requested
-    while size > narrowest or (narrowest % size):
-        size //= 2
-    return max(size, 1)
 
 
 def inc_config(q: QuantizeConfig, group_size: int):
@@ -60,7 +47,7 @@ def calibration_batches(cfg: TrainerConfig, tokenizer, records: list[dict]) -> l
 def quantize_model(model, cfg: TrainerConfig, calibration: list[torch.Tensor]):
     from neural_compressor.torch.quantization import convert, prepare
 
-    group = effective_group_size(model, cfg.quantize.group_size)
+    group = quantsize.effective_group_size(model, cfg.quantize.group_size)
     qcfg = inc_config(cfg.quantize, group)
     example = calibration[0] if calibration else None
     prepared = prepare(model, qcfg, example_inputs=example) if cfg.quantize.algorithm == "awq" else prepare(model, qcfg)
@@ -73,7 +60,7 @@ def quantize_model(model, cfg: TrainerConfig, calibration: list[torch.Tensor]):
     return convert(prepared), group
 
 
-def load_quantized(path: str | Path):
+def load_quantized(path: str | Path, dtype: Optional[torch.dtype] = None):
     """(model, tokenizer) of a quantized/ directory written by this module.
 
         from trainer.quantize import load_quantized
@@ -89,7 +76,9 @@ def load_quantized(path: str | Path):
     from transformers import AutoTokenizer
 
     try:
-        model = load(str(path), format="huggingface", device="cpu")
+        # dtype None: the kept weights in the dtype they were saved in (the fine-tuned model's).
+        extra = {"torch_dtype": dtype} if dtype is not None else {}
+        model = load(str(path), format="huggingface", device="cpu", **extra)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
         raise UserError(f"quantized model at {path} cannot be loaded: {type(exc).__name__}: {exc}. "
@@ -98,17 +87,58 @@ def load_quantized(path: str | Path):
     return model, tokenizer
 
 
+def _check(q: QuantizeConfig, plan: quantsize.Breakdown, where: str) -> None:
+    """Refuse a quantization that quantizes nothing, or that does not shrink the model."""
+    if plan.quantized_layers == 0:
+        raise UserError(f"quantize: {where} has no layer INC can quantize (it quantizes nn.Linear and transformers "
+                        "Conv1D layers, never the lm_head), so the result would be the same model. Fix: "
+                        "quantize.enabled: false")
+    if plan.ratio >= 1.0 and not q.allow_larger:
+        raise UserError(f"quantize: {q.bits}-bit {q.algorithm.upper()} would not shrink {where}: "
+                        f"{plan.explain()}. Fix: a larger group (quantize.group_size), fewer bits, "
+                        "quantize.enabled: false, or quantize.allow_larger: true to write it anyway")
+
+
+def preflight(q: QuantizeConfig, model_path: str, dtype: torch.dtype) -> quantsize.Breakdown:
+    """Before training: what quantization will store for this model (shapes only, meta device);
+    a quantization that cannot quantize or shrink it is refused before any compute."""
+    plan = quantsize.estimate(quantsize.meta_model(model_path), q.bits, q.group_size, dtype, q.algorithm)
+    _check(q, plan, f"the model at {model_path}")
+    return plan
+
+
+def _keep_dtype(qmodel, dtype: torch.dtype) -> None:
+    """Cast every saved tensor INC did not quantize (embeddings, norms, lm_head) back to the dtype of
+    the model it came from: quantization ran in fp32 for accuracy, and saving those parts in fp32
+    would make a bf16 model's quantized copy larger, not smaller."""
+    from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
+
+    for key, tensor in qmodel.state_dict(keep_vars=True).items():
+        owner, _, name = key.rpartition(".")
+        module = qmodel.get_submodule(owner) if owner else qmodel
+        if isinstance(module, INCWeightOnlyLinear) or not tensor.is_floating_point() or tensor.dtype == dtype:
+            continue
+        if name in module._parameters:
+            module._parameters[name].data = tensor.data.to(dtype)
+        else:
+            module._buffers[name] = tensor.to(dtype)
+    qmodel.config.dtype = dtype
+
+
 def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """Quantize final/ into quantized/, measure both, write report.json, report.md and the chart."""
     from neural_compressor.torch.quantization import save
 
-    from trainer.evaluate import EvalSet, load_final, measure
+    from trainer.evaluate import EvalSet, dir_size, load_final, measure
 
     log = log or Logger(True)
     q = cfg.quantize
     inc_config(q, q.group_size)  # refuse bad bits/algorithm before loading anything
     torch.manual_seed(cfg.training.seed)
-    model, tokenizer = load_final(cfg)
+    model, tokenizer = load_final(cfg)  # fp32: the quantization arithmetic runs in full precision
+    kept_dtype = quantsize.saved_dtype(str(cfg.final_dir)) or torch.float32
+    plan = quantsize.estimate(model, q.bits, q.group_size, kept_dtype, q.algorithm)
+    _check(q, plan, f"the model at {cfg.final_dir}")
     evalset = EvalSet(cfg, tokenizer)
     log(f"quantize: measuring the fine-tuned model on {len(evalset.examples)} validation examples")
     before = measure(model, tokenizer, cfg.final_dir, evalset, q.max_new_tokens)
@@ -116,15 +146,25 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict
     log(f"quantize: {q.algorithm.upper()} {q.bits}-bit, {q.scheme}, group size {q.group_size}"
         + (f", {len(calibration)} calibration examples" if calibration else ""))
     qmodel, group = quantize_model(model, cfg, calibration)
+    _keep_dtype(qmodel, kept_dtype)
+    parts = quantsize.measure(qmodel, q.bits, group, kept_dtype, plan.unquantized_bytes)
+    _check(q, parts, f"the model at {cfg.final_dir}")
+    log(f"quantize: {parts.explain()}")
     out = cfg.quantized_dir
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save(qmodel, str(tmp), format="huggingface")
     tokenizer.save_pretrained(str(tmp))
+    written, original = dir_size(tmp), dir_size(cfg.final_dir)
+    if written >= original and not q.allow_larger:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"quantize: the quantized files ({written} bytes) are not smaller than "
+                        f"{cfg.final_dir} ({original} bytes): {parts.explain()}. Fix: "
+                        "quantize.allow_larger: true to keep them anyway, or quantize.enabled: false")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    # Measure what was written, reloaded the way a user loads it.
-    reloaded, rtok = load_quantized(out)
+    # Measure what was written, reloaded the way a user loads it (in fp32, like the model before).
+    reloaded, rtok = load_quantized(out, dtype=torch.float32)
     after = measure(reloaded, rtok, out, evalset, q.max_new_tokens)
     section = {
         "bits": q.bits, "algorithm": q.algorithm, "group_size": group, "group_size_requested": q.group_size,
@@ -134,6 +174,7 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict
         "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
         "latency_ms_before": before["latency_ms_per_token"], "latency_ms_after": after["latency_ms_per_token"],
         "eval_examples": before["eval_examples"],
+        "breakdown": parts.report(),
         "samples": [{"prompt": p, "reference": r, "before": b, "after": a}
                     for p, r, b, a in zip(evalset.prompts, evalset.references, before["samples"], after["samples"])],
         "path": str(out),

@@ -98,6 +98,13 @@ def write_markdown(out: Path, report: dict[str, Any], images: list[Path]) -> Pat
     for img in images:
         parts += [f"![{img.stem}]({img.name})", ""]
     q = report.get("quantize")
+    if q and q.get("breakdown"):
+        b = q["breakdown"]
+        parts += ["## What was quantized and what was kept", "",
+                  "| part | parameters | stored as | bytes |", "|---|---|---|---|"]
+        for name, p in b["parts"].items():
+            parts.append(f"| {name} | {p['parameters']:,} | {p['dtype']} | {p['bytes']:,} |")
+        parts += ["", b["explanation"] + ".", ""]
     if q and q.get("samples"):
         parts += ["## Sample generations (validation prompts)", ""]
         for i, s in enumerate(q["samples"], 1):

@@ -104,6 +104,13 @@ class Trainer:
 
         self.dtype = D.choose_dtype(cfg.model.dtype, d.device.type == "cuda",
                                     torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        if cfg.quantize.enabled:
+            # Shapes only (meta device): a quantization that cannot shrink this model is refused now,
+            # not after hours of training.
+            from trainer.quantize import preflight
+
+            sizes = preflight(cfg.quantize, path, self.dtype)
+            self.log(f"quantize after training: {sizes.explain()}")
         model = modeling.load_model(path, self.dtype, cfg.model.attn_implementation, d.device)
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable()

@@ -93,3 +93,77 @@ def test_missing_final_through_cli(tmp_path, tiny_model, flashcards_file):
     cfg = write_config(tmp_path / "c.yaml", tiny_model, flashcards_file, tmp_path / "out")
     result = run("quantize", "--config", str(cfg))
     assert result.returncode == 2 and "no fine-tuned model at" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---- size: what is quantized, what is kept, whatever the dtype ------------------------------------
+
+def _bf16_copy(src, dst):
+    """final/ of a bf16 fine-tune: the model saved in bf16 with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16).save_pretrained(str(dst))
+    AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(dst))
+
+
+@pytest.mark.parametrize("algorithm,bits", [("rtn", 4), ("gptq", 4), ("awq", 4), ("rtn", 8)])
+def test_a_bf16_model_shrinks_and_the_arithmetic_is_what_inc_writes(tmp_path, wide_model, flashcards_file,
+                                                                     algorithm, bits):
+    import torch
+
+    from trainer import quantize, quantsize
+
+    out = tmp_path / "out"
+    _bf16_copy(wide_model, out / "final")
+    section = quantize.run(_cfg(tmp_path, out, flashcards_file, algorithm=algorithm, bits=bits, group_size=128))
+    b = section["breakdown"]
+    # The estimate from the shapes alone (meta device) is byte-exact with what INC produced.
+    plan = quantsize.estimate(quantsize.meta_model(str(out / "final")), bits, 128, torch.bfloat16, algorithm)
+    assert b["weights_bytes"] == plan.total_bytes and b["quantized_layers"] == plan.quantized_layers == 14
+    # Nothing kept is widened: embeddings, lm_head and norms stay bf16, as in final/.
+    assert b["kept_dtype"] == "bfloat16"
+    for name in ("embeddings", "lm_head", "norms and biases"):
+        assert b["parts"][name]["dtype"] == "bfloat16" and b["parts"][name]["kept"], (name, b["parts"][name])
+    assert b["parts"]["quantized"]["kept"] is False
+    assert section["size_bytes_after"] < section["size_bytes_before"] * (0.40 if bits == 4 else 0.65), section
+    assert quantsize.saved_dtype(str(out / "quantized")) == torch.bfloat16
+    assert "What was quantized and what was kept" in (out / "report.md").read_text()
+
+
+def test_llama2_7b_in_bf16_is_under_30_percent_at_4_bits():
+    """The README's arithmetic, from the real Llama-2-7B shapes (meta device: no weights, no download)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from trainer import quantsize
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    plan = quantsize.estimate(model, 4, 128, torch.bfloat16)
+    assert plan.quantized_layers == 32 * 7
+    assert plan.unquantized_bytes == 13_476_831_232  # 6.74 B parameters x 2 bytes
+    assert plan.total_bytes == 3_892_027_840 and plan.ratio < 0.30
+    # Had the kept parts (embeddings, lm_head) been widened to fp32, it would miss the target.
+    widened = plan.total_bytes + plan.parts["embeddings"].bytes + plan.parts["lm_head"].bytes
+    assert widened / plan.unquantized_bytes > 0.30
+
+
+def test_quantization_that_does_nothing_or_grows_is_refused():
+    import torch
+
+    from trainer.config import QuantizeConfig
+    from trainer.quantize import _check
+    from trainer.quantsize import Breakdown, Part
+
+    nothing = Breakdown(4, 128, torch.bfloat16, quantized_layers=0, parts={"embeddings": Part(10, 20, {"bfloat16"})},
+                        unquantized_bytes=20)
+    with pytest.raises(UserError, match="no layer INC can quantize.*quantize.enabled: false"):
+        _check(QuantizeConfig(), nothing, "m")
+    grows = Breakdown(4, 128, torch.bfloat16, quantized_layers=1,
+                      parts={"quantized": Part(8, 30, {"int4"}), "embeddings": Part(10, 20, {"bfloat16"})},
+                      unquantized_bytes=36)
+    with pytest.raises(UserError, match="would not shrink.*1 layers quantized.*allow_larger"):
+        _check(QuantizeConfig(), grows, "m")
+    _check(QuantizeConfig(allow_larger=True), grows, "m")  # the user asked for it
