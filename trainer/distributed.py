@@ -52,14 +52,46 @@ def cpu_has_fast_bf16(cpuinfo: Optional[str] = None) -> bool:
     return bool({"amx_bf16", "avx512_bf16"} & flags)
 
 
-def choose_dtype(requested: str, cuda: bool, cuda_bf16: bool = False, cpu_bf16: Optional[bool] = None) -> torch.dtype:
+@dataclass(frozen=True)
+class Precision:
+    """Compute dtype (matmuls under autocast) and the dtype of the weights the optimizer updates."""
+
+    compute: torch.dtype
+    params: torch.dtype
+
+    @property
+    def mixed(self) -> bool:
+        return self.compute != self.params
+
+    def autocast(self, device: torch.device):
+        """The forward's context: bf16 autocast in mixed precision, nothing otherwise."""
+        return torch.autocast(device_type=device.type, dtype=self.compute, enabled=self.mixed)
+
+    def describe(self) -> str:
+        if self.mixed:
+            return f"mixed precision: {_short(self.compute)} compute, {_short(self.params)} master weights and optimizer"
+        return f"{_short(self.params)} weights and compute" + (" (pure bf16: small updates can be lost)"
+                                                             if self.params == torch.bfloat16 else "")
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def choose_precision(requested: str, cuda: bool, cuda_bf16: bool = False,
+                     cpu_bf16: Optional[bool] = None) -> Precision:
+    """bf16 is always mixed precision (fp32 master weights and optimizer state, as the Hugging Face
+    Trainer's bf16=True, torchtitan and FSDP's MixedPrecisionPolicy do): pure bf16 weights lose
+    updates smaller than their rounding step. Pure bf16 only when asked for by name."""
+    fp32, bf16 = torch.float32, torch.bfloat16
     if requested == "fp32":
-        return torch.float32
+        return Precision(fp32, fp32)
+    if requested == "pure-bf16":
+        return Precision(bf16, bf16)
     if requested == "bf16":
-        return torch.bfloat16
-    if cuda:
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    return torch.bfloat16 if (cpu_has_fast_bf16() if cpu_bf16 is None else cpu_bf16) else torch.float32
+        return Precision(bf16, fp32)
+    fast = cuda_bf16 if cuda else (cpu_has_fast_bf16() if cpu_bf16 is None else cpu_bf16)
+    return Precision(bf16 if fast else fp32, fp32)
 
 
 def default_threads(local_world_size: int, cores: Optional[int] = None) -> int:
@@ -96,6 +128,14 @@ class Dist:
         t = torch.tensor(values, dtype=torch.float64, device=self._collective_device)
         dist.all_reduce(t)
         return t.tolist()
+
+    def broadcast_object(self, obj):
+        """Rank 0's object on every rank (a decision taken once)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self._collective_device)
+        return box[0]
 
     @property
     def _collective_device(self) -> torch.device:
@@ -163,17 +203,20 @@ def _attempt_store(rank: int, world: int, timeout: datetime.timedelta):
     return dist.PrefixStore(f"llm-finetune/attempt_{attempt}/", store)
 
 
-def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool) -> torch.nn.Module:
-    """DDP (replicate) or FSDP2 (shard each decoder layer, then the root)."""
+def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool, precision: Optional[Precision] = None) -> torch.nn.Module:
+    """DDP (replicate) or FSDP2 (shard each decoder layer, then the root). In mixed precision FSDP2
+    gathers bf16 copies of the fp32 shards for compute and reduces gradients in fp32."""
     if not d.enabled:
         return model
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = (MixedPrecisionPolicy(param_dtype=precision.compute, reduce_dtype=torch.float32)
+                  if precision is not None and precision.mixed else MixedPrecisionPolicy())
         layers = _decoder_layers(model)
         for layer in layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from trainer.distributed import choose_backend, choose_dtype, cpu_has_fast_bf16, default_threads
+from trainer.distributed import Precision, choose_backend, choose_precision, cpu_has_fast_bf16, default_threads
 
 
 @pytest.mark.parametrize("requested,cuda,ccl,expected", [
@@ -23,14 +23,20 @@ def test_backend_override_that_cannot_work_is_refused():
         choose_backend("ccl", cuda=False, ccl=False)
 
 
-def test_bf16_where_the_hardware_has_it():
+def test_bf16_where_the_hardware_has_it_always_with_fp32_master_weights():
+    fp32, bf16 = torch.float32, torch.bfloat16
     assert cpu_has_fast_bf16("flags : fpu avx512f amx_bf16 amx_tile") is True
+    assert cpu_has_fast_bf16("flags : fpu avx512f avx512_bf16") is True
     assert cpu_has_fast_bf16("flags : fpu avx2 avx512f") is False
-    assert choose_dtype("auto", cuda=True, cuda_bf16=True) == torch.bfloat16
-    assert choose_dtype("auto", cuda=True, cuda_bf16=False) == torch.float32
-    assert choose_dtype("auto", cuda=False, cpu_bf16=True) == torch.bfloat16
-    assert choose_dtype("auto", cuda=False, cpu_bf16=False) == torch.float32
-    assert choose_dtype("fp32", cuda=True, cuda_bf16=True) == torch.float32
+    assert choose_precision("auto", cuda=True, cuda_bf16=True) == Precision(bf16, fp32)
+    assert choose_precision("auto", cuda=True, cuda_bf16=False) == Precision(fp32, fp32)
+    assert choose_precision("auto", cuda=False, cpu_bf16=True) == Precision(bf16, fp32)
+    assert choose_precision("auto", cuda=False, cpu_bf16=False) == Precision(fp32, fp32)
+    assert choose_precision("fp32", cuda=True, cuda_bf16=True) == Precision(fp32, fp32)
+    assert choose_precision("bf16", cuda=False, cpu_bf16=False) == Precision(bf16, fp32)  # works anywhere, slower
+    pure = choose_precision("pure-bf16", cuda=False, cpu_bf16=True)
+    assert pure == Precision(bf16, bf16) and not pure.mixed and "pure bf16" in pure.describe()
+    assert Precision(bf16, fp32).mixed and "fp32 master weights" in Precision(bf16, fp32).describe()
 
 
 def test_threads_split_cores_between_local_processes():
