@@ -63,10 +63,17 @@ class _Where:
 class ModelConfig:
     name_or_path: str = ""
     """Hub id (e.g. meta-llama/Llama-2-7b-hf) or a local model directory."""
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto: bf16 where the hardware has fast bf16 (CUDA with bf16, Xeon with AMX/AVX512-BF16), else fp32."""
+    dtype: Literal["auto", "bf16", "fp32", "pure-bf16"] = "auto"
+    """Training precision. bf16: bf16 compute (autocast; FSDP's mixed-precision policy) with fp32 master
+    weights and fp32 optimizer state, as the Hugging Face Trainer's bf16=True. auto: bf16 where the
+    hardware has fast bf16 (CUDA with bf16, Xeon with AMX/AVX512-BF16), else fp32. pure-bf16: weights
+    and optimizer state in bf16 (half the memory; small updates are lost), only on explicit request."""
+    save_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """dtype of final/. auto: the base model's own (its config.json dtype), fp32 when it names none."""
     revision: Optional[str] = None
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    """auto: what the model class supports (flash_attention_2 on CUDA when installed, else sdpa, else
+    eager); an explicit choice the model does not support is refused with the ones it does."""
 
     def validate(self, check) -> None:
         check(bool(self.name_or_path.strip()), ("name_or_path",),
@@ -85,7 +92,10 @@ class DataConfig:
     """Wait this long for data.file to appear (uploaded after the job started) before failing."""
     template: Literal["alpaca", "chat", "text"] = "alpaca"
     max_seq_length: int = 512
-    packing: bool = True
+    packing: Optional[bool] = None
+    """null (auto): pack a micro-batch's examples into one padding-free sequence when a probe on the
+    model proves packed examples stay isolated, else pad (logged). true: pack, refused on a model where
+    examples would attend to each other. false: pad per micro-batch."""
     train_on_prompt: bool = False
     validation_fraction: float = 0.05
     validation_split: Optional[str] = None
@@ -187,8 +197,12 @@ class LoraConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    """Checked against the model's module names before training starts."""
+    target_modules: tuple[str, ...] = ("auto",)
+    """auto: every projection of the model's attention blocks (q/k/v/o, fused qkv, GPT-2's c_attn...);
+    all-linear: every linear layer but the output head (peft); or module names, checked against the
+    model's own before training starts."""
+    modules_to_save: tuple[str, ...] = ()
+    """Modules trained fully and saved beside the adapter (e.g. lm_head, embed_tokens)."""
 
     def validate(self, check) -> None:
         check(self.r >= 1, ("r",), "must be >= 1 (typical: 8 to 64)")

@@ -72,40 +72,114 @@ def load_tokenizer(path: str):
 
 
 def load_model(path: str, dtype: torch.dtype, attn: str, device: torch.device):
+    """The model in `dtype` (fp32 master weights in mixed precision) with the attention implementation
+    `attn` asks for (trainer/attention.py); refused in one line when the class cannot run it."""
     from transformers import AutoModelForCausalLM
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
-    except Exception as exc:
-        raise UserError(f"model at {path} cannot be loaded: {type(exc).__name__}: {exc}") from None
+    from trainer.attention import candidates, unsupported
+
+    tries = candidates(attn, device)
+    for i, implementation in enumerate(tries):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=implementation)
+            break
+        except Exception as exc:
+            if unsupported(exc) and i + 1 < len(tries):
+                continue  # auto: the next implementation this device offers
+            if unsupported(exc):
+                raise UserError(f"model.attn_implementation {attn!r}: {str(exc).splitlines()[0]} Fix: "
+                                "model.attn_implementation: auto (the best the model supports)") from None
+            raise UserError(f"model at {path} cannot be loaded: {type(exc).__name__}: {exc}") from None
     # No KV cache in training; it also matters for packing: transformers looks for packed sequences
     # (position_ids restarting at 0) only when there is no cache.
     model.config.use_cache = False
     return model.to(device)
 
 
+def save_dtype(requested: str, model_path: str) -> torch.dtype:
+    """The dtype final/ is saved in: the user's choice, or the base model's own (config.json)."""
+    named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if requested != "auto":
+        return named[requested]
+    import json
+
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
+
+
+def projection_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """Every Linear or transformers Conv1D (GPT-2's fused projections) of the model, output head aside."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head]
+
+
 def linear_module_names(model: torch.nn.Module) -> list[str]:
-    names = set()
-    for full, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            names.add(full.rsplit(".", 1)[-1])
-    return sorted(names)
+    return sorted({name.rsplit(".", 1)[-1] for name, _ in projection_layers(model)})
+
+
+def attention_projections(model: torch.nn.Module) -> list[str]:
+    """Full names of the projections inside the model's attention blocks (q/k/v/o, qkv_proj, c_attn,
+    query_key_value, ...), found by structure rather than a list of architectures' names."""
+    attention = [n for n, m in model.named_modules() if type(m).__name__.endswith(("Attention", "Attention2"))]
+    return [n for n, _ in projection_layers(model) if any(n.startswith(a + ".") for a in attention)]
+
+
+def lora_targets(model: torch.nn.Module, requested: tuple[str, ...]):
+    """What peft adapts: `auto` (the attention projections; every linear layer for a model without
+    attention, e.g. Mamba), `all-linear` (peft's own), or names checked against the model's own."""
+    if tuple(requested) == ("all-linear",):
+        return "all-linear", "all-linear"
+    if tuple(requested) == ("auto",):
+        found = attention_projections(model)
+        if not found:  # e.g. Mamba: every projection peft can adapt on this architecture
+            found = [n for n, _ in projection_layers(model) if _peft_can_adapt(model, n.rsplit(".", 1)[-1])]
+            return found, "all-linear (the model has no attention block): " + ", ".join(
+                sorted({n.rsplit(".", 1)[-1] for n in found}))
+        return found, "auto: " + ", ".join(sorted({n.rsplit(".", 1)[-1] for n in found}))
+    available = linear_module_names(model)
+    missing = [t for t in requested if t not in available]
+    if missing:
+        raise UserError(f"lora.target_modules {missing} not found in the model. Its linear layers are named: "
+                        f"{', '.join(available)}. Fix: choose from those, or lora.target_modules: [auto] (its "
+                        "attention projections) or [all-linear]")
+    return list(requested), ", ".join(requested)
+
+
+def _peft_can_adapt(model, leaf: str) -> bool:
+    """peft's own rule for layers LoRA must not wrap (Mamba's fused kernels read out_proj/conv1d
+    weights directly); asked rather than copied, so it stays in step with peft."""
+    try:
+        from peft import LoraConfig as PeftLora
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
+    except ImportError:  # an older or newer peft without the check: it will say so itself
+        return True
+    try:
+        _check_lora_target_modules_mamba(PeftLora(target_modules=[leaf]), model, leaf)
+    except ValueError:
+        return False
+    return True
 
 
 def apply_lora(model, cfg: LoraConfig):
-    """Wrap with a peft LoRA adapter after checking every target against the model's modules."""
+    """Wrap with a peft LoRA adapter; returns (peft model, what was targeted)."""
     from peft import LoraConfig as PeftLora
     from peft import get_peft_model
 
-    available = linear_module_names(model)
-    missing = [t for t in cfg.target_modules if t not in available]
-    if missing:
-        raise UserError(f"lora.target_modules {missing} not found in the model. Its linear modules are: "
-                        f"{', '.join(available)}. Fix: choose from those (Llama: q_proj, k_proj, v_proj, o_proj, "
-                        "gate_proj, up_proj, down_proj)")
-    peft_cfg = PeftLora(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                        target_modules=list(cfg.target_modules), task_type="CAUSAL_LM", bias="none")
-    return get_peft_model(model, peft_cfg)
+    targets, described = lora_targets(model, cfg.target_modules)
+    peft_cfg = PeftLora(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                        modules_to_save=list(cfg.modules_to_save) or None, task_type="CAUSAL_LM", bias="none")
+    try:
+        return get_peft_model(model, peft_cfg), described
+    except ValueError as exc:  # a module peft cannot adapt here, or a modules_to_save name the model lacks
+        raise UserError(f"lora: {str(exc).rstrip('.')}. Fix: lora.target_modules [auto] (what this model supports) "
+                        f"and lora.modules_to_save names of the model's modules "
+                        f"({', '.join(linear_module_names(model))})") from None
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -137,27 +211,33 @@ def save_final(model, tokenizer, final_dir: Path, adapter_dir: Optional[Path], d
 
 
 class CausalLMLoss(torch.nn.Module):
-    """Summed next-token loss, with the vocabulary projection only where a label exists.
+    """Summed next-token loss of the model's own forward, projecting to the vocabulary only where a
+    label exists.
 
-    Prompt tokens (masked out of the loss) and padding need hidden states but no logits: projecting
-    only the labelled positions skips a large share of the lm_head matmul and never materialises
-    a [batch, length, vocab] fp32 logits tensor (gigabytes at 32k-128k vocabularies on GPU).
-    transformers has no per-row selection of logits (`logits_to_keep` keeps the same positions in
-    every row), so this is done here. DDP/FSDP wrap this module, so it is what their hooks see.
+    Prompt tokens (masked out of the loss) and padding need hidden states but no logits. transformers'
+    `logits_to_keep` takes a boolean [batch, length] mask (per-row positions, as packed training needs),
+    so the model's own head runs — softcapping, logit multipliers, casts, tied or untied weights — on
+    the labelled positions only: no [batch, length, vocab] logits tensor (gigabytes at 32k-128k
+    vocabularies). trainer/probes.py checks at start-up that this equals the model's own
+    `forward(labels=...)` loss and falls back to full logits (`full_logits=True`) where it does not.
+    DDP/FSDP wrap this module, so it is what their hooks see.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, full_logits: bool = False):
         super().__init__()
         self.model = model  # the HF (or peft) model: the only registered child, so state dicts stay "model.*"
-        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-        # Plain attributes, not submodules: the same modules registered twice would duplicate keys.
-        object.__setattr__(self, "_body", hf.get_decoder() if hasattr(hf, "get_decoder") else hf.model)
-        object.__setattr__(self, "_lm_head", hf.get_output_embeddings())
+        self.full_logits = full_logits
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor):
-        hidden = self._body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor, **extra):
         targets = labels[:, 1:]
         keep = targets != -100
-        logits = self._lm_head(hidden[:, :-1][keep])
+        if self.full_logits:
+            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).logits
+            logits = logits[:, :-1][keep]
+        else:
+            mask = torch.nn.functional.pad(keep, (0, 1), value=False)  # positions whose next token is a label
+            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                logits_to_keep=mask, **extra).logits
+            logits = logits.reshape(-1, logits.shape[-1])
         loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return loss, keep.sum()

@@ -10,7 +10,7 @@ MIN = "model: {name_or_path: m}\ndata: {file: d.json}\n"
 
 def test_minimal_config_gets_documented_defaults():
     cfg = load_config_text(MIN)
-    assert cfg.training.learning_rate == 2e-4 and cfg.data.packing is True and cfg.lora.enabled is True
+    assert cfg.training.learning_rate == 2e-4 and cfg.data.packing is None and cfg.lora.enabled is True
     assert cfg.quantize.bits == 4 and cfg.quantize.algorithm == "rtn"
     assert str(cfg.final_dir).endswith("output/final")
 

@@ -10,9 +10,11 @@ def test_lora_target_the_model_lacks_is_refused_with_the_valid_names(tiny_model)
 
     model = load_model(str(tiny_model), torch.float32, "sdpa", torch.device("cpu"))
     assert {"q_proj", "v_proj", "down_proj"} <= set(linear_module_names(model))
-    with pytest.raises(UserError, match=r"\['query_key_value'\] not found .* q_proj"):
+    with pytest.raises(UserError, match=r"\['query_key_value'\] not found .*named: down_proj, gate_proj, k_proj, "
+                                        r"o_proj, q_proj, up_proj, v_proj.*\[auto\].*\[all-linear\]"):
         apply_lora(model, LoraConfig(target_modules=("q_proj", "query_key_value")))
-    peft_model = apply_lora(model, LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
+    peft_model, described = apply_lora(model, LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
+    assert described == "q_proj, v_proj"
     assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) > 0
 
 
