@@ -145,7 +145,14 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict
     calibration = calibration_batches(cfg, tokenizer, evalset.calibration) if q.algorithm != "rtn" else []
     log(f"quantize: {q.algorithm.upper()} {q.bits}-bit, {q.scheme}, group size {q.group_size}"
         + (f", {len(calibration)} calibration examples" if calibration else ""))
-    qmodel, group = quantize_model(model, cfg, calibration)
+    try:
+        qmodel, group = quantize_model(model, cfg, calibration)
+    except UserError:
+        raise
+    except Exception as exc:  # INC meets a layer type or forward it cannot handle
+        raise UserError(f"quantize: Intel Neural Compressor cannot {q.algorithm.upper()}-quantize {type(model).__name__} "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}); "
+                        f"{cfg.final_dir} is unaffected. Fix: quantize.algorithm: rtn, or quantize.enabled: false") from None
     _keep_dtype(qmodel, kept_dtype)
     parts = quantsize.measure(qmodel, q.bits, group, kept_dtype, plan.unquantized_bytes)
     _check(q, parts, f"the model at {cfg.final_dir}")
@@ -156,16 +163,28 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict
     save(qmodel, str(tmp), format="huggingface")
     tokenizer.save_pretrained(str(tmp))
     written, original = dir_size(tmp), dir_size(cfg.final_dir)
-    if written >= original and not q.allow_larger:
+    arch = type(model).__name__
+    try:
+        if written >= original and not q.allow_larger:
+            raise UserError(f"quantize: the quantized files ({written} bytes) are not smaller than "
+                            f"{cfg.final_dir} ({original} bytes): {parts.explain()}. Fix: "
+                            "quantize.allow_larger: true to keep them anyway, or quantize.enabled: false")
+        # A quantized model counts only once it reloads and runs the way a user loads it (in fp32,
+        # like the model it is compared with); until then quantized/ is left as it was.
+        try:
+            reloaded, rtok = load_quantized(tmp, dtype=torch.float32)
+            after = measure(reloaded, rtok, tmp, evalset, q.max_new_tokens)
+        except Exception as exc:
+            detail = str(exc).split(". Fix:")[0] if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            raise UserError(f"quantize: the {q.bits}-bit {q.algorithm.upper()} model of {arch} does not reload and run "
+                            f"with Intel Neural Compressor ({detail.splitlines()[0][:300]}); nothing was written to "
+                            f"{out} and {cfg.final_dir} is unaffected. Fix: quantize.enabled: false, or another "
+                            "quantize.algorithm") from None
+    except UserError:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"quantize: the quantized files ({written} bytes) are not smaller than "
-                        f"{cfg.final_dir} ({original} bytes): {parts.explain()}. Fix: "
-                        "quantize.allow_larger: true to keep them anyway, or quantize.enabled: false")
+        raise
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    # Measure what was written, reloaded the way a user loads it (in fp32, like the model before).
-    reloaded, rtok = load_quantized(out, dtype=torch.float32)
-    after = measure(reloaded, rtok, out, evalset, q.max_new_tokens)
     section = {
         "bits": q.bits, "algorithm": q.algorithm, "group_size": group, "group_size_requested": q.group_size,
         "scheme": q.scheme, "calibration_samples": len(calibration),

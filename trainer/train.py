@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from trainer import distributed as D
-from trainer import modeling
+from trainer import modeling, probes
 from trainer.checkpoint import Checkpointer
 from trainer.config import TrainerConfig
 from trainer.data import Prepared, Row, collate, epoch_order, label_tokens, make_batches, prepare, shard
@@ -75,10 +75,10 @@ def step_batches(p: Plan, cfg: TrainerConfig, step: int, rank: int, world: int) 
 
 
 class Trainer:
-    def __init__(self, cfg: TrainerConfig):
+    def __init__(self, cfg: TrainerConfig, dist: Optional[D.Dist] = None):
         self.cfg = cfg
         self.t = cfg.training
-        self.dist = D.init(self.t.ddp_backend)
+        self.dist = dist or D.init(self.t.ddp_backend)
         self.log = Logger(self.dist.is_main)
 
     # ------------------------------------------------------------------------------------
@@ -102,35 +102,45 @@ class Trainer:
                      f"{cfg.data.max_seq_length} were truncated")
         self.plan = plan(self.data.train_rows, cfg, d.world_size)
 
-        self.dtype = D.choose_dtype(cfg.model.dtype, d.device.type == "cuda",
-                                    torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        self.precision = D.choose_precision(cfg.model.dtype, d.device.type == "cuda",
+                                            torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        self.save_dtype = modeling.save_dtype(cfg.model.save_dtype, path)
         if cfg.quantize.enabled:
             # Shapes only (meta device): a quantization that cannot shrink this model is refused now,
             # not after hours of training.
             from trainer.quantize import preflight
 
-            sizes = preflight(cfg.quantize, path, self.dtype)
+            sizes = preflight(cfg.quantize, path, self.save_dtype)
             self.log(f"quantize after training: {sizes.explain()}")
-        model = modeling.load_model(path, self.dtype, cfg.model.attn_implementation, d.device)
+        model = modeling.load_model(path, self.precision.params, cfg.model.attn_implementation, d.device)
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
+        targets = None
         if cfg.lora.enabled:
-            model = modeling.apply_lora(model, cfg.lora)
+            model, targets = modeling.apply_lora(model, cfg.lora)
         trainable, total = modeling.trainable_parameters(model)
-        self.log(f"model {cfg.model.name_or_path}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
-                 f"({'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full fine-tune'}), dtype {self.dtype}")
+        self.arch = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
+        self.log(f"model {cfg.model.name_or_path} ({self.arch}): {total / 1e6:.1f}M parameters, "
+                 f"{trainable / 1e6:.2f}M trainable ({f'LoRA r={cfg.lora.r} on {targets}' if targets else 'full fine-tune'}"
+                 f"), attention {model.config._attn_implementation}, {self.precision.describe()}; final/ saved as "
+                 f"{str(self.save_dtype).replace('torch.', '')}")
         self.base = model
         model = self.loss_module = modeling.CausalLMLoss(model)
+        # Rank 0 measures on the model (milliseconds) and every rank takes its answer.
+        self.probe = d.broadcast_object(probes.run(model, cfg.data.packing, d.device) if d.is_main else None)
+        model.full_logits = self.probe.full_logits
+        for line in probes.describe(self.probe, self.arch):
+            self.log(line)
         if t.fsdp and d.enabled:
-            model = D.wrap_model(model, d, fsdp=True)
+            model = D.wrap_model(model, d, fsdp=True, precision=self.precision)
         self.optimizer = self._optimizer(model)
         use_ipex = t.use_ipex if t.use_ipex is not None else (D.ipex_available() and d.device.type == "cpu")
         if use_ipex and not t.fsdp:
             import intel_extension_for_pytorch as ipex
 
             model, self.optimizer = ipex.optimize(model, optimizer=self.optimizer,
-                                                  dtype=self.dtype if self.dtype == torch.bfloat16 else None)
+                                                  dtype=torch.bfloat16 if self.precision.mixed else None)
             self.base, self.loss_module = model.model, model  # ipex.optimize returns a copy
             self.log("Intel Extension for PyTorch applied")
         if not t.fsdp:
@@ -218,7 +228,7 @@ class Trainer:
         step, tokens_seen = state["step"], state["tokens_seen"]
         self.log(f"training {p.total_steps} steps ({p.steps_per_epoch} per epoch, "
                  f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} examples per process per step, "
-                 f"{'packed' if cfg.data.packing else 'padded'})"
+                 f"{self.probe.packing})"
                  + (f", from step {step}" if step else ""))
         progress = Progress(d.is_main, p.total_steps, step)
         pad_id = self.tokenizer.pad_token_id
@@ -231,12 +241,14 @@ class Trainer:
             epoch, micro, global_tokens = step_batches(p, cfg, step, d.rank, d.world_size)
             scale = d.world_size / max(1, global_tokens)  # DDP averages gradients over ranks
             for i, batch in enumerate(micro):
-                tensors, real = collate([self.data.train_rows[j] for j in batch], pad_id, cfg.data.packing)
+                tensors, real = collate([self.data.train_rows[j] for j in batch], pad_id, self.probe.packs)
                 tensors = {k: v.to(d.device, non_blocking=True) for k, v in tensors.items()}
                 sync = i == len(micro) - 1
                 ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else nullcontext()
                 with ctx:
-                    loss_sum, _ = self.model(tensors["input_ids"], tensors["position_ids"], tensors["labels"])
+                    with self.precision.autocast(d.device):
+                        loss_sum, _ = self.model(tensors["input_ids"], tensors["position_ids"], tensors["labels"],
+                                                 **self.probe.extra(tensors["position_ids"]))
                     (loss_sum * scale).backward()
                 window["loss"] += loss_sum.detach()
                 window["real"] += real
@@ -308,10 +320,11 @@ class Trainer:
         for i in range(rounds):
             # Every rank runs the same number of forwards (FSDP's collectives need it); extra ones weigh 0.
             batch = mine[i] if i < len(mine) else batches[0]
-            tensors, _ = collate([self.data.val_rows[j] for j in batch], self.tokenizer.pad_token_id,
-                                 self.cfg.data.packing)
+            tensors, _ = collate([self.data.val_rows[j] for j in batch], self.tokenizer.pad_token_id, self.probe.packs)
             tensors = {k: v.to(d.device) for k, v in tensors.items()}
-            loss_sum, n = model(tensors["input_ids"], tensors["position_ids"], tensors["labels"])
+            with self.precision.autocast(d.device):
+                loss_sum, n = model(tensors["input_ids"], tensors["position_ids"], tensors["labels"],
+                                    **self.probe.extra(tensors["position_ids"]))
             if i < len(mine):
                 loss += float(loss_sum)
                 count += int(n)
@@ -328,18 +341,18 @@ class Trainer:
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if d.is_main:
                 # Rebuild an unsharded copy on the CPU to merge and save it the usual way.
-                model = modeling.load_model(self.model_path, self.dtype, "sdpa", torch.device("cpu"))
+                model = modeling.load_model(self.model_path, self.precision.params, "auto", torch.device("cpu"))
                 if cfg.lora.enabled:
-                    model = modeling.apply_lora(model, cfg.lora)
+                    model, _ = modeling.apply_lora(model, cfg.lora)
                 model.load_state_dict({k[len("model."):]: v for k, v in full.items() if k.startswith("model.")})
                 modeling.save_final(model, self.tokenizer, cfg.final_dir,
-                                    cfg.adapter_dir if cfg.lora.enabled else None, self.dtype)
+                                    cfg.adapter_dir if cfg.lora.enabled else None, self.save_dtype)
         elif d.is_main:
             model = D.unwrap(self.base)
             if hasattr(model, "_orig_mod"):
                 model = model._orig_mod
             modeling.save_final(model, self.tokenizer, cfg.final_dir, cfg.adapter_dir if cfg.lora.enabled else None,
-                                self.dtype)
+                                self.save_dtype)
         d.barrier()
         self.log(f"saved fine-tuned model to {cfg.final_dir}" + (f" and adapter to {cfg.adapter_dir}"
                                                                    if cfg.lora.enabled else ""))
@@ -349,9 +362,12 @@ def _ppl(loss: Optional[float]) -> Optional[float]:
     return None if loss is None else math.exp(min(loss, 50.0))
 
 
-def finetune(cfg: TrainerConfig) -> dict[str, Any]:
-    """Train, save final/, then (rank 0, process group closed) quantize when enabled."""
-    trainer = Trainer(cfg)
+def finetune(cfg: TrainerConfig, dist: Optional[D.Dist] = None) -> dict[str, Any]:
+    """Train, save final/, then (rank 0, process group closed) quantize when enabled.
+
+    `dist`: a process group already set up (several fine-tunes in one launch, as the architecture
+    tests do); it is left open, and quantization is then left to the caller."""
+    trainer = Trainer(cfg, dist)
     try:
         trainer.setup()
         summary = trainer.train()
@@ -363,7 +379,10 @@ def finetune(cfg: TrainerConfig) -> dict[str, Any]:
             regenerate(cfg.output_dir)  # loss curve and report.md (again after quantization)
     finally:
         is_main = trainer.dist.is_main
-        trainer.dist.close()
+        if dist is None:
+            trainer.dist.close()
+    if dist is not None:
+        return summary
     if is_main and cfg.quantize.enabled:
         # Other ranks have exited cleanly; rank 0 quantizes alone (a single-process stage).
         from trainer import quantize

@@ -103,11 +103,13 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_model, flashcards_fi
     assert json.loads((split / "report.json").read_text())["training"]["num_input_tokens_seen"] == seen[0][-1]
 
 
-@pytest.mark.parametrize("fast_bf16", [True, False], ids=["cpu-with-bf16", "cpu-without-bf16"])
+@pytest.mark.parametrize("fast_bf16,save_dtype", [(True, "bf16"), (False, "auto")],
+                         ids=["cpu-with-bf16", "cpu-without-bf16"])
 def test_auto_precision_on_either_cpu_trains_saves_and_quantizes(tmp_path, wide_model, flashcards_file, monkeypatch,
-                                                                 capsys, fast_bf16):
+                                                                 capsys, fast_bf16, save_dtype):
     """`model.dtype: auto` decided both ways, whatever this machine's CPU: the bf16 path (taken on
-    AVX512-BF16/AMX CPUs) and the fp32 path each train, save a loadable final/ and quantize it smaller."""
+    AVX512-BF16/AMX CPUs: bf16 compute, fp32 master weights) and the fp32 path each train, save a
+    loadable final/ in the chosen dtype (auto: the base model's, fp32 here) and quantize it smaller."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer import distributed
@@ -115,13 +117,15 @@ def test_auto_precision_on_either_cpu_trains_saves_and_quantizes(tmp_path, wide_
 
     monkeypatch.setattr(distributed, "cpu_has_fast_bf16", lambda cpuinfo=None: fast_bf16)
     out = tmp_path / "out"
-    cfg = load_config(write_config(tmp_path / "c.yaml", wide_model, flashcards_file, out, model={"dtype": "auto"},
+    cfg = load_config(write_config(tmp_path / "c.yaml", wide_model, flashcards_file, out,
+                                   model={"dtype": "auto", "save_dtype": save_dtype},
                                    training={"max_steps": 8, "save_steps": 8, "logging_steps": 4},
                                    quantize={"enabled": True, "eval_samples": 8, "sample_prompts": 1,
                                              "max_new_tokens": 4}))
     finetune(cfg)
+    log = capsys.readouterr().err
+    assert ("mixed precision: bf16 compute, fp32 master weights" if fast_bf16 else "fp32 weights and compute") in log
     expected = torch.bfloat16 if fast_bf16 else torch.float32
-    assert f"dtype {expected}" in capsys.readouterr().err
     assert saved_dtype(str(out / "final")) == expected
     model = AutoModelForCausalLM.from_pretrained(str(out / "final"))
     tok = AutoTokenizer.from_pretrained(str(out / "final"))
@@ -130,3 +134,24 @@ def test_auto_precision_on_either_cpu_trains_saves_and_quantizes(tmp_path, wide_
     q = json.loads((out / "report.json").read_text())["quantize"]
     assert q["size_bytes_after"] < q["size_bytes_before"] * 0.4
     assert q["breakdown"]["kept_dtype"] == str(expected).replace("torch.", "")
+
+
+def test_a_small_learning_rate_moves_bf16_weights_as_it_moves_fp32_weights(tmp_path, tiny_model, flashcards_file):
+    """bf16 compute keeps fp32 master weights: at lr 1e-5 as many weights move as in fp32. Pure bf16
+    (explicit only) loses most of those updates to rounding: the check can tell the two apart."""
+    base = load_file(str(tiny_model / "model.safetensors"))
+    changed = {}
+    for dtype in ("fp32", "bf16", "pure-bf16"):
+        out = tmp_path / dtype
+        finetune(load_config(write_config(tmp_path / f"{dtype}.yaml", tiny_model, flashcards_file, out,
+                                          model={"dtype": dtype, "save_dtype": "fp32"},
+                                          training={"max_steps": 4, "learning_rate": 1e-5, "save_steps": 100},
+                                          data={"validation_fraction": 0.0})))
+        after = load_file(str(out / "final" / "model.safetensors"))
+        start = {k: v.to(torch.bfloat16).float() if dtype == "pure-bf16" else v for k, v in base.items()}
+        moved = sum(int((start[k] != after[k]).sum()) for k in base)
+        changed[dtype] = moved / sum(v.numel() for v in base.values())
+    print("fraction of weights changed at lr 1e-5:", changed)
+    assert changed["fp32"] > 0.5, changed
+    assert changed["bf16"] >= 0.9 * changed["fp32"], changed
+    assert changed["pure-bf16"] < 0.5 * changed["fp32"], changed
