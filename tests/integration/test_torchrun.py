@@ -56,10 +56,12 @@ def test_two_process_gloo_run(tmp_path, request, flashcards_file, finance_file, 
     assert model.config.vocab_size == len(tok)
 
 
-def test_fsdp_two_processes_shards_trains_and_saves(tmp_path, tiny_model, flashcards_file):
-    """FSDP2 over gloo: sharded training, full-state checkpoints, resume, and an unsharded final/."""
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fsdp_two_processes_shards_trains_and_saves(tmp_path, tiny_model, flashcards_file, dtype):
+    """FSDP2 over gloo: sharded training (bf16: MixedPrecisionPolicy over fp32 shards), full-state
+    checkpoints, resume, and an unsharded final/ in the base model's dtype."""
     out = tmp_path / "out"
-    cfg = write_config(tmp_path / "c.yaml", tiny_model, flashcards_file, out,
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, flashcards_file, out, model={"dtype": dtype},
                        training={"max_steps": 20, "save_steps": 10, "fsdp": True, "logging_steps": 5})
     log = tmp_path / "run.log"
     for max_steps in (10, 20):  # the second run resumes from the first one's checkpoint
@@ -69,11 +71,17 @@ def test_fsdp_two_processes_shards_trains_and_saves(tmp_path, tiny_model, flashc
             assert wait(proc, 300, log) == 0, log.read_text()[-4000:]
         finally:
             stop(proc)
-    assert "resumed from checkpoint step 10" in log.read_text()
+    text = log.read_text()
+    assert "resumed from checkpoint step 10" in text
+    assert ("mixed precision: bf16 compute" in text) == (dtype == "bf16")
     fell, rows = _loss_fell(out)
     assert fell, rows
     model, tok = _loads(out / "final")
     assert model.num_parameters() > 0
+    from trainer.quantsize import saved_dtype
+    import torch
+
+    assert saved_dtype(str(out / "final")) == torch.float32  # the base model's dtype
 
 
 def test_two_nodes_rendezvous_over_etcd_v2(tmp_path, tiny_model, flashcards_file):

@@ -167,3 +167,28 @@ def test_quantization_that_does_nothing_or_grows_is_refused():
     with pytest.raises(UserError, match="would not shrink.*1 layers quantized.*allow_larger"):
         _check(QuantizeConfig(), grows, "m")
     _check(QuantizeConfig(allow_larger=True), grows, "m")  # the user asked for it
+
+
+@pytest.mark.parametrize("name,works", [("opt-learned-positions", True), ("lfm2-hybrid-conv", True),
+                                        ("gpt2-conv1d", False), ("mamba-recurrent", False)])
+def test_other_architectures_quantize_or_are_refused_never_reported(tmp_path, tokenizer, flashcards_file, name, works):
+    """INC 3.10 quantizes OPT's and LFM2's layers; GPT-2's Conv1D checkpoint does not reload and Mamba's
+    quantized mixer does not run: an error naming the reason, final/ untouched, no quantized/ and no
+    report section."""
+    from tests import zoo
+    from trainer import quantize
+
+    out = tmp_path / "out"
+    zoo.write(name, out / "final", tokenizer)
+    cfg = _cfg(tmp_path, out, flashcards_file, eval_samples=4, sample_prompts=1, max_new_tokens=2)
+    if works:
+        section = quantize.run(cfg)
+        assert section["size_bytes_after"] < section["size_bytes_before"]
+        assert section["breakdown"]["quantized_layers"] > 0
+        return
+    with pytest.raises(UserError, match=r"does not reload and run with Intel Neural Compressor .*nothing was written"):
+        quantize.run(cfg)
+    assert (out / "final" / "config.json").exists()
+    assert not (out / "quantized").exists() and not (out / "quantized.tmp").exists()
+    report = out / "report.json"
+    assert not report.exists() or "quantize" not in json.loads(report.read_text())
