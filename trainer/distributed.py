@@ -129,6 +129,22 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's object, in rank order."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def all_true(self, flag: bool) -> bool:
+        """True on every rank only when it is true on every rank (one small collective)."""
+        if not self.enabled:
+            return bool(flag)
+        t = torch.tensor([0.0 if flag else 1.0], device=self._collective_device)
+        dist.all_reduce(t)
+        return float(t) == 0.0
+
     def broadcast_object(self, obj):
         """Rank 0's object on every rank (a decision taken once)."""
         if not self.enabled:
@@ -163,6 +179,23 @@ def main_first(d: "Dist", fn):
     if error is not None:
         raise error
     return result if d.is_main else fn()
+
+
+def on_main(d: "Dist", fn):
+    """Run fn on rank 0 alone and give every rank its result; a UserError on rank 0 is raised on
+    every rank (same message), so no rank is left waiting at the next collective."""
+    from trainer.errors import UserError
+
+    outcome = None
+    if d.is_main:
+        try:
+            outcome = ("ok", fn())
+        except UserError as exc:
+            outcome = ("error", str(exc))
+    kind, value = d.broadcast_object(outcome)
+    if kind == "error":
+        raise UserError(value)
+    return value
 
 
 def init(requested_backend: Optional[str], timeout_minutes: int = 60) -> Dist:
