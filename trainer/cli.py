@@ -61,5 +61,28 @@ def main(argv: Optional[list[str]] = None) -> int:
             evaluate.run(cfg)
         return 0
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        stop_torchrun_agent()
         return 2
+
+
+def stop_torchrun_agent() -> None:
+    """An input error must not burn torchrun's restarts: the same config fails the same way every time.
+    torchrun restarts its workers after any failure, so the worker asks its agent to stop instead
+    (SIGTERM: the agent terminates the workers and exits non-zero without restarting them, and leaves
+    the rendezvous open for a later run). Only when the parent really is a torchrun agent."""
+    import os
+    import signal
+
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return
+    if "torch.distributed.run" in cmdline or "torchrun" in cmdline:
+        print("error: input error; asking torchrun not to restart (exit code 1 for the pod)", file=sys.stderr,
+              flush=True)
+        os.kill(parent, signal.SIGTERM)

@@ -172,6 +172,9 @@ class TrainingConfig:
     torch_compile: bool = False
     cpu_threads: Optional[int] = None
     """Intra-op threads per process on CPU; null: cores / local processes."""
+    max_nonfinite_steps: int = 3
+    """Steps in a row whose loss or gradient norm is NaN/inf that are skipped (no update) before the run
+    stops with an error; a non-finite state is never saved (0: stop at the first)."""
     resume_from_checkpoint: Optional[str] = "auto"
     """auto: newest complete checkpoint in output_dir/checkpoints; null: start fresh; or a path."""
 
@@ -189,6 +192,7 @@ class TrainingConfig:
         check(self.max_grad_norm >= 0, ("max_grad_norm",), "must be >= 0 (0 disables clipping)")
         check(self.eval_steps is None or self.eval_steps >= 1, ("eval_steps",), "must be >= 1 or null")
         check(self.cpu_threads is None or self.cpu_threads >= 1, ("cpu_threads",), "must be >= 1 or null")
+        check(self.max_nonfinite_steps >= 0, ("max_nonfinite_steps",), "must be >= 0")
 
 
 @dataclass(frozen=True)

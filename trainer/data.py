@@ -48,6 +48,7 @@ def read_file(path: str | Path, wait_seconds: int = 0) -> list[dict[str, Any]]:
         waited = f" after waiting {wait_seconds}s" if wait_seconds else ""
         raise UserError(f"data.file {path} does not exist{waited}. Fix: copy it there (the stack output "
                         "`commands.uploadDataset` has the kubectl cp command) or correct data.file")
+    wait_until_complete(path, max(wait_seconds, MIN_GROWTH_WAIT))
     suffix = path.suffix.lower()
     if suffix in (".json", ".jsonl"):
         text = path.read_text(encoding="utf-8")
@@ -81,6 +82,31 @@ def read_file(path: str | Path, wait_seconds: int = 0) -> list[dict[str, Any]]:
     return ds.to_list()
 
 
+STABLE_SECONDS = 3.0
+MIN_GROWTH_WAIT = 30
+
+
+def wait_until_complete(path: Path, wait_seconds: float) -> None:
+    """Wait until a data file stops changing (size and modification time steady for a few seconds),
+    so a file still being uploaded is not read half-way. A file last changed longer ago than that is
+    read at once. Refused if it is still growing after `wait_seconds`."""
+    deadline = time.monotonic() + wait_seconds
+    st = path.stat()
+    if time.time() - st.st_mtime >= STABLE_SECONDS:
+        return
+    seen, steady_since = (st.st_size, st.st_mtime_ns), time.monotonic()
+    while time.monotonic() - steady_since < STABLE_SECONDS:
+        if time.monotonic() > deadline:
+            raise UserError(f"data.file {path} is still being written (it changed in the last {STABLE_SECONDS:.0f}s "
+                            f"for {wait_seconds:.0f}s). Fix: upload to a temporary name and rename it when complete "
+                            "(the stack's uploadDataset command does), or raise data.file_wait_seconds")
+        time.sleep(0.25)
+        st = path.stat()
+        now = (st.st_size, st.st_mtime_ns)
+        if now != seen:
+            seen, steady_since = now, time.monotonic()
+
+
 def load_records(cfg: DataConfig, token: Optional[str] = None) -> tuple[list[dict], Optional[list[dict]]]:
     """(train records, validation records or None when the validation split is held out later)."""
     if cfg.file:
@@ -106,6 +132,19 @@ def load_records(cfg: DataConfig, token: Optional[str] = None) -> tuple[list[dic
     if cfg.max_examples:
         records = records[: cfg.max_examples]
     return records, val
+
+
+def fingerprint(cfg: DataConfig) -> str:
+    """What the data is: the file's content (SHA-256), or the hub dataset, config and split."""
+    if cfg.file:
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(cfg.file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest()[:16]
+    return f"{cfg.dataset}:{cfg.dataset_config or ''}:{cfg.split}"
 
 
 def split_validation(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -51,8 +52,9 @@ def torchrun(nproc: int, *args: str, rdzv: str = "c10d", endpoint: Optional[str]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--local-addr", "127.0.0.1", "--nnodes", str(nnodes),
            "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts), "--rdzv-backend", rdzv,
            "--rdzv-endpoint", endpoint or "127.0.0.1:0"]
-    if rdzv_id:
-        cmd += ["--rdzv-id", rdzv_id]
+    # A rendezvous id of its own per launch (torchrun's default is "none" for every launch): it is the
+    # run's identity for the output_dir lease, shared by the restarts of this launch only.
+    cmd += ["--rdzv-id", rdzv_id or f"local-{uuid.uuid4().hex[:12]}"]
     return cmd + list(args)
 
 

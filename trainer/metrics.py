@@ -52,28 +52,52 @@ class MetricsWriter:
         self.enabled = enabled
 
     def write(self, row: dict[str, Any]) -> None:
+        """Append one row in a single write (a crash can only tear the last line, which readers drop)."""
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop rows logged after the checkpoint (they will be logged again)."""
+    def flush_to_disk(self) -> None:
+        """At checkpoints: the rows up to the checkpoint are on disk before it counts."""
+        if self.enabled and self.path.exists():
+            with open(self.path, "a") as f:
+                os.fsync(f.fileno())
+
+    def truncate_after(self, step: int, log=None) -> None:
+        """On resume, keep the rows up to the checkpoint (later ones will be logged again); rewritten
+        to a temporary file and renamed, so a crash leaves the old file or the new one, whole."""
         if not self.enabled or not self.path.exists():
             return
-        rows = read_metrics(self.path)
-        with open(self.path, "w") as f:
-            for row in rows:
-                if row.get("step", 0) <= step:
-                    f.write(json.dumps(row) + "\n")
+        rows = [r for r in read_metrics(self.path, log) if r.get("step", 0) <= step]
+        rewrite(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
+def rewrite(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path, log=None) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl; an incomplete last line (a crash mid-write) is dropped with a warning."""
     rows = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
+    lines = Path(path).read_text().splitlines()
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
             rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines):
+                (log or (lambda m: print(m, file=sys.stderr)))(
+                    f"warning: {path}:{i}: dropped an incomplete last line (a crash while it was written)")
+                continue
+            raise ValueError(f"{path}:{i}: not a JSON line; the file is damaged") from None
     return rows
 
 
@@ -87,9 +111,7 @@ def update_report(path: Path, section: str, values: dict[str, Any]) -> dict[str,
         except json.JSONDecodeError:
             report = {}
     report[section] = values
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(path)
+    rewrite(path, json.dumps(report, indent=2))
     return report
 
 

@@ -3,10 +3,12 @@
     torchrun --nproc-per-node 2 -m trainer finetune --config config.yaml
 
 The loop is hand-written rather than the Hugging Face Trainer because the product needs what that
-Trainer does not give: a completeness marker on checkpoints on shared network volumes, exact
-token accounting over packed micro-batches without padding, loss normalised by trained tokens across
-ranks and accumulation steps, and the oneCCL/IPEX path that transformers 5 no longer wires in.
-Models, tokenizers, schedulers (transformers) and LoRA (peft) come from the libraries.
+Trainer does not give: verified checkpoints on shared network volumes with a resume guard and an
+output-directory lease, exact token accounting over packed micro-batches without padding, loss
+normalised by trained tokens across ranks and accumulation steps, probes that pick the packing and
+loss paths per model, and the oneCCL/IPEX path that transformers 5 no longer wires in. Models,
+tokenizers, schedulers (transformers), LoRA (peft) and sharded checkpoints (torch.distributed
+.checkpoint) come from the libraries; the state saved lives in trainer/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from typing import Any, Optional
 import torch
 
 from trainer import distributed as D
-from trainer import modeling, probes
-from trainer.checkpoint import Checkpointer
+from trainer import identity, modeling, probes
+from trainer.checkpoint import Checkpointer, NonFiniteState, estimate_checkpoint_bytes
 from trainer.config import TrainerConfig
-from trainer.data import Prepared, Row, collate, epoch_order, label_tokens, make_batches, prepare, shard
+from trainer.data import (Prepared, Row, collate, epoch_order, fingerprint, label_tokens, make_batches, prepare,
+                          shard)
 from trainer.errors import UserError
+from trainer.lock import OutputLock
 from trainer.metrics import Logger, MetricsWriter, Progress, fmt, plain_logs, update_report
 
 
@@ -80,6 +84,7 @@ class Trainer:
         self.t = cfg.training
         self.dist = dist or D.init(self.t.ddp_backend)
         self.log = Logger(self.dist.is_main)
+        self.lock: Optional[OutputLock] = None
 
     # ------------------------------------------------------------------------------------
 
@@ -89,6 +94,9 @@ class Trainer:
         random.seed(t.seed)
         if d.device.type == "cpu":
             torch.set_num_threads(t.cpu_threads or D.default_threads(d.local_world_size))
+        # One writer per output_dir, before anything in it is read or written.
+        self.lock = OutputLock(cfg.out, log=self.log) if d.is_main else None
+        D.on_main(d, lambda: self.lock.acquire())
         token = modeling.read_token()
         path = modeling.resolve(cfg.model, token, d)
         self.tokenizer = modeling.load_tokenizer(path)
@@ -125,10 +133,15 @@ class Trainer:
                  f"{trainable / 1e6:.2f}M trainable ({f'LoRA r={cfg.lora.r} on {targets}' if targets else 'full fine-tune'}"
                  f"), attention {model.config._attn_implementation}, {self.precision.describe()}; final/ saved as "
                  f"{str(self.save_dtype).replace('torch.', '')}")
+        # What the checkpoints of this run hold (the resume guard compares it; rank 0 reads the files).
+        fingerprints = D.on_main(d, lambda: (identity.weights_fingerprint(path), fingerprint(cfg.data)))
+        lora_names = sorted({n.rsplit(".", 1)[-1] for n in targets}) if isinstance(targets, list) else targets
+        self.identity = identity.guarded(cfg, fingerprints[0], fingerprints[1], str(self.precision.params),
+                                         lora_names if cfg.lora.enabled else None)
         self.base = model
         model = self.loss_module = modeling.CausalLMLoss(model)
         # Rank 0 measures on the model (milliseconds) and every rank takes its answer.
-        self.probe = d.broadcast_object(probes.run(model, cfg.data.packing, d.device) if d.is_main else None)
+        self.probe = D.on_main(d, lambda: probes.run(model, cfg.data.packing, d.device))
         model.full_logits = self.probe.full_logits
         for line in probes.describe(self.probe, self.arch):
             self.log(line)
@@ -145,18 +158,27 @@ class Trainer:
             self.log("Intel Extension for PyTorch applied")
         if not t.fsdp:
             model = D.wrap_model(model, d, fsdp=False)
+        self.wrapped = model  # what checkpoints save and load (DDP or FSDP, before torch.compile)
         if t.torch_compile:
             model = torch.compile(model)
         self.model = model
         self.trainable = [q for q in model.parameters() if q.requires_grad]  # clipped every step
-        from transformers import get_scheduler
-
-        ratio = t.warmup_steps if 0 < t.warmup_steps < 1 else t.warmup_ratio
-        warmup = int(t.warmup_steps) if t.warmup_steps >= 1 else int(ratio * self.plan.total_steps)
-        self.scheduler = get_scheduler(t.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
-                                       num_training_steps=self.plan.total_steps)
-        self.ckpt = Checkpointer(cfg.checkpoints_dir, t.save_total_limit, d.rank, d.barrier, self.log)
+        # Fused AdamW can skip a non-finite step on the device (no host sync); others check on the host.
+        self.skip_on_device = bool(self.optimizer.defaults.get("fused"))
+        self.scheduler = self._scheduler(0)
+        self.ckpt = Checkpointer(cfg.checkpoints_dir, t.save_total_limit, d, self.log)
+        self.ckpt_estimate = estimate_checkpoint_bytes(self.base)
+        self.outputs_estimate = self._outputs_bytes()
+        self.log("space: " + D.on_main(d, lambda: self.ckpt.check_space(self.ckpt_estimate, self.outputs_estimate,
+                                                                          measured=False)))
         self.metrics = MetricsWriter(cfg.metrics_path, d.is_main)
+
+    def _outputs_bytes(self) -> int:
+        """final/ (in its dtype), adapter/ and quantized/ (about a third of final/)."""
+        total = sum(p.numel() for p in self.base.parameters())
+        width = torch.empty((), dtype=self.save_dtype).element_size()
+        adapter = sum(p.numel() * 4 for p in self.base.parameters() if p.requires_grad) if self.cfg.lora.enabled else 0
+        return int(total * width * (1.4 if self.cfg.quantize.enabled else 1.0)) + adapter
 
     def _optimizer(self, model) -> torch.optim.Optimizer:
         decay, no_decay = [], []
@@ -168,57 +190,79 @@ class Trainer:
         fused = self.t.optim == "adamw_torch_fused"
         return torch.optim.AdamW(groups, lr=self.t.learning_rate, fused=fused or None)
 
-    # ---- state for checkpoints ---------------------------------------------------------
+    def _scheduler(self, step: int):
+        """The learning-rate schedule of the current config, at `step`. Derived, never restored: a
+        resumed run follows the schedule its config states (the resume guard's rule)."""
+        from transformers import get_scheduler
 
-    def _states(self) -> tuple[Optional[dict], Optional[dict]]:
-        if self.t.fsdp and self.dist.enabled:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        t = self.t
+        for group, decay in zip(self.optimizer.param_groups, (t.weight_decay, 0.0)):
+            group["lr"] = group["initial_lr"] = t.learning_rate
+            group["weight_decay"] = decay
+        ratio = t.warmup_steps if 0 < t.warmup_steps < 1 else t.warmup_ratio
+        warmup = int(t.warmup_steps) if t.warmup_steps >= 1 else int(ratio * self.plan.total_steps)
+        scheduler = get_scheduler(t.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
+                                  num_training_steps=self.plan.total_steps)
+        if step:  # transformers' schedules are LambdaLR: lr = base * lambda(step)
+            scheduler.last_epoch = step
+            scheduler._step_count = step + 1
+            lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+            for group, lr in zip(self.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            scheduler._last_lr = lrs
+        return scheduler
 
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-            return get_state_dict(self.model, self.optimizer, options=opts)
-        if not self.dist.is_main:
-            return None, None
-        base = D.unwrap(self.base)
-        model_state = {n: p.detach().cpu().clone() for n, p in base.named_parameters() if p.requires_grad}
-        return model_state, self.optimizer.state_dict()
-
-    def _restore(self, model_state: dict, optim_state: dict) -> None:
-        if self.t.fsdp and self.dist.enabled:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-            opts = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
-            set_state_dict(self.model, self.optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                           options=opts)
-            return
-        base = D.unwrap(self.base)
-        missing = [n for n, p in base.named_parameters() if p.requires_grad and n not in model_state]
-        if missing:
-            raise UserError(f"checkpoint does not match the model (missing {missing[:3]}...): it was written by a "
-                            "different model or LoRA setting. Fix: training.resume_from_checkpoint: null, or a new "
-                            "output_dir")
-        base.load_state_dict(model_state, strict=False)
-        self.optimizer.load_state_dict(optim_state)
+    # ---- resume ----------------------------------------------------------------------------
 
     def resume(self) -> dict[str, Any]:
+        fresh = {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "skipped_steps": 0}
         choice = self.t.resume_from_checkpoint
         if choice is None:
-            return {"step": 0, "tokens_seen": 0}
+            D.on_main(self.dist, self._archive_previous)
+            return fresh
         if choice == "auto":
             path = self.ckpt.latest()
             if path is None:
-                return {"step": 0, "tokens_seen": 0}
+                D.on_main(self.dist, self._archive_previous)
+                return fresh
         else:
             from pathlib import Path
 
             path = Path(choice)
             if not (path / "COMPLETE").exists():
                 raise UserError(f"training.resume_from_checkpoint {path} is not a complete checkpoint")
-        model_state, optim_state, sched_state, state = self.ckpt.load(path)
-        self._restore(model_state, optim_state)
-        self.scheduler.load_state_dict(sched_state)
-        self.log(f"resumed from checkpoint step {state['step']} ({path})")
-        self.metrics.truncate_after(state["step"])
-        return state
+            problem = self.ckpt.problem(path)
+            if problem:
+                raise UserError(f"training.resume_from_checkpoint {path} cannot be used: {problem}")
+        state = self.ckpt.read_state(path)
+        changed = identity.differences(state.get("identity", {}), self.identity)
+        if changed:
+            what = "; ".join(identity.describe(*c) for c in changed[:3])
+            raise UserError(f"cannot resume {path}: {what}. What a checkpoint holds cannot change on resume. Fix: set "
+                            "it back, or training.resume_from_checkpoint: null to start over (this output_dir's "
+                            "results are moved to previous-<time>/), or another output_dir")
+        self.ckpt.load(path, self.wrapped, self.optimizer)
+        step = state["step"]
+        for key, old, new in identity.differences(state.get("schedule", {}), identity.schedule(self.cfg)):
+            self.log(f"resume: {key} {old} -> {new}, applied from step {step}")
+        self.scheduler = self._scheduler(step)
+        self.log(f"resumed from checkpoint step {step} ({path})")
+        self.metrics.truncate_after(step, self.log)
+        return {**fresh, **state}
+
+    def _archive_previous(self) -> None:
+        """A fresh start in an output_dir holding another run's results moves them aside, whole."""
+        out = self.cfg.out
+        names = ("checkpoints", "final", "adapter", "quantized", "metrics.jsonl", "report.json", "report.md",
+                 "loss_curve.png", "quantization.png")
+        present = [n for n in names if (out / n).exists() and not ((out / n).is_dir() and not any((out / n).iterdir()))]
+        if not present:
+            return
+        target = out / time.strftime("previous-%Y%m%dT%H%M%S", time.gmtime())
+        target.mkdir(parents=True, exist_ok=True)
+        for n in present:
+            (out / n).rename(target / n)
+        self.log(f"starting fresh: the previous results in {out} ({', '.join(present)}) were moved to {target}")
 
     # ---- loop ----------------------------------------------------------------------------
 
@@ -235,6 +279,13 @@ class Trainer:
         window = {"loss": 0.0, "tokens": 0, "real": 0, "start": time.perf_counter()}
         first_step_seconds = None
         started = time.perf_counter()
+        train_seconds = state["train_seconds"]  # training time so far, evaluation excluded
+        clock = time.perf_counter()
+        # Non-finite steps, counted on the device (read at logging and save steps, the only syncs).
+        bad_run = torch.zeros((), device=d.device)
+        bad_total = torch.zeros((), device=d.device)
+        skipped_before = state["skipped_steps"]
+        measured_space = False
         last_eval = last_eval_step = None
         self.model.train()
         while step < p.total_steps:
@@ -255,7 +306,17 @@ class Trainer:
             window["tokens"] += global_tokens
             max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
-            self.optimizer.step()
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor holding the global norm
+                grad_norm = grad_norm.full_tensor()
+            # The gradients are all-reduced, so every rank sees the same norm and takes the same branch.
+            bad = (~torch.isfinite(grad_norm)).float()
+            if self.skip_on_device:
+                self.optimizer.found_inf = bad  # fused AdamW skips the update on the device
+                self.optimizer.step()
+            elif not bool(bad):
+                self.optimizer.step()
+            bad_run = (bad_run + 1) * bad
+            bad_total += bad
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -267,15 +328,21 @@ class Trainer:
             # Flush at save steps too, so a checkpoint's tokens_seen (and the metrics rows kept on
             # resume) account for every step up to it.
             if step % t.logging_steps == 0 or last or do_eval or save:
-                # The only host-device syncs of the loop: at logging steps.
+                # The host-device syncs of the loop: at logging and save steps only.
                 loss_total, real_total = d.all_reduce_sum([float(window["loss"]), float(window["real"])])
+                run, skipped = int(bad_run), skipped_before + int(bad_total)
+                if run > t.max_nonfinite_steps:
+                    self._diverged(step, run, skipped)
                 tokens_seen += int(real_total)
-                elapsed = time.perf_counter() - window["start"]
+                now = time.perf_counter()
+                train_seconds += now - clock
+                elapsed = now - window["start"]
                 row = {"step": step, "epoch": round(step / p.steps_per_epoch, 4),
                        "loss": loss_total / max(1, window["tokens"]),
                        "learning_rate": self.scheduler.get_last_lr()[0],
                        "grad_norm": float(grad_norm), "tokens_per_second": real_total / max(elapsed, 1e-9),
-                       "num_input_tokens_seen": tokens_seen}
+                       "num_input_tokens_seen": tokens_seen, "train_seconds": round(train_seconds, 3),
+                       "skipped_steps": skipped}
                 if do_eval:
                     row["eval_loss"] = last_eval = self.evaluate()
                     row["eval_perplexity"] = _ppl(last_eval)
@@ -284,27 +351,52 @@ class Trainer:
                 if d.is_main and plain_logs():
                     self.log(f"step {step}/{p.total_steps} loss {row['loss']:.4f} lr {row['learning_rate']:.3g} "
                              f"grad_norm {row['grad_norm']:.3g} tokens/s {row['tokens_per_second']:.0f}"
-                             + (f" eval_loss {row['eval_loss']:.4f}" if do_eval else ""))
+                             + (f" eval_loss {row['eval_loss']:.4f}" if do_eval else "")
+                             + (f" skipped(non-finite) {skipped}" if skipped else ""))
                 progress.update(0, loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
                 window = {"loss": 0.0, "tokens": 0, "real": 0, "start": time.perf_counter()}
+                clock = time.perf_counter()
             progress.update(1)
             if save:
-                model_state, optim_state = self._states()
-                path = self.ckpt.save(step, model_state, optim_state, self.scheduler.state_dict(),
-                                      {"step": step, "epoch": epoch, "tokens_seen": tokens_seen,
-                                       "world_size": d.world_size})
+                if run:
+                    self.log(f"not saving step {step}: its last {run} step(s) had a non-finite loss or gradient")
+                    continue
+                self.metrics.flush_to_disk()
+                try:
+                    path = self.ckpt.save(step, self.wrapped, self.optimizer,
+                                          {"step": step, "epoch": epoch, "tokens_seen": tokens_seen,
+                                           "world_size": d.world_size, "train_seconds": train_seconds,
+                                           "skipped_steps": skipped, "identity": self.identity,
+                                           "schedule": identity.schedule(cfg)})
+                except NonFiniteState as exc:
+                    self._diverged(step, run, skipped, str(exc))
                 self.log(f"saved checkpoint {path}")
+                if not measured_space:  # the estimate replaced by the size of a real checkpoint
+                    measured_space = True
+                    size = D.on_main(d, lambda: self.ckpt.bytes_on_disk(path))
+                    self.log("space: " + D.on_main(d, lambda: self.ckpt.check_space(size, self.outputs_estimate,
+                                                                                      measured=True)))
+                clock = time.perf_counter()
         progress.close()
-        train_seconds = time.perf_counter() - started
+        train_seconds += time.perf_counter() - clock
         eval_loss = last_eval if last_eval_step == step else (self.evaluate() if self.data.val_rows else None)
         summary = {"steps": step, "train_seconds": train_seconds, "first_step_seconds": first_step_seconds,
                    "num_input_tokens_seen": tokens_seen, "eval_loss": eval_loss,
                    "eval_perplexity": _ppl(eval_loss) if eval_loss is not None else None,
+                   "skipped_steps": skipped_before + int(bad_total),
                    "world_size": d.world_size, "data": {k: v for k, v in vars(self.data.train_stats).items()
                                                          if k != "prompt_lengths"}}
         self.log(f"done: {step} steps in {train_seconds:.1f}s, eval_loss {fmt(eval_loss)}, "
                  f"perplexity {fmt(summary['eval_perplexity'])}")
         return summary
+
+    def _diverged(self, step: int, run: int, skipped: int, detail: str = "") -> None:
+        newest = self.ckpt.complete()
+        kept = f"the newest checkpoint is step {newest[-1][0]}" if newest else "no checkpoint was written"
+        raise UserError(f"training diverged at step {step}: {run} step(s) in a row had a non-finite loss or gradient "
+                        f"norm ({skipped} skipped in all){'; ' + detail if detail else ''}. Nothing non-finite was "
+                        f"saved; {kept}. Fix: a lower training.learning_rate (now {self.t.learning_rate:g}), more "
+                        f"warm-up (training.warmup_ratio), or training.max_grad_norm")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -335,6 +427,9 @@ class Trainer:
 
     def save(self) -> None:
         cfg, d = self.cfg, self.dist
+        if not d.all_true(all(bool(torch.isfinite(p).all()) for p in self.trainable)):
+            raise UserError(f"the trained weights are not finite (NaN/inf): {cfg.final_dir} was not written. Fix: a "
+                            f"lower training.learning_rate (now {self.t.learning_rate:g}) or training.max_grad_norm")
         if self.t.fsdp and d.enabled:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -357,6 +452,10 @@ class Trainer:
         self.log(f"saved fine-tuned model to {cfg.final_dir}" + (f" and adapter to {cfg.adapter_dir}"
                                                                    if cfg.lora.enabled else ""))
 
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
 
 def _ppl(loss: Optional[float]) -> Optional[float]:
     return None if loss is None else math.exp(min(loss, 50.0))
@@ -377,15 +476,16 @@ def finetune(cfg: TrainerConfig, dist: Optional[D.Dist] = None) -> dict[str, Any
             from trainer.report import regenerate
 
             regenerate(cfg.output_dir)  # loss curve and report.md (again after quantization)
-    finally:
         is_main = trainer.dist.is_main
         if dist is None:
             trainer.dist.close()
-    if dist is not None:
-        return summary
-    if is_main and cfg.quantize.enabled:
-        # Other ranks have exited cleanly; rank 0 quantizes alone (a single-process stage).
-        from trainer import quantize
+        if dist is None and is_main and cfg.quantize.enabled:
+            # Other ranks have exited cleanly; rank 0 quantizes alone (a single-process stage).
+            from trainer import quantize
 
-        quantize.run(cfg, log=trainer.log)
+            quantize.run(cfg, log=trainer.log)
+    finally:
+        trainer.close()
+        if dist is None:
+            trainer.dist.close()
     return summary
