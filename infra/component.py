@@ -35,7 +35,9 @@ def commands(cfg: StackConfig) -> dict[str, str]:
         "watchJob": f"kubectl -n {ns} get pytorchjob {job} -w",
         "watchPods": f"kubectl -n {ns} get pods -l training.kubeflow.org/job-name={job} -w",
         "followLogs": f"kubectl -n {ns} logs -f {job}-worker-0 -c pytorch",
-        "uploadDataset": f"kubectl -n {ns} cp ./{data_file.rsplit('/', 1)[-1]} {pod}:{data_file}",
+        # Upload under a temporary name, then rename: the workers never see a half-copied file.
+        "uploadDataset": (f"kubectl -n {ns} cp ./{data_file.rsplit('/', 1)[-1]} {pod}:{data_file}.partial && "
+                          f"kubectl -n {ns} exec {pod} -- mv {data_file}.partial {data_file}"),
         "copyModel": f"kubectl -n {ns} cp {pod}:{out}/final ./{job}-final",
         "copyQuantizedModel": f"kubectl -n {ns} cp {pod}:{out}/quantized ./{job}-quantized",
         "copyReport": f"kubectl -n {ns} cp {pod}:{out}/report.json ./{job}-report.json",

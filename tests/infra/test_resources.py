@@ -206,7 +206,10 @@ def test_stack_outputs_have_ready_to_paste_commands():
     cmds = out["commands"]
     assert cmds["watchJob"] == "kubectl -n ml get pytorchjob fin -w"
     assert cmds["followLogs"] == "kubectl -n ml logs -f fin-worker-0 -c pytorch"
-    assert cmds["uploadDataset"] == "kubectl -n ml cp ./finance.json fin-data-access:/data/finance.json"
+    # Upload-then-rename: the workers never read a half-copied file.
+    assert cmds["uploadDataset"] == ("kubectl -n ml cp ./finance.json fin-data-access:/data/finance.json.partial && "
+                                     "kubectl -n ml exec fin-data-access -- mv /data/finance.json.partial "
+                                     "/data/finance.json")
     assert cmds["copyModel"] == "kubectl -n ml cp fin-data-access:/data/output/fin/final ./fin-final"
     assert "quantized" in cmds["copyQuantizedModel"]
 
