@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from trainer.errors import UserError
-from trainer.metrics import read_metrics
+from trainer.metrics import read_metrics, rewrite
 
 
 def _mb(n: Optional[float]) -> str:
@@ -43,10 +43,20 @@ def plot_loss(out: Path) -> Optional[Path]:
     ax.set_title("Fine-tuning loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    target = out / "loss_curve.png"
     fig.tight_layout()
-    fig.savefig(target, dpi=110)
+    return _save_figure(fig, out / "loss_curve.png")
+
+
+def _save_figure(fig, target: Path) -> Path:
+    """Written to a temporary name and renamed: a reader never sees half a PNG."""
+    import os
+
+    import matplotlib.pyplot as plt
+
+    tmp = target.with_name(target.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    os.replace(tmp, target)
     return target
 
 
@@ -68,10 +78,7 @@ def plot_quantize(out: Path, q: dict[str, Any]) -> Path:
         ax.margins(y=0.2)
     fig.suptitle("Quantization: before and after")
     fig.tight_layout()
-    target = out / "quantization.png"
-    fig.savefig(target, dpi=110)
-    plt.close(fig)
-    return target
+    return _save_figure(fig, out / "quantization.png")
 
 
 def summary_table(report: dict[str, Any]) -> str:
@@ -113,7 +120,7 @@ def write_markdown(out: Path, report: dict[str, Any], images: list[Path]) -> Pat
                       f"- **fine-tuned**: {s['before']}",
                       f"- **quantized**: {s['after']}", ""]
     target = out / "report.md"
-    target.write_text("\n".join(parts))
+    rewrite(target, "\n".join(parts))
     return target
 
 
