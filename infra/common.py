@@ -29,6 +29,10 @@ class Names:
         return f"{self.job}-config"
 
     @property
+    def volume_prep(self) -> str:
+        return f"{self.job}-volume-prep"
+
+    @property
     def data_access(self) -> str:
         return f"{self.job}-data-access"
 

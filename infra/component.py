@@ -13,9 +13,9 @@ from infra.config import DATA_MOUNT, TOKEN_KEY, StackConfig
 from infra.data_access import data_access_pod_manifest
 from infra.rendezvous import etcd_manifests
 from infra.secret import secret_manifest
-from infra.storage import claim_manifest, storage_class_manifest
+from infra.jobs import pytorchjob
+from infra.storage import claim_manifest, ownership_job_manifest, storage_class_manifest
 from infra.trainer_config import config_map_manifest
-from infra.training_job import pytorchjob_manifest
 
 
 @dataclass
@@ -32,9 +32,7 @@ def commands(cfg: StackConfig) -> dict[str, str]:
     out = cfg.output_dir
     data_file = cfg.trainer.data.file or f"{DATA_MOUNT}/dataset.json"
     return {
-        "watchJob": f"kubectl -n {ns} get pytorchjob {job} -w",
-        "watchPods": f"kubectl -n {ns} get pods -l training.kubeflow.org/job-name={job} -w",
-        "followLogs": f"kubectl -n {ns} logs -f {job}-worker-0 -c pytorch",
+        **pytorchjob.commands(cfg),
         # Upload under a temporary name, then rename: the workers never see a half-copied file.
         "uploadDataset": (f"kubectl -n {ns} cp ./{data_file.rsplit('/', 1)[-1]} {pod}:{data_file}.partial && "
                           f"kubectl -n {ns} exec {pod} -- mv {data_file}.partial {data_file}"),
@@ -42,6 +40,7 @@ def commands(cfg: StackConfig) -> dict[str, str]:
         "copyQuantizedModel": f"kubectl -n {ns} cp {pod}:{out}/quantized ./{job}-quantized",
         "copyReport": f"kubectl -n {ns} cp {pod}:{out}/report.json ./{job}-report.json",
         "listOutputs": f"kubectl -n {ns} exec {pod} -- ls -la {out}",
+        "listRuns": f"kubectl -n {ns} exec {pod} -- ls -la {DATA_MOUNT}/output/{job}",
     }
 
 
@@ -65,8 +64,18 @@ class FineTuneJob(pulumi.ComponentResource):
         if storage_class is not None:
             spec["storageClassName"] = storage_class.metadata.apply(lambda m: m["name"])
         self.claim = k8s.core.v1.PersistentVolumeClaim(f"{name}-data", metadata=pvc["metadata"], spec=spec,
-                                                       opts=claim_options(cfg, self))
+                                                       opts=claim_options(cfg, self, name))
         claim_name = self.claim.metadata.apply(lambda m: m["name"])
+
+        # Make a root-owned RWX share writable by the pods' uid before any of them mounts it. The
+        # ordering is the point (no value flows from the Job), hence depends_on.
+        self.volume_prep = None
+        prep = ownership_job_manifest(cfg)
+        if prep is not None:
+            prep = _with_claim(prep, claim_name)
+            self.volume_prep = k8s.batch.v1.Job(f"{name}-volume-prep", metadata=prep["metadata"], spec=prep["spec"],
+                                                opts=child)
+        after_prep = [self.volume_prep] if self.volume_prep is not None else []
 
         self.secret = None
         sec = secret_manifest(cfg)
@@ -85,7 +94,7 @@ class FineTuneJob(pulumi.ComponentResource):
 
         pod = _with_claim(data_access_pod_manifest(cfg), claim_name)
         self.data_access = k8s.core.v1.Pod(f"{name}-data-access", metadata=pod["metadata"], spec=pod["spec"],
-                                           opts=child)
+                                           opts=pulumi.ResourceOptions(parent=self, depends_on=after_prep))
 
         self.etcd = []
         for manifest in etcd_manifests(cfg):
@@ -97,7 +106,7 @@ class FineTuneJob(pulumi.ComponentResource):
             self.etcd.append(cls(f"{name}-{suffix}", metadata=manifest["metadata"], spec=manifest["spec"],
                                  opts=child))
 
-        job = pytorchjob_manifest(cfg)
+        job = pytorchjob.manifest(cfg)
         job_spec = _with_claim(job, claim_name)["spec"]
         # Dependencies flow through outputs: the job references the ConfigMap and Secret by their
         # created names, so it is submitted only after they exist.
@@ -108,10 +117,14 @@ class FineTuneJob(pulumi.ComponentResource):
             if "secret" in volume and self.secret is not None:
                 volume["secret"] = {**volume["secret"],
                                     "secretName": self.secret.metadata.apply(lambda m: m["name"])}
-        depends = list(self.etcd)  # etcd must be up before workers rendezvous; no output links them
+        depends = list(self.etcd) + after_prep  # etcd up, volume prepared; no output links them
+        # A changed pod template, elastic policy or process count replaces the job (the operator would
+        # ignore it); same name, so the old one goes first.
         self.job = k8s.apiextensions.CustomResource(
             f"{name}-job", api_version=job["apiVersion"], kind=job["kind"], metadata=job["metadata"],
-            spec=job_spec, opts=pulumi.ResourceOptions(parent=self, depends_on=depends))
+            spec=job_spec, opts=pulumi.ResourceOptions(
+                parent=self, depends_on=depends, delete_before_replace=True,
+                replace_on_changes=[f"spec.{key}" for key in pytorchjob.REPLACED_BY]))
 
         self.outputs = {
             "jobName": self.job.metadata.apply(lambda m: m["name"]),
@@ -119,15 +132,28 @@ class FineTuneJob(pulumi.ComponentResource):
             "volumeClaim": claim_name,
             "dataAccessPod": self.data_access.metadata.apply(lambda m: m["name"]),
             "outputDir": cfg.output_dir,
+            "run": cfg.run_hash,
+            "rendezvousId": job["spec"]["elasticPolicy"]["rdzvId"],
             "rendezvous": cfg.rendezvous,
             "commands": commands(cfg),
         }
         self.register_outputs(self.outputs)
 
 
-def claim_options(cfg: StackConfig, parent: pulumi.Resource) -> pulumi.ResourceOptions:
-    # retainOnDestroy: `pulumi destroy` leaves the claim (and the model on it) in the cluster.
-    return pulumi.ResourceOptions(parent=parent, retain_on_delete=cfg.storage.retain_on_destroy)
+def claim_options(cfg: StackConfig, parent: pulumi.Resource, name: str = "llm-finetune") -> pulumi.ResourceOptions:
+    """retainOnDestroy: `pulumi destroy` leaves the claim (and the model on it) in the cluster, and a later
+    `pulumi up` takes it over instead of failing with AlreadyExists (pulumi-kubernetes >= 4.29 creates
+    with a client-side create): `upsert` through a provider of its own that adopts an existing object
+    (only for the claim: everything else still refuses to overwrite what it does not own), or `import`."""
+    opts = pulumi.ResourceOptions(parent=parent, retain_on_delete=cfg.storage.retain_on_destroy)
+    if cfg.storage.adopt == "upsert":
+        provider = k8s.Provider(f"{name}-claim-provider", upsert_existing_objects=True,
+                                opts=pulumi.ResourceOptions(parent=parent))
+        return pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(provider=provider))
+    if cfg.storage.adopt == "import":
+        return pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(
+            import_=f"{cfg.namespace}/{Names(cfg.job_name).claim}"))
+    return opts
 
 
 def _with_claim(manifest: dict, claim_name) -> dict:
@@ -137,6 +163,8 @@ def _with_claim(manifest: dict, claim_name) -> dict:
     manifest = copy.deepcopy(manifest)
     if manifest["kind"] == "PyTorchJob":
         pod_specs = [r["template"]["spec"] for r in manifest["spec"]["pytorchReplicaSpecs"].values()]
+    elif manifest["kind"] == "Job":
+        pod_specs = [manifest["spec"]["template"]["spec"]]
     else:
         pod_specs = [manifest["spec"]]
     for spec in pod_specs:

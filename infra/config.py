@@ -8,6 +8,7 @@ value that would be valid.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import re
@@ -48,6 +49,7 @@ _QUANTITY = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G
 _ETCD_TAG = re.compile(r":v?3\.5\.\d+(-[0-9A-Za-z.]+)?(@sha256:[0-9a-f]{64})?$")
 _ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 ACCESS_MODES = ("ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod", "ReadOnlyMany")
+ADOPT = ("upsert", "import", "none")
 CLEAN_POD_POLICIES = ("None", "Running", "All")
 TOKEN_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN")
 
@@ -120,6 +122,8 @@ class Storage:
     parameters: tuple[tuple[str, str], ...]
     volume_binding_mode: str
     retain_on_destroy: bool
+    adopt: str
+    prepare_ownership: bool
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,12 @@ class StackConfig:
     clean_pod_policy: str
     ttl_seconds_after_finished: int
     has_token: bool
+    run_id: str
+    run_hash: str
+    """The run's identity: the trainer config and runId (output directory, ConfigMap name)."""
+    grace_seconds: int
+    launch_attempts: int
+    etcd_storage: str
     trainer: TrainerConfig = field(repr=False)
 
     @property
@@ -287,6 +297,11 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
         key = "minWorkers" if min_workers > workers else "maxWorkers"
         ctx.fail(key, f"need minWorkers <= workers <= maxWorkers, got {min_workers} <= {workers} <= {max_workers}. "
                       f"Fix: pulumi config set {key} {workers}")
+    if max_workers > workers:
+        ctx.fail("maxWorkers", f"{max_workers} > workers {workers} would never add a pod: the operator scales a "
+                               "PyTorchJob up only through an HPA on elasticPolicy.metrics, which this stack does not "
+                               f"create (only PET_NNODES would widen). Fix: pulumi config set maxWorkers {workers} "
+                               "(minWorkers below workers lets the job go on without lost pods)")
     procs = ctx.integer("procsPerWorker", 1)
     max_restarts = ctx.integer("maxRestarts", 0)
 
@@ -341,10 +356,18 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
         ctx.fail("storage.className", f"{class_name!r} is not a valid StorageClass name")
     if create_class and class_name is None:
         ctx.fail("storage.className", "is required when storage.createClass is true (the name of the class to create)")
+    if access_mode == "ReadWriteMany" and class_name is None:
+        ctx.fail("storage.className", "is empty, so the claim would use the cluster's default class, and most "
+                                      "managed defaults are ReadWriteOnce block storage: a ReadWriteMany claim "
+                                      "would never bind. Fix: pulumi config set --path storage.className <an RWX "
+                                      "class: NFS, Filestore, EFS, Azure Files, CephFS> (kubectl get storageclass), "
+                                      "or storage.createClass true with a provisioner")
     provisioner = ctx.string("storage.provisioner") if create_class else str(ctx.get("storage.provisioner") or "")
     parameters = ctx.mapping("storage.parameters")
     binding = ctx.string("storage.volumeBindingMode", ("WaitForFirstConsumer", "Immediate"))
     retain = ctx.boolean("storage.retainOnDestroy")
+    adopt = ctx.string("storage.adopt", ADOPT)
+    prepare = ctx.boolean("storage.prepareOwnership")
 
     extra_env = ctx.mapping("extraEnv")
     for name, value in extra_env.items():
@@ -359,7 +382,11 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
     clean = ctx.string("runPolicy.cleanPodPolicy", CLEAN_POD_POLICIES)
     ttl = ctx.integer("runPolicy.ttlSecondsAfterFinished", 0)
 
-    trainer_cfg = _trainer_config(ctx, job_name)
+    run_id = str(ctx.get("runId") or "")
+    grace = ctx.integer("terminationGracePeriodSeconds", 30)
+    attempts = ctx.integer("launchAttempts", 1)
+    etcd_storage = ctx.quantity("etcdStorage")
+    trainer_cfg, run_hash = _trainer_config(ctx, job_name, run_id)
     if gpus == 0 and trainer_cfg.training.ddp_backend == "nccl":
         ctx.fail("training", "ddp_backend nccl needs GPUs; set resources.gpus or use gloo/ccl")
     if gpus > 0 and procs > gpus:
@@ -377,16 +404,19 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
         storage=Storage(class_name=class_name, size=size, access_mode=access_mode, create_class=create_class,
                         provisioner=provisioner,
                         parameters=tuple(sorted((str(k), str(v)) for k, v in parameters.items())),
-                        volume_binding_mode=binding, retain_on_destroy=retain),
+                        volume_binding_mode=binding, retain_on_destroy=retain, adopt=adopt,
+                        prepare_ownership=prepare),
         intel_runtime=ctx.boolean("intelRuntime"),
         extra_env=tuple(sorted((str(k), str(v)) for k, v in extra_env.items())),
         clean_pod_policy=clean, ttl_seconds_after_finished=ttl, has_token=has_token,
+        run_id=run_id, run_hash=run_hash, grace_seconds=grace, launch_attempts=attempts, etcd_storage=etcd_storage,
         trainer=trainer_cfg,
     )
 
 
-def _trainer_config(ctx: _Ctx, job_name: str) -> TrainerConfig:
-    """Render the trainer config from the stack's model/dataset/training/lora/quantize keys."""
+def _trainer_config(ctx: _Ctx, job_name: str, run_id: str) -> tuple[TrainerConfig, str]:
+    """Render the trainer config from the stack's model/dataset/training/lora/quantize keys; with the
+    run's identity (a hash of that config and runId), which names its output directory."""
     model = ctx.get("model")
     if isinstance(model, str):
         model = {"name_or_path": model}
@@ -414,12 +444,25 @@ def _trainer_config(ctx: _Ctx, job_name: str) -> TrainerConfig:
         "output_dir": f"{DATA_MOUNT}/output/{job_name}",
     }
     try:
-        return TrainerConfig.from_dict(raw)
+        cfg = TrainerConfig.from_dict(raw)
     except ConfigError as exc:
         msg = str(exc)
         section, _, rest = msg.partition(".")
         stack_key = {"data": "dataset", "model": "model"}.get(section, section)
         ctx.fail(stack_key, f"invalid trainer config: {msg}")
+    # One run, one directory: a changed config (or runId) trains afresh beside the earlier runs,
+    # whose results stay where they are; an unchanged one resumes its own checkpoints.
+    run_hash = run_identity(cfg, run_id)
+    return dataclasses.replace(cfg, output_dir=f"{DATA_MOUNT}/output/{job_name}/{run_hash}"), run_hash
+
+
+def run_identity(cfg: TrainerConfig, run_id: str) -> str:
+    """8 hex digits of SHA-256 over the whole trainer config (output_dir aside) and runId."""
+    import hashlib
+
+    content = {k: v for k, v in cfg.to_dict().items() if k != "output_dir"}
+    blob = json.dumps({"trainer": content, "runId": run_id}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
 def _typed(cls, section: Mapping[str, Any]) -> dict[str, Any]:

@@ -72,13 +72,19 @@ def etcd_manifests(cfg: StackConfig) -> list[dict]:
                         "securityContext": container_security_context(),
                         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
                                       "limits": {"cpu": "1", "memory": "512Mi"}},
-                        # Rendezvous state is transient (agents re-register after a restart), so an
-                        # emptyDir is enough and needs no ReadWriteOnce storage.
+                        # A persistent data directory per member: a restarted member keeps its member id
+                        # and rejoins (on an empty emptyDir with --initial-cluster-state=new it panics),
+                        # and the rendezvous state (which generations are closed) survives an etcd restart.
                         "volumeMounts": [{"name": "data", "mountPath": "/var/lib/etcd"}],
                     }],
-                    "volumes": [{"name": "data", "emptyDir": {}}],
                 },
             },
+            "volumeClaimTemplates": [{
+                "metadata": {"name": "data", "labels": pod_labels},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": cfg.etcd_storage}}},
+            }],
+            # pulumi destroy deletes the StatefulSet; its members' volumes go with it.
+            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Delete", "whenScaled": "Retain"},
         },
     }
     peers = {

@@ -10,7 +10,7 @@ from packaging.requirements import Requirement
 
 from infra.common import APP_UID
 from infra.config import parse
-from infra.training_job import INTEL_ENV, trainer_command
+from infra.jobs.pod import INTEL_ENV, trainer_command
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
@@ -57,10 +57,10 @@ def test_runs_non_root_with_the_command_infra_renders(dockerfile):
     users = [rest for op, rest in ops if op == "USER"]
     assert users and users[-1] == str(APP_UID)  # numeric: runAsNonRoot can verify it
     cmd = json.loads([rest for op, rest in ops if op == "CMD"][-1])
-    cfg = parse({"dataset": {"name": "x/y"}})
+    cfg = parse({"dataset": {"name": "x/y"}, "storage": {"className": "nfs-rwx"}})
     assert cmd == trainer_command(cfg)
     env = " ".join(rest for op, rest in ops if op == "ENV")
-    assert "PYTHONPATH=/app" in env and "/opt/venv/bin" in env  # trainer importable, torchrun on PATH
+    assert "PYTHONPATH=/app" in env and "/opt/venv/bin" in env  # trainer importable, python is the venv's
     assert any(op == "COPY" and "trainer /app/trainer" in rest for op, rest in ops)
     base = [rest for op, rest in ops if op == "FROM"][0]
     arg = args(dockerfile)

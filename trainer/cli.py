@@ -14,6 +14,7 @@ import sys
 from typing import Optional
 
 from trainer.errors import UserError
+from trainer.preemption import Preempted
 
 SET_HELP = ("override one config value, e.g. --set training.max_steps=20 --set lora.enabled=false "
             "(values parsed as YAML; repeatable)")
@@ -60,6 +61,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             evaluate.run(cfg)
         return 0
+    except Preempted as exc:
+        print(f"{exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         stop_torchrun_agent()
@@ -83,6 +87,11 @@ def stop_torchrun_agent() -> None:
     except OSError:
         return
     if "torch.distributed.run" in cmdline or "torchrun" in cmdline:
-        print("error: input error; asking torchrun not to restart (exit code 1 for the pod)", file=sys.stderr,
-              flush=True)
+        print("error: input error; asking torchrun not to restart", file=sys.stderr, flush=True)
+        marker = os.environ.get("LLM_FINETUNE_INPUT_ERROR_FILE")
+        if marker:  # tells the pod's launcher to exit 2 (a permanent failure), not to retry
+            try:
+                open(marker, "a").close()
+            except OSError:
+                pass
         os.kill(parent, signal.SIGTERM)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -221,19 +222,27 @@ def init(requested_backend: Optional[str], timeout_minutes: int = 60) -> Dist:
 
 
 def _attempt_store(rank: int, world: int, timeout: datetime.timedelta):
-    """The rendezvous store, with a key prefix of its own for every torchrun restart attempt.
+    """The store the process group rendezvous through.
 
-    With torch 2.13 and the default env:// store, workers restarted by torchrun (after a worker
-    died) hang or fail in gloo's connectFullMesh: they read the dead attempt's addresses
-    ("timed out connecting: Connection refused"). A fresh prefix per attempt avoids it; see
-    tests/integration/test_torchrun.py::test_killed_worker_is_survived_by_resuming.
+    Run by trainer/launch.py (pods) or trainer/local.py (demo, tests), torchrun's agents do not share
+    their rendezvous store with the workers (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1): every rendezvous
+    round gets a new port and rank 0's worker hosts a fresh store, so no address of a previous round
+    (a dead worker, a replaced pod) reaches gloo's connectFullMesh, whatever each agent's restart count.
+
+    A plain torchrun shares the agent's store, whose keys outlive a round: the workers then use a
+    prefix per restart count, which is right when every agent restarts together (one node) but not
+    when one pod is replaced (its agent starts again at 0): that case needs the variable set.
     """
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    # Under torchrun the agent hosts the store; a hand-made launch (no agent) has rank 0 host it.
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=(rank == 0 and not agent_hosts), timeout=timeout)
-    return dist.PrefixStore(f"llm-finetune/attempt_{attempt}/", store)
+    if not agent_hosts:
+        return store
+    if rank == 0:
+        print("warning: torchrun shares its rendezvous store with the workers; set "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so a replaced pod can rejoin (the launcher does)",
+              file=sys.stderr, flush=True)
+    return dist.PrefixStore(f"llm-finetune/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
 
 
 def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool, precision: Optional[Precision] = None) -> torch.nn.Module:

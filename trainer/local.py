@@ -28,6 +28,8 @@ def run_env(**extra: str) -> dict[str, str]:
     trainer (which sets them per process), so a benchmark baseline gets torchrun's default too."""
     env = dict(os.environ)
     env.update({"PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), "GLOO_SOCKET_IFNAME": "lo",
+                # Workers host their own store per rendezvous round, as in the pods (trainer/launch.py).
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
                 "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                 "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
     env.update(extra)

@@ -31,6 +31,7 @@ from trainer.data import (Prepared, Row, collate, epoch_order, fingerprint, labe
 from trainer.errors import UserError
 from trainer.lock import OutputLock
 from trainer.metrics import Logger, MetricsWriter, Progress, fmt, plain_logs, update_report
+from trainer.preemption import StopRequest
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Trainer:
         self.dist = dist or D.init(self.t.ddp_backend)
         self.log = Logger(self.dist.is_main)
         self.lock: Optional[OutputLock] = None
+        self.stop = StopRequest(self.dist.local_rank)
 
     # ------------------------------------------------------------------------------------
 
@@ -288,6 +290,7 @@ class Trainer:
         measured_space = False
         last_eval = last_eval_step = None
         self.model.train()
+        self.stop.training_started()
         while step < p.total_steps:
             epoch, micro, global_tokens = step_batches(p, cfg, step, d.rank, d.world_size)
             scale = d.world_size / max(1, global_tokens)  # DDP averages gradients over ranks
@@ -323,7 +326,10 @@ class Trainer:
             if first_step_seconds is None:
                 first_step_seconds = time.perf_counter() - started
             last = step == p.total_steps
-            save = step % t.save_steps == 0 or last
+            # Preemption anywhere (SIGTERM, or the launcher's stop file): every rank saves this step.
+            reason = self.stop.local()
+            stopping = not d.all_true(reason is None)
+            save = step % t.save_steps == 0 or last or stopping
             do_eval = bool(self.data.val_rows) and (last or (t.eval_steps is not None and step % t.eval_steps == 0))
             # Flush at save steps too, so a checkpoint's tokens_seen (and the metrics rows kept on
             # resume) account for every step up to it.
@@ -358,8 +364,12 @@ class Trainer:
                 clock = time.perf_counter()
             progress.update(1)
             if save:
+                if stopping:
+                    self.log(f"stop requested ({reason or 'on another pod'}) at step {step}: saving a checkpoint")
                 if run:
                     self.log(f"not saving step {step}: its last {run} step(s) had a non-finite loss or gradient")
+                    if stopping:
+                        raise self.stop.finish(reason, step)
                     continue
                 self.metrics.flush_to_disk()
                 try:
@@ -376,6 +386,8 @@ class Trainer:
                     size = D.on_main(d, lambda: self.ckpt.bytes_on_disk(path))
                     self.log("space: " + D.on_main(d, lambda: self.ckpt.check_space(size, self.outputs_estimate,
                                                                                       measured=True)))
+                if stopping:
+                    raise self.stop.finish(reason, step)
                 clock = time.perf_counter()
         progress.close()
         train_seconds += time.perf_counter() - clock

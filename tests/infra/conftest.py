@@ -2,7 +2,7 @@ import pytest
 
 from tests.infra.harness import render
 
-BASE = {"dataset": {"name": "medalpaca/medical_meadow_medical_flashcards"}}
+BASE = {"dataset": {"name": "medalpaca/medical_meadow_medical_flashcards"}, "storage": {"className": "nfs-rwx"}}
 
 
 @pytest.fixture

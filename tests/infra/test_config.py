@@ -5,7 +5,7 @@ import pytest
 from infra.config import StackConfigError, parse, stack_file_lines
 from tests.infra.harness import Recorder, render
 
-DS = {"dataset": {"name": "org/data"}}
+DS = {"dataset": {"name": "org/data"}, "storage": {"className": "nfs-rwx"}}
 
 
 def cfg(**overrides):
@@ -21,14 +21,18 @@ BAD = [
     (cfg(workers=2.5), "workers", "integer"),
     (cfg(workers=4, minWorkers=5), "minWorkers", "minWorkers <= workers <= maxWorkers"),
     (cfg(workers=4, maxWorkers=3), "maxWorkers", "minWorkers <= workers <= maxWorkers"),
+    (cfg(workers=4, maxWorkers=6), "maxWorkers", "would never add a pod"),
+    (cfg(storage={"accessMode": "ReadWriteMany"}), "storage.className", "would never bind"),
+    (cfg(storage={"className": "x", "adopt": "steal"}), "storage.adopt", "upsert, import, none"),
+    (cfg(terminationGracePeriodSeconds=5), "terminationGracePeriodSeconds", ">= 30"),
     (cfg(rendezvous="zookeeper"), "rendezvous", "etcd, c10d"),
     (cfg(resources={"memory": "16 GB"}), "resources.memory", "not a Kubernetes quantity"),
     (cfg(resources={"cpu": "four"}), "resources.cpu", "not a Kubernetes quantity"),
     (cfg(jobName="Llama_2"), "jobName", "DNS-1035"),
     (cfg(jobName="2llama"), "jobName", "DNS-1035"),
     (cfg(jobName="a" * 41), "jobName", "at most 40"),
-    ({"dataset": {"name": "org/data", "file": "x.json"}}, "dataset", "both are set"),
-    ({"dataset": {}}, "dataset", "neither is set"),
+    (cfg(dataset={"name": "org/data", "file": "x.json"}), "dataset", "both are set"),
+    (cfg(dataset={}), "dataset", "neither is set"),
     (cfg(storage={"accessMode": "ReadWriteOnce"}), "storage.accessMode", "ReadWriteMany"),
     (cfg(etcdReplicas=2), "etcdReplicas", "1 or 3"),
     (cfg(etcdImage="quay.io/coreos/etcd:v3.6.0"), "etcdImage", "3.5.x"),
@@ -108,11 +112,11 @@ def test_defaults_come_from_pulumi_yaml():
 
 
 def test_dataset_keys_in_camel_or_snake_case():
-    parsed = parse({"dataset": {"name": "org/data", "maxSeqLength": 256, "train_on_prompt": True}})
+    parsed = parse({**DS, "dataset": {"name": "org/data", "maxSeqLength": 256, "train_on_prompt": True}})
     assert parsed.trainer.data.max_seq_length == 256 and parsed.trainer.data.train_on_prompt is True
 
 
 def test_relative_dataset_file_lives_on_volume_and_waits_for_upload():
-    parsed = parse({"dataset": {"file": "finance-alpaca.json", "template": "chat"}})
+    parsed = parse({**DS, "dataset": {"file": "finance-alpaca.json", "template": "chat"}})
     assert parsed.trainer.data.file == "/data/finance-alpaca.json"
     assert parsed.trainer.data.file_wait_seconds == 1800

@@ -9,7 +9,7 @@ from infra.config import parse
 from tests.infra.harness import render, validate_core
 from trainer.config import load_config_text
 
-DS = {"dataset": {"name": "org/data"}}
+DS = {"dataset": {"name": "org/data"}, "storage": {"className": "nfs-rwx"}}
 TOKEN = "hf_DoNotLeakThisToken987654321"
 
 
@@ -57,19 +57,23 @@ def test_claim_is_shared_rwx_and_kept_on_destroy(rendered):
     pvc = rendered.one("PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     assert pvc["spec"]["resources"]["requests"]["storage"] == "100Gi"
-    assert "storageClassName" not in pvc["spec"]  # cluster default
+    assert pvc["spec"]["storageClassName"] == "nfs-rwx"
     assert rendered.of_kind("StorageClass") == []
-    assert claim_options(parse(DS), None).retain_on_delete is True
-    assert claim_options(parse({**DS, "storage": {"retainOnDestroy": False}}), None).retain_on_delete is False
+    claim = next(r for r in rendered.resources if r.kind == "PersistentVolumeClaim")
+    assert claim.options.retain_on_delete is True
+    dropped = render({**DS, "storage": {"className": "nfs-rwx", "retainOnDestroy": False}})
+    assert next(r for r in dropped.resources if r.kind == "PersistentVolumeClaim").options.retain_on_delete is False
 
 
-def test_storage_class_only_when_asked():
+def test_storage_class_only_when_asked_and_its_disk_goes_with_the_claim():
     rendered = render({**DS, "storage": {"createClass": True, "className": "ssd", "provisioner": "pd.csi.storage.gke.io",
                                          "parameters": {"type": "pd-ssd"}, "accessMode": "ReadWriteOnce"},
                        "workers": 1})
     sc = rendered.one("StorageClass")
     assert sc["provisioner"] == "pd.csi.storage.gke.io" and sc["parameters"] == {"type": "pd-ssd"}
-    assert sc["volumeBindingMode"] == "WaitForFirstConsumer" and sc["reclaimPolicy"] == "Retain"
+    # Delete: `kubectl delete pvc` removes the disk too (a Retain class left a billed volume behind);
+    # keeping the model across `pulumi destroy` is the claim's retainOnDestroy.
+    assert sc["volumeBindingMode"] == "WaitForFirstConsumer" and sc["reclaimPolicy"] == "Delete"
     assert rendered.one("PersistentVolumeClaim")["spec"]["storageClassName"] == "ssd"
 
 
@@ -81,7 +85,8 @@ def test_config_map_carries_a_valid_trainer_config():
     trainer = load_config_text(text)
     assert trainer.model.name_or_path == "org/model"
     assert trainer.training.max_steps == 7 and trainer.lora.r == 4
-    assert trainer.output_dir == "/data/output/llm-finetune"
+    run = rendered.outputs["run"]
+    assert len(run) == 8 and trainer.output_dir == f"/data/output/llm-finetune/{run}"  # one directory per run
     worker = _worker(rendered)
     container = worker["containers"][0]
     assert {"name": "trainer-config", "mountPath": "/etc/llm-finetune", "readOnly": True} in container["volumeMounts"]
@@ -156,7 +161,7 @@ def test_nothing_is_exposed_outside_the_cluster(rendered):
 # ---- PyTorchJob --------------------------------------------------------------------------------
 
 def test_pytorchjob_spec():
-    rendered = render({**DS, "workers": 3, "minWorkers": 2, "maxWorkers": 4, "procsPerWorker": 2,
+    rendered = render({**DS, "workers": 3, "minWorkers": 2, "procsPerWorker": 2, "terminationGracePeriodSeconds": 240,
                        "maxRestarts": 5, "resources": {"cpu": "16", "memory": "64Gi", "shmSize": "16Gi",
                                                        "nodeSelector": {"pool": "xeon"},
                                                        "tolerations": [{"key": "dedicated", "value": "ml",
@@ -167,15 +172,19 @@ def test_pytorchjob_spec():
     assert job["metadata"]["annotations"]["pulumi.com/skipAwait"] == "true"  # returns once submitted
     spec = job["spec"]
     assert spec["nprocPerNode"] == "2"
-    assert spec["elasticPolicy"]["minReplicas"] == 2 and spec["elasticPolicy"]["maxReplicas"] == 4
+    assert spec["elasticPolicy"]["minReplicas"] == 2 and spec["elasticPolicy"]["maxReplicas"] == 3
     assert spec["elasticPolicy"]["maxRestarts"] == 5
     assert spec["runPolicy"]["cleanPodPolicy"] == "Running" and spec["runPolicy"]["ttlSecondsAfterFinished"] == 3600
+    # The operator sums restarts over all pods: one event restarting every worker counts 3 times.
+    assert spec["runPolicy"]["backoffLimit"] == 3 * (5 + 1)
     worker = spec["pytorchReplicaSpecs"]["Worker"]
     assert worker["replicas"] == 3
+    assert worker["restartPolicy"] == "ExitCode"  # launcher: 2 input error, 1 gave up, 143 preempted
     pod = worker["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 240
     c = pod["containers"][0]
     assert c["name"] == "pytorch"
-    assert c["command"][:4] == ["torchrun", "-m", "trainer", "finetune"]
+    assert c["command"][:5] == ["python", "-m", "trainer.launch", "finetune", "--config"]
     assert c["resources"]["requests"] == c["resources"]["limits"] == {"cpu": "16", "memory": "64Gi"}
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
@@ -183,6 +192,7 @@ def test_pytorchjob_spec():
     assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
     env = {e["name"]: e["value"] for e in c["env"]}
     assert env["HF_HOME"].startswith("/data/")  # caches on the shared volume
+    assert env["LLM_FINETUNE_GRACE_SECONDS"] == "240" and env["LLM_FINETUNE_LAUNCH_ATTEMPTS"] == "3"
     assert pod["nodeSelector"] == {"pool": "xeon"}
     assert pod["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]
 
@@ -199,8 +209,11 @@ def test_gpus_and_intel_runtime_env():
 
 
 def test_stack_outputs_have_ready_to_paste_commands():
-    rendered = render({"dataset": {"file": "finance.json"}, "namespace": "ml", "jobName": "fin"})
+    rendered = render({"dataset": {"file": "finance.json"}, "namespace": "ml", "jobName": "fin",
+                       "storage": {"className": "nfs-rwx"}})
     out = rendered.outputs
+    run = out["run"]
+    assert out["outputDir"] == f"/data/output/fin/{run}"
     assert out["jobName"] == "fin" and out["namespace"] == "ml"
     assert out["volumeClaim"] == "fin-data" and out["dataAccessPod"] == "fin-data-access"
     cmds = out["commands"]
@@ -210,7 +223,8 @@ def test_stack_outputs_have_ready_to_paste_commands():
     assert cmds["uploadDataset"] == ("kubectl -n ml cp ./finance.json fin-data-access:/data/finance.json.partial && "
                                      "kubectl -n ml exec fin-data-access -- mv /data/finance.json.partial "
                                      "/data/finance.json")
-    assert cmds["copyModel"] == "kubectl -n ml cp fin-data-access:/data/output/fin/final ./fin-final"
+    assert cmds["copyModel"] == f"kubectl -n ml cp fin-data-access:/data/output/fin/{run}/final ./fin-final"
+    assert cmds["listRuns"] == "kubectl -n ml exec fin-data-access -- ls -la /data/output/fin"
     assert "quantized" in cmds["copyQuantizedModel"]
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra.harness import (ROOT, assert_restricted, pod_specs, render, stack_config, validate_all,
+from tests.infra.harness import (ROOT, assert_pod_security, pod_specs, render, stack_config, validate_all,
                                  validate_pytorchjob)
 
 STACK_FILES = sorted(ROOT.glob("Pulumi.*.yaml"))
@@ -25,7 +25,7 @@ def test_stack_file_renders_valid_and_restricted(stack_file: Path):
     rendered = render(raw, stack=stack_file.stem.split(".", 1)[1])
     validate_all(rendered)
     for where, spec in pod_specs(rendered).items():
-        assert_restricted(spec, where)
+        assert_pod_security(spec, where)
     kinds = sorted(r.kind for r in rendered.resources)
     assert "PyTorchJob" in kinds and "PersistentVolumeClaim" in kinds and "Secret" in kinds
     assert ("StatefulSet" in kinds) == (raw.get("rendezvous", "etcd") == "etcd")
@@ -50,7 +50,7 @@ def _trainer_config(rendered):
 
 
 VARIATIONS = {
-    "eight-workers-elastic": {"workers": 8, "minWorkers": 4, "maxWorkers": 10},
+    "eight-workers-elastic": {"workers": 8, "minWorkers": 4},
     "c10d": {"rendezvous": "c10d"},
     "etcd-three": {"etcdReplicas": 3},
     "gpu-nodes": {"image": "ghcr.io/x/trainer-cuda:1.0", "resources": {
@@ -68,16 +68,16 @@ VARIATIONS = {
 
 @pytest.mark.parametrize("name", sorted(VARIATIONS))
 def test_variations_render_valid(name):
-    raw = {"dataset": {"name": "org/data"}, **VARIATIONS[name]}
+    raw = {"dataset": {"name": "org/data"}, "storage": {"className": "nfs-rwx"}, **VARIATIONS[name]}
     rendered = render(raw)
     validate_all(rendered)
     for where, spec in pod_specs(rendered).items():
-        assert_restricted(spec, where)
+        assert_pod_security(spec, where)
 
 
 def test_schema_validation_catches_a_broken_job():
     """The validators are not vacuous: a job the operator would refuse fails them."""
-    job = render({"dataset": {"name": "org/data"}}).one("PyTorchJob")
+    job = render({"dataset": {"name": "org/data"}, "storage": {"className": "nfs-rwx"}}).one("PyTorchJob")
     validate_pytorchjob(job)
     broken = json.loads(json.dumps(job))
     broken["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["name"] = "trainer"

@@ -1,0 +1,1 @@
+"""The training job, one module per job API; each renders the same pod (infra/jobs/pod.py)."""
