@@ -13,7 +13,7 @@ from infra.config import DATA_MOUNT, TOKEN_KEY, StackConfig
 from infra.data_access import data_access_pod_manifest
 from infra.rendezvous import etcd_manifests
 from infra.secret import secret_manifest
-from infra.jobs import pytorchjob
+from infra.jobs import for_api, pod_volumes
 from infra.storage import claim_manifest, ownership_job_manifest, storage_class_manifest
 from infra.trainer_config import config_map_manifest
 
@@ -32,7 +32,7 @@ def commands(cfg: StackConfig) -> dict[str, str]:
     out = cfg.output_dir
     data_file = cfg.trainer.data.file or f"{DATA_MOUNT}/dataset.json"
     return {
-        **pytorchjob.commands(cfg),
+        **for_api(cfg.job_api).commands(cfg),
         # Upload under a temporary name, then rename: the workers never see a half-copied file.
         "uploadDataset": (f"kubectl -n {ns} cp ./{data_file.rsplit('/', 1)[-1]} {pod}:{data_file}.partial && "
                           f"kubectl -n {ns} exec {pod} -- mv {data_file}.partial {data_file}"),
@@ -106,17 +106,19 @@ class FineTuneJob(pulumi.ComponentResource):
             self.etcd.append(cls(f"{name}-{suffix}", metadata=manifest["metadata"], spec=manifest["spec"],
                                  opts=child))
 
-        job = pytorchjob.manifest(cfg)
-        job_spec = _with_claim(job, claim_name)["spec"]
+        api = for_api(cfg.job_api)
+        job = api.manifest(cfg)
+        job_with_claim = _with_claim(job, claim_name)
+        job_spec = job_with_claim["spec"]
         # Dependencies flow through outputs: the job references the ConfigMap and Secret by their
         # created names, so it is submitted only after they exist.
-        worker_pod = job_spec["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
-        for volume in worker_pod["volumes"]:
-            if "configMap" in volume:
-                volume["configMap"] = {"name": self.config_map.metadata.apply(lambda m: m["name"])}
-            if "secret" in volume and self.secret is not None:
-                volume["secret"] = {**volume["secret"],
-                                    "secretName": self.secret.metadata.apply(lambda m: m["name"])}
+        for volumes in pod_volumes(job_with_claim):
+            for volume in volumes:
+                if "configMap" in volume:
+                    volume["configMap"] = {"name": self.config_map.metadata.apply(lambda m: m["name"])}
+                if "secret" in volume and self.secret is not None:
+                    volume["secret"] = {**volume["secret"],
+                                        "secretName": self.secret.metadata.apply(lambda m: m["name"])}
         depends = list(self.etcd) + after_prep  # etcd up, volume prepared; no output links them
         # A changed pod template, elastic policy or process count replaces the job (the operator would
         # ignore it); same name, so the old one goes first.
@@ -124,7 +126,7 @@ class FineTuneJob(pulumi.ComponentResource):
             f"{name}-job", api_version=job["apiVersion"], kind=job["kind"], metadata=job["metadata"],
             spec=job_spec, opts=pulumi.ResourceOptions(
                 parent=self, depends_on=depends, delete_before_replace=True,
-                replace_on_changes=[f"spec.{key}" for key in pytorchjob.REPLACED_BY]))
+                replace_on_changes=["spec" if key == "spec" else f"spec.{key}" for key in api.REPLACED_BY]))
 
         self.outputs = {
             "jobName": self.job.metadata.apply(lambda m: m["name"]),
@@ -133,7 +135,8 @@ class FineTuneJob(pulumi.ComponentResource):
             "dataAccessPod": self.data_access.metadata.apply(lambda m: m["name"]),
             "outputDir": cfg.output_dir,
             "run": cfg.run_hash,
-            "rendezvousId": job["spec"]["elasticPolicy"]["rdzvId"],
+            "rendezvousId": api.rendezvous(job),
+            "jobApi": cfg.job_api,
             "rendezvous": cfg.rendezvous,
             "commands": commands(cfg),
         }
@@ -161,14 +164,14 @@ def _with_claim(manifest: dict, claim_name) -> dict:
     import copy
 
     manifest = copy.deepcopy(manifest)
-    if manifest["kind"] == "PyTorchJob":
-        pod_specs = [r["template"]["spec"] for r in manifest["spec"]["pytorchReplicaSpecs"].values()]
+    if manifest["kind"] in ("PyTorchJob", "TrainJob"):
+        volume_lists = pod_volumes(manifest)
     elif manifest["kind"] == "Job":
-        pod_specs = [manifest["spec"]["template"]["spec"]]
+        volume_lists = [manifest["spec"]["template"]["spec"]["volumes"]]
     else:
-        pod_specs = [manifest["spec"]]
-    for spec in pod_specs:
-        for volume in spec["volumes"]:
+        volume_lists = [manifest["spec"]["volumes"]]
+    for volumes in volume_lists:
+        for volume in volumes:
             if "persistentVolumeClaim" in volume:
                 volume["persistentVolumeClaim"] = {"claimName": claim_name}
     return manifest

@@ -50,6 +50,11 @@ _ETCD_TAG = re.compile(r":v?3\.5\.\d+(-[0-9A-Za-z.]+)?(@sha256:[0-9a-f]{64})?$")
 _ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 ACCESS_MODES = ("ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod", "ReadOnlyMany")
 ADOPT = ("upsert", "import", "none")
+JOB_APIS = ("training-operator-v1", "trainer-v2")
+# Trainer v2 (v2.2+) has no elastic policy and no etcd rendezvous (its torch plugin injects a static
+# rendezvous on node 0), and no run policy of the PyTorchJob kind.
+V1_ONLY = ("minWorkers", "maxWorkers", "maxRestarts", "etcdReplicas", "etcdImage", "etcdStorage", "runPolicy")
+RESERVED_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
 CLEAN_POD_POLICIES = ("None", "Running", "All")
 TOKEN_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN")
 
@@ -148,6 +153,8 @@ class StackConfig:
     clean_pod_policy: str
     ttl_seconds_after_finished: int
     has_token: bool
+    job_api: str
+    trainer_runtime: str
     run_id: str
     run_hash: str
     """The run's identity: the trainer config and runId (output directory, ConfigMap name)."""
@@ -290,6 +297,20 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
     if not _DNS1123.match(namespace):
         ctx.fail("namespace", f"{namespace!r} is not a valid namespace name (DNS-1123 label, e.g. ml-training)")
 
+    job_api = ctx.string("jobApi", JOB_APIS)
+    trainer_runtime = ctx.string("trainerRuntime")
+    if not _DNS1123.match(trainer_runtime):
+        ctx.fail("trainerRuntime", f"{trainer_runtime!r} is not a runtime name (e.g. torch-distributed)")
+    if job_api == "trainer-v2":
+        set_v1 = [k for k in V1_ONLY if k in raw]
+        if raw.get("rendezvous") == "etcd":
+            set_v1.insert(0, "rendezvous")
+        if set_v1:
+            ctx.fail(set_v1[0], f"{', '.join(set_v1)} only mean something to the Training Operator v1: Trainer v2 "
+                                "has no elastic range, no etcd rendezvous (its torch runtime injects a static "
+                                "rendezvous on node 0) and no run policy; restarts of the whole job are the "
+                                "launcher's (launchAttempts). Fix: pulumi config rm " + " && pulumi config rm ".join(
+                                    set_v1) + ", or jobApi training-operator-v1")
     workers = ctx.integer("workers", 1)
     min_workers = ctx.integer("minWorkers", 0) or workers  # 0: same as workers (Pulumi.yaml)
     max_workers = ctx.integer("maxWorkers", 0) or workers
@@ -305,7 +326,8 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
     procs = ctx.integer("procsPerWorker", 1)
     max_restarts = ctx.integer("maxRestarts", 0)
 
-    rendezvous = ctx.string("rendezvous", ("etcd", "c10d"))
+    # Trainer v2: torchrun's static c10d store on node 0, injected by the runtime.
+    rendezvous = "c10d" if job_api == "trainer-v2" else ctx.string("rendezvous", ("etcd", "c10d"))
     etcd_replicas = ctx.integer("etcdReplicas", 1)
     if etcd_replicas not in (1, 3):
         ctx.fail("etcdReplicas", f"must be 1 or 3 (an etcd cluster needs an odd quorum; 1 for a single job, "
@@ -373,6 +395,9 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
     for name, value in extra_env.items():
         if not _ENV_NAME.match(name):
             ctx.fail("extraEnv", f"{name!r} is not a valid environment variable name")
+        if name in RESERVED_ENV:
+            ctx.fail("extraEnv", f"{name} is set by the job's operator for torchrun (PET_NNODES, PET_NPROC_PER_NODE, "
+                                 "PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT); use workers and procsPerWorker")
         if name.upper() in TOKEN_ENV_NAMES:
             ctx.fail("extraEnv", f"{name} would put the token in a plain env value; use "
                                  "pulumi config set --secret hfToken hf_... (mounted as a file)")
@@ -409,7 +434,7 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
         intel_runtime=ctx.boolean("intelRuntime"),
         extra_env=tuple(sorted((str(k), str(v)) for k, v in extra_env.items())),
         clean_pod_policy=clean, ttl_seconds_after_finished=ttl, has_token=has_token,
-        run_id=run_id, run_hash=run_hash, grace_seconds=grace, launch_attempts=attempts, etcd_storage=etcd_storage,
+        job_api=job_api, trainer_runtime=trainer_runtime, run_id=run_id, run_hash=run_hash, grace_seconds=grace, launch_attempts=attempts, etcd_storage=etcd_storage,
         trainer=trainer_cfg,
     )
 

@@ -238,7 +238,7 @@ def _attempt_store(rank: int, world: int, timeout: datetime.timedelta):
                           is_master=(rank == 0 and not agent_hosts), timeout=timeout)
     if not agent_hosts:
         return store
-    if rank == 0:
+    if rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0:
         print("warning: torchrun shares its rendezvous store with the workers; set "
               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so a replaced pod can rejoin (the launcher does)",
               file=sys.stderr, flush=True)

@@ -1,1 +1,28 @@
-"""The training job, one module per job API; each renders the same pod (infra/jobs/pod.py)."""
+"""The training job, one module per job API; each renders the same pod (infra/jobs/pod.py).
+
+Each module offers `manifest(cfg)`, `commands(cfg)` and `REPLACED_BY` (the spec fields whose change
+replaces the job).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+JOB_APIS = ("training-operator-v1", "trainer-v2")
+
+
+def for_api(name: str) -> ModuleType:
+    from infra.jobs import pytorchjob, trainjob
+
+    return {"training-operator-v1": pytorchjob, "trainer-v2": trainjob}[name]
+
+
+def pod_volumes(manifest: dict) -> list[list[dict]]:
+    """The volume lists of the worker pods a job manifest declares (to point them at created objects)."""
+    if manifest["kind"] == "PyTorchJob":
+        return [r["template"]["spec"]["volumes"] for r in manifest["spec"]["pytorchReplicaSpecs"].values()]
+    if manifest["kind"] == "TrainJob":
+        return [rj["template"]["spec"]["template"]["spec"]["volumes"]
+                for patch in manifest["spec"]["runtimePatches"]
+                for rj in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]]
+    raise ValueError(manifest["kind"])

@@ -65,3 +65,7 @@ def commands(cfg: StackConfig) -> dict[str, str]:
         "watchPods": f"kubectl -n {ns} get pods -l training.kubeflow.org/job-name={job} -w",
         "followLogs": f"kubectl -n {ns} logs -f {job}-worker-0 -c {pod.CONTAINER}",
     }
+
+
+def rendezvous(job: dict) -> str:
+    return job["spec"]["elasticPolicy"]["rdzvId"]

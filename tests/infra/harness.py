@@ -17,6 +17,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT.parent / "shared" / "reference" / "kubeflow-training-operator"
+TRAINER_V2 = ROOT.parent / "shared" / "reference" / "kubeflow-trainer-v2"
 KUBERNETES_VERSION = "1.30.0"
 SECRET_SIG = "4dabf18193072939515e22adb298388d"  # pulumi's marker for a secret value in mock inputs
 
@@ -195,10 +196,61 @@ def validate_pytorchjob(job: dict) -> None:
             assert elastic["minReplicas"] <= elastic["maxReplicas"]
 
 
+@functools.lru_cache(maxsize=1)
+def trainjob_schema() -> dict:
+    crd = yaml.safe_load((TRAINER_V2 / "trainer.kubeflow.org_trainjobs.yaml").read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")
+    return _strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+
+
+@functools.lru_cache(maxsize=1)
+def torch_runtime() -> dict:
+    return yaml.safe_load((TRAINER_V2 / "torch_distributed.yaml").read_text())
+
+
+def validate_trainjob(job: dict) -> None:
+    """The TrainJob CRD's schema (strict) plus, by hand, its CEL rules and the torch plugin's
+    (NOTES.md): what jsonschema does not check."""
+    import re
+
+    jsonschema.validate(job, trainjob_schema())
+    name = job["metadata"]["name"]
+    assert re.match(r"^[a-z]([-a-z0-9]*[a-z0-9])?$", name), f"metadata.name {name!r} is not an RFC 1035 label"
+    assert len(name) <= 63, f"metadata.name {name!r} is longer than 63 characters"
+    spec = job["spec"]
+    patches = spec.get("runtimePatches") or []
+    assert len(patches) <= 16, "at most 16 runtimePatches"
+    managers = [p["manager"] for p in patches]
+    assert len(managers) == len(set(managers)), "runtimePatches are keyed by manager"
+    trainer = spec["trainer"]
+    reserved = {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"}
+    assert not reserved & {e["name"] for e in trainer.get("env", [])}, "trainer.env sets a name the torch plugin reserves"
+    assert isinstance(trainer.get("numProcPerNode"), int), "numProcPerNode must be set, an integer (CPU: else one per core)"
+    if spec["runtimeRef"]["name"] == "torch-distributed":
+        runtime_jobs = {r["name"] for r in torch_runtime()["spec"]["template"]["spec"]["replicatedJobs"]}
+        for patch in patches:
+            for rj in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]:
+                assert rj["name"] in runtime_jobs, f"runtimePatches name replicated job {rj['name']!r} the runtime lacks"
+                for c in rj["template"]["spec"]["template"]["spec"].get("containers", []):
+                    assert "env" not in c, "env goes in spec.trainer.env, not through runtimePatches"
+
+
+def effective_trainjob_pod(job: dict) -> dict:
+    from infra.jobs.trainjob import effective_pod_spec
+
+    return effective_pod_spec(job, torch_runtime())
+
+
 def validate_all(rendered: Rendered) -> None:
     for r in rendered.resources:
         if r.kind == "PyTorchJob":
             validate_pytorchjob(r.manifest())
+        elif r.kind == "TrainJob":
+            job = r.manifest()
+            validate_trainjob(job)
+            # The pod the controller builds from runtime + patches is a valid Kubernetes pod spec.
+            validate_core({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "node-0"},
+                           "spec": effective_trainjob_pod(job)})
         elif r.typ.startswith("kubernetes:"):
             validate_core(r.manifest())
 
@@ -217,6 +269,8 @@ def pod_specs(rendered: Rendered) -> dict[str, dict]:
         elif r.kind == "PyTorchJob":
             for rtype, spec in m["spec"]["pytorchReplicaSpecs"].items():
                 out[f"{r.name}/{rtype}"] = spec["template"]["spec"]
+        elif r.kind == "TrainJob":
+            out[f"{r.name}/node"] = effective_trainjob_pod(m)
     return out
 
 

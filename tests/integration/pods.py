@@ -2,13 +2,15 @@
 the operator and kubelet would start it.
 
 - The container's own command and environment, from the rendered PyTorchJob (or TrainJob).
-- The PET_* variables the operator injects for that spec (../shared/reference/*/NOTES.md).
+- The PET_* variables the operator (v1) or the torch runtime plugin (v2) injects for that spec
+  (../shared/reference/*/NOTES.md).
 - The pod's mounts at the pod's paths: a private mount namespace per pod (`unshare -m`, root) binds a
   directory standing for the shared claim at /data, the ConfigMap's file at /etc/llm-finetune and a
   pod-local /tmp; where mounting is impossible, the paths are mapped instead (the config is
   rewritten to point at the stand-in directories).
-- Two deviations, stated: the rendezvous host `<job>-etcd-client.<ns>.svc` is the local etcd's
-  loopback address, and every pod binds 127.0.0.1 (PET_LOCAL_ADDR) instead of its pod IP.
+- Deviations, stated: the rendezvous host (`<job>-etcd-client.<ns>.svc`, or v2's
+  `<job>-node-0-0.<job>:29500`) is a loopback address and port, and every pod binds 127.0.0.1
+  (PET_LOCAL_ADDR) instead of its pod IP.
 
 A pod is a process group: `kill()` is a lost node, `terminate()` is kubelet's SIGTERM to PID 1.
 """
@@ -79,6 +81,24 @@ def operator_env(job: dict, rdzv_endpoint: str) -> dict[str, str]:
     return env
 
 
+def torch_plugin_env(job: dict, node: int, master_port: int) -> dict[str, str]:
+    """What Trainer v2's torch plugin injects into the `node` container of replicated-job index
+    `node` (NOTES.md), the master `<job>-node-0-0.<job>:29500` mapped to loopback."""
+    trainer = job["spec"]["trainer"]
+    return {"PET_NNODES": str(trainer["numNodes"]), "PET_NPROC_PER_NODE": str(trainer["numProcPerNode"]),
+            "PET_NODE_RANK": str(node), "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(master_port),
+            "PYTHONUNBUFFERED": "1"}
+
+
+def container_of(job: dict) -> tuple[list[str], dict[str, str]]:
+    """The worker container's command and its own environment, from either job kind."""
+    if job["kind"] == "TrainJob":
+        trainer = job["spec"]["trainer"]
+        return trainer["command"], {e["name"]: e["value"] for e in trainer["env"]}
+    container = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    return container["command"], {e["name"]: e["value"] for e in container["env"]}
+
+
 class Pod:
     def __init__(self, name: str, command: list[str], env: dict[str, str], volume: Path, config_dir: Path,
                  tmp: Path, log: Path, namespaces: bool):
@@ -138,7 +158,7 @@ class Cluster:
         assert pod_path.startswith("/data/")
         return self.volume / pod_path[len("/data/"):]
 
-    def start(self, job: dict, config_text: str, node: int, tag: str = "") -> Pod:
+    def start(self, job: dict, config_text: str, node: int, tag: str = "", master_port: int = 0) -> Pod:
         self.count += 1
         name = f"pod{node}{tag}-{self.count}"
         config_dir = self.root / name / "config"
@@ -146,12 +166,14 @@ class Cluster:
         if not self.namespaces:  # map the pods' /data onto the stand-in volume
             config_text = config_text.replace("/data/", f"{self.volume}/")
         (config_dir / "config.yaml").write_text(config_text)
-        container = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
-        env = {e["name"]: e["value"] for e in container["env"]}
+        command, env = container_of(job)
         if not self.namespaces:
             env = {k: v.replace("/data/", f"{self.volume}/") for k, v in env.items()}
-        env.update(operator_env(job, self.etcd.endpoint))
-        pod = Pod(name, container["command"], env, self.volume, config_dir, self.root / name / "tmp",
+        if job["kind"] == "TrainJob":
+            env.update(torch_plugin_env(job, node, master_port))
+        else:
+            env.update(operator_env(job, self.etcd.endpoint))
+        pod = Pod(name, command, env, self.volume, config_dir, self.root / name / "tmp",
                   self.root / f"{name}.log", self.namespaces)
         self.pods.append(pod)
         return pod
@@ -210,11 +232,13 @@ class EtcdServer:
 
 
 def rendered(raw: dict) -> tuple[dict, str, dict]:
-    """(PyTorchJob manifest, trainer config text, stack outputs) of a stack config, under mocks."""
+    """(job manifest, trainer config text, stack outputs) of a stack config, under mocks."""
     from tests.infra.harness import render
 
     out = render(raw)
-    return out.one("PyTorchJob"), out.one("ConfigMap")["data"]["config.yaml"], out.outputs
+    jobs = out.of_kind("PyTorchJob") + out.of_kind("TrainJob")
+    assert len(jobs) == 1
+    return jobs[0].manifest(), out.one("ConfigMap")["data"]["config.yaml"], out.outputs
 
 
 def config_output_dir(config_text: str) -> str:

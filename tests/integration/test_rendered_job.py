@@ -176,3 +176,23 @@ def test_sigterm_saves_at_the_next_step_and_the_replacement_loses_at_most_one_st
     logs = replacement.log.read_text() + pods[1].log.read_text()
     assert f"resumed from checkpoint step {saved[-1]}" in logs
     assert _metrics(cluster, outputs)[-1]["step"] == 60
+
+
+def test_the_rendered_trainjob_trains_to_completion(cluster):
+    """Trainer v2: the TrainJob's `node` container command, with the torch plugin's PET_* variables
+    (static rendezvous on node 0), two nodes."""
+    raw = {k: v for k, v in stack().items() if k not in ("maxRestarts",)}
+    job, config, outputs = rendered({**raw, "jobApi": "trainer-v2"})
+    assert job["kind"] == "TrainJob"
+    for attempt in range(3):  # the static master port must be known to both nodes before they start
+        port = local.free_port()
+        pods = [cluster.start(job, config, node, f"v2-{attempt}", master_port=port) for node in (0, 1)]
+        codes = [p.wait(300) for p in pods]
+        logs = "".join(p.log.read_text() for p in pods)
+        if codes == [0, 0] or "address already in use" not in logs.lower():
+            break
+    assert codes == [0, 0], logs[-5000:]
+    assert "(static)" in logs and "world 2 (backend gloo" in logs
+    out = cluster.data_path(outputs["outputDir"])
+    assert (out / "final" / "config.json").exists()
+    assert _metrics(cluster, outputs)[-1]["step"] == 12
