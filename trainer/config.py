@@ -87,19 +87,37 @@ class DataConfig:
     dataset_config: Optional[str] = None
     split: str = "train"
     file: Optional[str] = None
-    """Local file: .json (array or lines), .jsonl, .csv, .parquet or .txt (exclusive with dataset)."""
+    """Local file: .jsonl, .json (an array, JSON lines, or an object holding the records under `field`),
+    .csv, .parquet or .txt, optionally compressed (.gz, .zst). Exclusive with dataset."""
+    field: Optional[str] = None
+    """For a JSON object file: the key holding the list of records (null: its one list-valued key)."""
     file_wait_seconds: int = 0
     """Wait this long for data.file to appear (uploaded after the job started) before failing."""
+    file_settle_seconds: float = 3.0
+    """A data file changed more recently than this is read only once its size and modification time
+    have stayed the same this long (a file still being uploaded is not read half-way)."""
+    format: Optional[Literal["instruction", "prompt-completion", "messages", "sharegpt", "text"]] = None
+    """What a record is. null: detected from the columns (and named in the log). instruction:
+    instruction/input/output (alpaca); prompt-completion: raw prompt and completion, no template;
+    messages: [{role, content}] conversations (TRL); sharegpt: [{from, value}]; text: plain text."""
     template: Literal["alpaca", "chat", "text"] = "alpaca"
+    """How instruction records become text: the Alpaca prompts, or the tokenizer's chat template (Llama 2
+    [INST] form without one). text: train on data.text_column as plain text. Conversations always use
+    the chat template; prompt-completion uses none."""
     max_seq_length: int = 512
     packing: Optional[bool] = None
     """null (auto): pack a micro-batch's examples into one padding-free sequence when a probe on the
     model proves packed examples stay isolated, else pad (logged). true: pack, refused on a model where
     examples would attend to each other. false: pad per micro-batch."""
     train_on_prompt: bool = False
+    skip_invalid: bool = False
+    """false: the first invalid record stops the run before training (file, line, field). true: invalid
+    records are skipped and counted in the log and report."""
     validation_fraction: float = 0.05
+    validation_file: Optional[str] = None
+    """A file of validation records (same formats); replaces holding out validation_fraction."""
     validation_split: Optional[str] = None
-    """Use the dataset's own split of this name instead of holding out validation_fraction."""
+    """A hub dataset's own split of this name instead of holding out validation_fraction."""
     validation_seed: int = 42
     """Seed of the held-out split; separate from training.seed, so a new seed keeps the same validation set."""
     max_examples: Optional[int] = None
@@ -107,22 +125,39 @@ class DataConfig:
     input_column: str = "input"
     output_column: str = "output"
     text_column: str = "text"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    messages_column: str = "messages"
+    conversations_column: str = "conversations"
     system_prompt: Optional[str] = None
-    """chat template: system message. alpaca: replaces the preamble of both prompts."""
+    """chat template and conversations without a system turn: the system message. alpaca: replaces the
+    preamble of both prompts."""
     prompt_with_input: Optional[str] = None
     """alpaca prompt for examples with input; placeholders {instruction} and {input}."""
     prompt_no_input: Optional[str] = None
     """alpaca prompt for examples without input; placeholder {instruction}."""
+    cache_dir: Optional[str] = None
+    """Where tokenized data is kept, one directory per (data, tokenizer, settings) fingerprint, shared by
+    every rank and restart. null: a `cache` directory beside output_dir."""
 
     def validate(self, check) -> None:
         check((self.dataset is None) != (self.file is None), ("dataset",),
               "set exactly one of data.dataset (a hub dataset id) and data.file (a file path); "
               + ("both are set" if self.dataset else "neither is set"))
-        if self.file is not None:
-            suffix = Path(self.file).suffix.lower()
-            check(suffix in DATA_FILE_TYPES, ("file",),
-                  f"unsupported file type {suffix or '(none)'!r}; use one of {', '.join(DATA_FILE_TYPES)}")
+        for key in ("file", "validation_file"):
+            path = getattr(self, key)
+            if path is not None:
+                kind = data_file_type(path)
+                check(kind is not None, (key,),
+                      f"unsupported file type {Path(path).name!r}; use one of {', '.join(DATA_FILE_TYPES)} "
+                      "(optionally .gz or .zst compressed)")
+        check(not (self.file and self.validation_split), ("validation_split",),
+              "names a split of a hub dataset, but data is a file. Fix: data.validation_file: <a file of "
+              "validation records>, or data.validation_fraction")
+        check(not (self.validation_file and self.validation_split), ("validation_file",),
+              "and data.validation_split are both set; use one")
         check(self.max_seq_length >= 16, ("max_seq_length",), "must be at least 16 tokens")
+        check(self.file_settle_seconds >= 0, ("file_settle_seconds",), "must be >= 0")
         check(0.0 <= self.validation_fraction < 0.5, ("validation_fraction",),
               "must be in [0, 0.5) (e.g. 0.05 holds out 5% of the examples)")
         check(self.max_examples is None or self.max_examples > 0, ("max_examples",), "must be > 0 or null")
@@ -133,7 +168,18 @@ class DataConfig:
             check("{instruction}" in self.prompt_no_input, ("prompt_no_input",), "must contain {instruction}")
 
 
-DATA_FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+DATA_FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+COMPRESSIONS = (".gz", ".zst")
+
+
+def data_file_type(path: str) -> Optional[str]:
+    """The record format of a data file name (".jsonl", ...), looking through .gz/.zst; None if unknown."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    if suffixes and suffixes[-1] in DATA_FILE_TYPES and not (suffixes[-1] == ".parquet" and path.endswith(COMPRESSIONS)):
+        return suffixes[-1]
+    return None
 
 
 @dataclass(frozen=True)
