@@ -15,7 +15,7 @@ from infra.rendezvous import etcd_manifests
 from infra.secret import secret_manifest
 from infra.jobs import for_api, pod_volumes
 from infra.storage import claim_manifest, ownership_job_manifest, storage_class_manifest
-from infra.trainer_config import config_map_manifest
+from infra.trainer_config import config_map_manifest, config_map_name
 
 
 @dataclass
@@ -41,6 +41,8 @@ def commands(cfg: StackConfig) -> dict[str, str]:
         "copyReport": f"kubectl -n {ns} cp {pod}:{out}/report.json ./{job}-report.json",
         "listOutputs": f"kubectl -n {ns} exec {pod} -- ls -la {out}",
         "listRuns": f"kubectl -n {ns} exec {pod} -- ls -la {DATA_MOUNT}/output/{job}",
+        "getTrainerConfig": (f"kubectl -n {ns} get configmap {config_map_name(cfg)} "
+                             "-o jsonpath='{.data.config\\.yaml}' > config.yaml"),
     }
 
 

@@ -453,10 +453,10 @@ def _trainer_config(ctx: _Ctx, job_name: str, run_id: str) -> tuple[TrainerConfi
             data["dataset"] = value
         elif key == "config":
             data["dataset_config"] = value
-        elif key == "file":
+        elif key in ("file", "validationFile", "validation_file"):
             # Relative files live on the shared volume; workers wait for an upload that comes
             # after `pulumi up` created the data-access pod.
-            data["file"] = value if str(value).startswith("/") else f"{DATA_MOUNT}/{value}"
+            data[_snake(key)] = value if str(value).startswith("/") else f"{DATA_MOUNT}/{value}"
             data.setdefault("file_wait_seconds", 1800)
         else:
             data[_snake(key)] = value

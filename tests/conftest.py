@@ -68,7 +68,8 @@ def write_config(path: Path, model_path: Path, data_file: Path, out: Path, **sec
     # depend on the machine. Tests of the bf16 path pass model={"dtype": "bf16"}.
     cfg = {
         "model": {"name_or_path": str(model_path), "dtype": "fp32", **sections.pop("model", {})},
-        "data": {"file": str(data_file), "max_seq_length": 256, **sections.pop("data", {})},
+        # Test files are written just before they are read: a short settle (the product waits 3 s).
+        "data": {"file": str(data_file), "max_seq_length": 256, "file_settle_seconds": 0.2, **sections.pop("data", {})},
         "training": {"max_steps": 20, "learning_rate": 0.003, "logging_steps": 5, "save_steps": 10,
                      "per_device_train_batch_size": 4, **sections.pop("training", {})},
         "lora": {"enabled": False, **sections.pop("lora", {})},

@@ -2,6 +2,7 @@
 
     python -m trainer finetune --config config.yaml --set training.max_steps=20
     torchrun --nproc-per-node 2 -m trainer finetune --config config.yaml
+    python -m trainer prepare --config config.yaml [--export subset.jsonl --max-examples 1000]
     python -m trainer quantize --config config.yaml
     python -m trainer evaluate --config config.yaml
     python -m trainer report OUTPUT_DIR
@@ -27,11 +28,22 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in (("finetune", "fine-tune (resumes from the newest complete checkpoint), save final/, "
                                     "then quantize when quantize.enabled"),
-                       ("evaluate", "perplexity, size, latency and sample generations of final/ (and quantized/)"),
+                       ("prepare", "validate and tokenize the data into the shared cache without training; print "
+                                   "statistics; optionally export a cleaned subset"),
+                       ("evaluate", "perplexity, size, latency and sample generations of final/ (and quantized/), "
+                                    "the base model or a checkpoint, on the validation data or a file"),
                        ("quantize", "quantize final/ with Intel Neural Compressor into quantized/ and report")):
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("--config", required=True, metavar="FILE", help="trainer config YAML (the stack renders it)")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help=SET_HELP)
+        if name == "prepare":
+            s.add_argument("--export", metavar="FILE", help="write the valid records, cleaned, to FILE (.jsonl lines, "
+                                                            ".json an array)")
+            s.add_argument("--max-examples", type=int, metavar="N", help="export at most N records")
+        if name == "evaluate":
+            s.add_argument("--model", default="final", metavar="WHICH",
+                           help="final (default), base, a model directory, or a checkpoint directory of this run")
+            s.add_argument("--data", metavar="FILE", help="score every record of FILE instead of the validation data")
     r = sub.add_parser("report", help="regenerate plots and print the summary table of an output directory")
     r.add_argument("output_dir", metavar="OUTPUT_DIR")
     return p
@@ -59,7 +71,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         elif args.command == "evaluate":
             from trainer import evaluate
 
-            evaluate.run(cfg)
+            evaluate.run(cfg, which=args.model, data_file=args.data)
+        elif args.command == "prepare":
+            prepare(cfg, args.export, args.max_examples)
         return 0
     except Preempted as exc:
         print(f"{exc}", file=sys.stderr, flush=True)
@@ -68,6 +82,35 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         stop_torchrun_agent()
         return 2
+
+
+def prepare(cfg, export: Optional[str], max_examples: Optional[int]) -> None:
+    """Validate and tokenize (every rank under torchrun, a process pool otherwise); print statistics."""
+    import time
+
+    from trainer import data, distributed, modeling
+    from trainer.metrics import Logger
+
+    started = time.perf_counter()
+    d = distributed.init(None)
+    log = Logger(d.is_main)
+    try:
+        token = modeling.read_token()
+        path = modeling.resolve(cfg.model, token, d)
+        tokenizer = modeling.load_tokenizer(path)
+        prepared = data.for_config(cfg, tokenizer, path, token, d, log, export=export, export_max=max_examples)
+    finally:
+        d.close()
+    if d.is_main:
+        log(f"data: {prepared.summary()}")
+        log(f"validation: {len(prepared.val)} examples ({prepared.val_stats.records} records)")
+        for line in prepared.stats.invalid_first:
+            log(f"skipped invalid record {line}")
+        if prepared.stats.split_conversations:
+            log(f"{prepared.stats.split_conversations} conversations became one example per assistant turn (the "
+                "chat template renders earlier turns differently)")
+        log(f"cache: {prepared.cache} ({'already there' if prepared.hit else 'written'}); "
+            f"{time.perf_counter() - started:.1f}s")
 
 
 def stop_torchrun_agent() -> None:

@@ -47,7 +47,8 @@ def weights_fingerprint(model_dir: str) -> str:
 def guarded(cfg: TrainerConfig, weights: str, data: str, precision: str, lora_targets: Any) -> dict[str, Any]:
     """The values a checkpoint holds, by config key: any change means a different training."""
     t = cfg.training
-    data_keys = {f"data.{k}": v for k, v in cfg.to_dict()["data"].items() if k != "file_wait_seconds"}
+    data_keys = {f"data.{k}": v for k, v in cfg.to_dict()["data"].items()
+                 if k not in ("file_wait_seconds", "file_settle_seconds", "cache_dir")}
     out = {"model.weights": weights, "model.dtype": precision, "data.content": data, **data_keys,
            "training.seed": t.seed, "training.per_device_train_batch_size": t.per_device_train_batch_size,
            "training.gradient_accumulation_steps": t.gradient_accumulation_steps, "training.optim": t.optim,

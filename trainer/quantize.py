@@ -37,13 +37,6 @@ def inc_config(q: QuantizeConfig, group_size: int):
     return AWQConfig(**common)
 
 
-def calibration_batches(cfg: TrainerConfig, tokenizer, records: list[dict]) -> list[torch.Tensor]:
-    """Training examples (prompt and response) for GPTQ/AWQ statistics."""
-    from trainer.data import tokenize
-
-    return [torch.tensor([ex.input_ids]) for ex in tokenize(records, cfg.data, tokenizer)]
-
-
 def quantize_model(model, cfg: TrainerConfig, calibration: list[torch.Tensor]):
     from neural_compressor.torch.quantization import convert, prepare
 
@@ -139,10 +132,10 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict
     kept_dtype = quantsize.saved_dtype(str(cfg.final_dir)) or torch.float32
     plan = quantsize.estimate(model, q.bits, q.group_size, kept_dtype, q.algorithm)
     _check(q, plan, f"the model at {cfg.final_dir}")
-    evalset = EvalSet(cfg, tokenizer)
-    log(f"quantize: measuring the fine-tuned model on {len(evalset.examples)} validation examples")
+    evalset = EvalSet(cfg, tokenizer, str(cfg.final_dir), limit=q.eval_samples or None)
+    log(f"quantize: measuring the fine-tuned model on {evalset.limit} validation examples")
     before = measure(model, tokenizer, cfg.final_dir, evalset, q.max_new_tokens)
-    calibration = calibration_batches(cfg, tokenizer, evalset.calibration) if q.algorithm != "rtn" else []
+    calibration = evalset.calibration(q.calibration_samples) if q.algorithm != "rtn" else []
     log(f"quantize: {q.algorithm.upper()} {q.bits}-bit, {q.scheme}, group size {q.group_size}"
         + (f", {len(calibration)} calibration examples" if calibration else ""))
     try:

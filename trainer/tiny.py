@@ -62,6 +62,23 @@ def finance_alpaca(n: int, seed: int = 0) -> list[dict[str, str]]:
     return out
 
 
+def conversations(fmt: str, n: int, seed: int = 0) -> list[dict]:
+    """Flashcard facts as multi-turn conversations (messages or ShareGPT) or prompt-completion pairs."""
+    cards = flashcards(n * 2, seed=seed, long_tail=False)
+    out = []
+    for i in range(n):
+        a, b = cards[2 * i], cards[2 * i + 1]
+        turns = [("user", a["input"]), ("assistant", a["output"]), ("user", b["input"]), ("assistant", b["output"])]
+        if fmt == "messages":
+            out.append({"messages": [{"role": "system", "content": "Answer truthfully."}]
+                        + [{"role": r, "content": c} for r, c in turns]})
+        elif fmt == "sharegpt":
+            out.append({"conversations": [{"from": "human" if r == "user" else "gpt", "value": c} for r, c in turns]})
+        else:
+            out.append({"prompt": f"Q: {a['input']}\nA:", "completion": f" {a['output']}"})
+    return out
+
+
 def corpus(records: Iterable[dict]) -> list[str]:
     return [" ".join(str(v) for v in r.values()) for r in records]
 
@@ -77,7 +94,7 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512, chat_template: Opti
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    from trainer.data import ALPACA_PREAMBLE, ALPACA_PREAMBLE_INPUT
+    from trainer.data.formats import ALPACA_PREAMBLE, ALPACA_PREAMBLE_INPUT
 
     # The prompt scaffolding is part of the corpus so templated prompts tokenize to realistic lengths.
     scaffold = [ALPACA_PREAMBLE, ALPACA_PREAMBLE_INPUT, "[INST] <<SYS>> <</SYS>> [/INST]",

@@ -20,14 +20,17 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from trainer import distributed as D
 from trainer import identity, modeling, probes
 from trainer.checkpoint import Checkpointer, NonFiniteState, estimate_checkpoint_bytes
 from trainer.config import TrainerConfig
-from trainer.data import (Prepared, Row, collate, epoch_order, fingerprint, label_tokens, make_batches, prepare,
-                          shard)
+from trainer import data as data_module
+from trainer.data import Prepared, collate, epoch_order, shard
+from trainer.data.batches import BatchOrder
+from trainer.data.cache import Split
 from trainer.errors import UserError
 from trainer.lock import OutputLock
 from trainer.metrics import Logger, MetricsWriter, Progress, fmt, plain_logs, update_report
@@ -38,33 +41,33 @@ from trainer.preemption import StopRequest
 class Plan:
     """Which micro-batches each rank runs, and the global label-token count of every step."""
 
-    batches: list[list[int]]
-    label_counts: list[int]
+    batches: BatchOrder
+    label_counts: np.ndarray
     micro_per_epoch: int
     steps_per_epoch: int
     total_steps: int
 
 
-def plan(rows: list[Row], cfg: TrainerConfig, world: int) -> Plan:
+def plan(split: Split, cfg: TrainerConfig, world: int) -> Plan:
     t = cfg.training
-    batches = make_batches(rows, t.per_device_train_batch_size, t.seed)
+    batches = BatchOrder(len(split), t.per_device_train_batch_size, t.seed)
     micro_per_epoch = len(batches) // world
     steps_per_epoch = micro_per_epoch // t.gradient_accumulation_steps
     if steps_per_epoch == 0:
-        raise UserError(f"data: {len(rows)} training examples make {len(batches)} batches of "
+        raise UserError(f"data: {len(split)} training examples make {len(batches)} batches of "
                         f"{t.per_device_train_batch_size}, too few for {world} processes x "
                         f"{t.gradient_accumulation_steps} accumulation steps. Fix: more data, or smaller "
                         "training.per_device_train_batch_size / gradient_accumulation_steps")
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
-    counts = [label_tokens(rows[i] for i in b) for b in batches]
-    return Plan(batches, counts, micro_per_epoch, steps_per_epoch, total)
+    # Labels are shifted by one inside the loss: an example's first token is never a target.
+    return Plan(batches, batches.counts(split.trained), micro_per_epoch, steps_per_epoch, total)
 
 
-def step_batches(p: Plan, cfg: TrainerConfig, step: int, rank: int, world: int) -> tuple[int, list[list[int]], int]:
+def step_batches(p: Plan, cfg: TrainerConfig, step: int, rank: int, world: int) -> tuple[int, list[np.ndarray], int]:
     """(epoch, this rank's micro-batches, global label tokens) of optimizer step `step` (0-based).
 
-    Every rank holds all rows and the same seeded order, so each can compute the global token
-    count of a step locally: the loss is normalised without a collective per step."""
+    Every rank holds the same seeded order, so each can compute the global token count of a step
+    locally: the loss is normalised without a collective per step."""
     accum = cfg.training.gradient_accumulation_steps
     epoch, index = divmod(step, p.steps_per_epoch)
     order = epoch_order(len(p.batches), cfg.training.seed, epoch)
@@ -74,8 +77,8 @@ def step_batches(p: Plan, cfg: TrainerConfig, step: int, rank: int, world: int) 
     for r in range(world):
         ids = shard(order, r, world)[lo:hi]
         if r == rank:
-            mine = [p.batches[b] for b in ids]
-        total += sum(p.label_counts[b] for b in ids)
+            mine = [p.batches[int(b)] for b in ids]
+        total += int(p.label_counts[ids].sum())
     return epoch, mine, total
 
 
@@ -105,12 +108,14 @@ class Trainer:
         self.model_path = path
         self.log(f"world {d.world_size} (backend {d.backend or 'none'}, device {d.device.type}, "
                  f"{torch.get_num_threads()} threads/process)")
-        self.data: Prepared = D.main_first(d, lambda: prepare(cfg.data, self.tokenizer, token))
-        self.log(f"data: {self.data.train_stats.summary()}; validation: {len(self.data.val_rows)} examples")
-        if self.data.train_stats.truncated:
-            self.log(f"data: {self.data.train_stats.truncated} examples longer than data.max_seq_length="
+        self.data: Prepared = data_module.for_config(cfg, self.tokenizer, path, token, d, self.log)
+        self.log(f"data: {self.data.summary()}; validation: {len(self.data.val)} examples")
+        if self.data.stats.truncated:
+            self.log(f"data: {self.data.stats.truncated} examples longer than data.max_seq_length="
                      f"{cfg.data.max_seq_length} were truncated")
-        self.plan = plan(self.data.train_rows, cfg, d.world_size)
+        for line in self.data.stats.invalid_first:
+            self.log(f"data: skipped invalid record {line}")
+        self.plan = plan(self.data.train, cfg, d.world_size)
 
         self.precision = D.choose_precision(cfg.model.dtype, d.device.type == "cuda",
                                             torch.cuda.is_available() and torch.cuda.is_bf16_supported())
@@ -136,7 +141,7 @@ class Trainer:
                  f"), attention {model.config._attn_implementation}, {self.precision.describe()}; final/ saved as "
                  f"{str(self.save_dtype).replace('torch.', '')}")
         # What the checkpoints of this run hold (the resume guard compares it; rank 0 reads the files).
-        fingerprints = D.on_main(d, lambda: (identity.weights_fingerprint(path), fingerprint(cfg.data)))
+        fingerprints = (D.on_main(d, lambda: identity.weights_fingerprint(path)), self.data.content)
         lora_names = sorted({n.rsplit(".", 1)[-1] for n in targets}) if isinstance(targets, list) else targets
         self.identity = identity.guarded(cfg, fingerprints[0], fingerprints[1], str(self.precision.params),
                                          lora_names if cfg.lora.enabled else None)
@@ -295,7 +300,7 @@ class Trainer:
             epoch, micro, global_tokens = step_batches(p, cfg, step, d.rank, d.world_size)
             scale = d.world_size / max(1, global_tokens)  # DDP averages gradients over ranks
             for i, batch in enumerate(micro):
-                tensors, real = collate([self.data.train_rows[j] for j in batch], pad_id, self.probe.packs)
+                tensors, real = collate([self.data.train.labels(int(j)) for j in batch], pad_id, self.probe.packs)
                 tensors = {k: v.to(d.device, non_blocking=True) for k, v in tensors.items()}
                 sync = i == len(micro) - 1
                 ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else nullcontext()
@@ -330,7 +335,7 @@ class Trainer:
             reason = self.stop.local()
             stopping = not d.all_true(reason is None)
             save = step % t.save_steps == 0 or last or stopping
-            do_eval = bool(self.data.val_rows) and (last or (t.eval_steps is not None and step % t.eval_steps == 0))
+            do_eval = len(self.data.val) > 0 and (last or (t.eval_steps is not None and step % t.eval_steps == 0))
             # Flush at save steps too, so a checkpoint's tokens_seen (and the metrics rows kept on
             # resume) account for every step up to it.
             if step % t.logging_steps == 0 or last or do_eval or save:
@@ -391,13 +396,13 @@ class Trainer:
                 clock = time.perf_counter()
         progress.close()
         train_seconds += time.perf_counter() - clock
-        eval_loss = last_eval if last_eval_step == step else (self.evaluate() if self.data.val_rows else None)
+        eval_loss = last_eval if last_eval_step == step else (self.evaluate() if len(self.data.val) else None)
         summary = {"steps": step, "train_seconds": train_seconds, "first_step_seconds": first_step_seconds,
                    "num_input_tokens_seen": tokens_seen, "eval_loss": eval_loss,
                    "eval_perplexity": _ppl(eval_loss) if eval_loss is not None else None,
                    "skipped_steps": skipped_before + int(bad_total),
-                   "world_size": d.world_size, "data": {k: v for k, v in vars(self.data.train_stats).items()
-                                                         if k != "prompt_lengths"}}
+                   "world_size": d.world_size, "data": {"format": self.data.format, **vars(self.data.stats),
+                                                         "validation_examples": len(self.data.val)}}
         self.log(f"done: {step} steps in {train_seconds:.1f}s, eval_loss {fmt(eval_loss)}, "
                  f"perplexity {fmt(summary['eval_perplexity'])}")
         return summary
@@ -417,14 +422,16 @@ class Trainer:
         model = self.loss_module  # outside DDP (no gradient hooks needed); FSDP's root itself
         was_training = model.training
         model.eval()
-        batches = make_batches(self.data.val_rows, self.t.per_device_eval_batch_size, self.t.seed)
+        order = BatchOrder(len(self.data.val), self.t.per_device_eval_batch_size, self.t.seed)
+        batches = [order[b] for b in range(len(order))]
         mine = batches[d.rank::d.world_size]
         rounds = math.ceil(len(batches) / d.world_size)
         loss, count = 0.0, 0
         for i in range(rounds):
             # Every rank runs the same number of forwards (FSDP's collectives need it); extra ones weigh 0.
             batch = mine[i] if i < len(mine) else batches[0]
-            tensors, _ = collate([self.data.val_rows[j] for j in batch], self.tokenizer.pad_token_id, self.probe.packs)
+            tensors, _ = collate([self.data.val.labels(int(j)) for j in batch], self.tokenizer.pad_token_id,
+                                 self.probe.packs)
             tensors = {k: v.to(d.device) for k, v in tensors.items()}
             with self.precision.autocast(d.device):
                 loss_sum, n = model(tensors["input_ids"], tensors["position_ids"], tensors["labels"],

@@ -117,6 +117,9 @@ def test_dataset_keys_in_camel_or_snake_case():
 
 
 def test_relative_dataset_file_lives_on_volume_and_waits_for_upload():
-    parsed = parse({**DS, "dataset": {"file": "finance-alpaca.json", "template": "chat"}})
+    parsed = parse({**DS, "dataset": {"file": "finance-alpaca.json", "template": "chat",
+                                      "validationFile": "finance-val.jsonl.gz", "skipInvalid": True}})
     assert parsed.trainer.data.file == "/data/finance-alpaca.json"
+    assert parsed.trainer.data.validation_file == "/data/finance-val.jsonl.gz"
+    assert parsed.trainer.data.skip_invalid is True
     assert parsed.trainer.data.file_wait_seconds == 1800

@@ -225,6 +225,8 @@ def test_stack_outputs_have_ready_to_paste_commands():
                                      "/data/finance.json")
     assert cmds["copyModel"] == f"kubectl -n ml cp fin-data-access:/data/output/fin/{run}/final ./fin-final"
     assert cmds["listRuns"] == "kubectl -n ml exec fin-data-access -- ls -la /data/output/fin"
+    assert cmds["getTrainerConfig"] == (f"kubectl -n ml get configmap fin-config-{run} "
+                                        "-o jsonpath='{.data.config\\.yaml}' > config.yaml")
     assert "quantized" in cmds["copyQuantizedModel"]
 
 

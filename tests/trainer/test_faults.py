@@ -255,16 +255,16 @@ def test_a_file_still_growing_is_waited_for(tmp_path, tiny_model, flashcards_rec
     writer = threading.Thread(target=upload_rest)
     writer.start()
     try:
-        cfg = write_config(tmp_path / "c.yaml", tiny_model, data, tmp_path / "out",
+        cfg = write_config(tmp_path / "c.yaml", tiny_model, data, tmp_path / "out", data={"file_settle_seconds": 3.0},
                            training={"max_steps": 2, "save_steps": 100})
         finetune(load_config(cfg))
     finally:
         writer.join()
-    assert "data: 380 examples" in capsys.readouterr().err  # all 400 read (20 held out), not 200
+    assert "data: 400 records (instruction) -> 380 training examples" in capsys.readouterr().err  # all read, 20 held out
 
 
 def test_a_file_that_keeps_growing_is_refused(tmp_path, flashcards_records, monkeypatch):
-    from trainer import data as data_module
+    import trainer.data.sources as data_module
 
     path = tmp_path / "cards.jsonl"
     path.write_text("")
