@@ -19,8 +19,9 @@ class Logger:
     def __init__(self, enabled: bool):
         self.enabled = enabled
 
-    def __call__(self, message: str) -> None:
-        if self.enabled:
+    def __call__(self, message: str, *, every_rank: bool = False) -> None:
+        """Rank 0 logs; `every_rank` for what only this rank knows (e.g. its pod was asked to stop)."""
+        if self.enabled or every_rank:
             stamp = time.strftime("%H:%M:%S")
             print(f"[{stamp}] {message}", file=sys.stderr, flush=True)
 

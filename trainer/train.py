@@ -370,7 +370,11 @@ class Trainer:
             progress.update(1)
             if save:
                 if stopping:
-                    self.log(f"stop requested ({reason or 'on another pod'}) at step {step}: saving a checkpoint")
+                    if reason:  # logged by the rank whose pod was asked, whatever rank the rendezvous gave it
+                        self.log(f"stop requested ({reason}) at step {step} on rank {d.rank}: saving a checkpoint",
+                                 every_rank=True)
+                    else:
+                        self.log(f"stop requested on another pod at step {step}: saving a checkpoint")
                 if run:
                     self.log(f"not saving step {step}: its last {run} step(s) had a non-finite loss or gradient")
                     if stopping:
