@@ -15,24 +15,30 @@ import transformers as T
 _ATTN = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
 _DENSE = dict(_ATTN, intermediate_size=128, num_key_value_heads=2)
 
-# name: (config class, tiny shapes, packed examples stay isolated on CPU under their default attention)
-ARCHITECTURES: dict[str, tuple[Any, dict, bool]] = {
-    "llama": (T.LlamaConfig, _DENSE, True),
-    "mistral-sliding-window": (T.MistralConfig, dict(_DENSE, sliding_window=8), True),
-    "qwen2": (T.Qwen2Config, _DENSE, True),
+VARLEN, PACKED, PADDED = "varlen", "packed", "padded"
+
+# name: (config class, tiny shapes, how the trainer trains it on CPU: packed under variable-length
+# attention, packed under the model's own attention (transformers' block mask: a sliding window, or
+# softcapping, which varlen does not do), or padded (packed examples would leak into each other))
+ARCHITECTURES: dict[str, tuple[Any, dict, str]] = {
+    "llama": (T.LlamaConfig, _DENSE, VARLEN),
+    # A window longer than the probe's examples, shorter than training's: varlen (no window) is not used.
+    "mistral-sliding-window": (T.MistralConfig, dict(_DENSE, sliding_window=16), PACKED),
+    "qwen2": (T.Qwen2Config, _DENSE, VARLEN),
     "gemma2-softcap": (T.Gemma2Config, dict(_DENSE, head_dim=16, final_logit_softcapping=2.0,
-                                            attn_logit_softcapping=5.0, sliding_window=8), True),
-    "phi3-fused-qkv": (T.Phi3Config, _DENSE, True),
-    "gpt-neox": (T.GPTNeoXConfig, dict(_ATTN, intermediate_size=128), True),
-    "gpt2-conv1d": (T.GPT2Config, dict(n_embd=64, n_layer=2, n_head=4, n_positions=512), True),
+                                            attn_logit_softcapping=5.0, sliding_window=8), PACKED),
+    "phi3-fused-qkv": (T.Phi3Config, _DENSE, VARLEN),
+    "gpt-neox": (T.GPTNeoXConfig, dict(_ATTN, intermediate_size=128), VARLEN),
+    "gpt2-conv1d": (T.GPT2Config, dict(n_embd=64, n_layer=2, n_head=4, n_positions=512), VARLEN),
+    # OPT's mask ignores position_ids (packing leaks under SDPA); without a mask, varlen isolates it.
     "opt-learned-positions": (T.OPTConfig, dict(_ATTN, ffn_dim=128, word_embed_proj_dim=64,
-                                                max_position_embeddings=512), False),
-    "falcon-rotary": (T.FalconConfig, dict(_ATTN, new_decoder_architecture=True, num_kv_heads=2), False),
-    "falcon-alibi": (T.FalconConfig, dict(_ATTN, alibi=True), False),
-    "mixtral-moe": (T.MixtralConfig, dict(_DENSE, num_local_experts=4, num_experts_per_tok=2), True),
-    "mamba-recurrent": (T.MambaConfig, dict(hidden_size=64, state_size=8, num_hidden_layers=2), False),
+                                                max_position_embeddings=512), VARLEN),
+    "falcon-rotary": (T.FalconConfig, dict(_ATTN, new_decoder_architecture=True, num_kv_heads=2), PADDED),
+    "falcon-alibi": (T.FalconConfig, dict(_ATTN, alibi=True), PADDED),
+    "mixtral-moe": (T.MixtralConfig, dict(_DENSE, num_local_experts=4, num_experts_per_tok=2), VARLEN),
+    "mamba-recurrent": (T.MambaConfig, dict(hidden_size=64, state_size=8, num_hidden_layers=2), PADDED),
     "lfm2-hybrid-conv": (T.Lfm2Config, dict(_DENSE, num_hidden_layers=4,
-                                            layer_types=["conv", "full_attention", "conv", "full_attention"]), False),
+                                            layer_types=["conv", "full_attention", "conv", "full_attention"]), PADDED),
 }
 
 
@@ -51,5 +57,5 @@ def write(name: str, path: Path, tokenizer, seed: int = 0) -> Path:
     return path
 
 
-def isolated(name: str) -> bool:
+def expected(name: str) -> str:
     return ARCHITECTURES[name][2]

@@ -146,6 +146,10 @@ class Dist:
         dist.all_reduce(t)
         return float(t) == 0.0
 
+    def any_async(self, flag: bool) -> "_Vote":
+        """Start an all-reduce of `flag` (true on any rank?); read it later with .result()."""
+        return _Vote(self, flag)
+
     def broadcast_object(self, obj):
         """Rank 0's object on every rank (a decision taken once)."""
         if not self.enabled:
@@ -161,6 +165,21 @@ class Dist:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _Vote:
+    def __init__(self, d: "Dist", flag: bool):
+        self.flag = bool(flag)
+        self.work = None
+        if d.enabled:
+            self.tensor = torch.tensor([1.0 if flag else 0.0], device=d._collective_device)
+            self.work = dist.all_reduce(self.tensor, async_op=True)
+
+    def result(self) -> bool:
+        if self.work is None:
+            return self.flag
+        self.work.wait()
+        return float(self.tensor) > 0.0
 
 
 def main_first(d: "Dist", fn):

@@ -21,7 +21,8 @@ from trainer.errors import UserError
 # An isolated example's logits differ only by summation order: ~2e-7 in fp32 on tiny models, where the
 # smallest leak measured (LFM2's convolution state) is 3e-4. Relative to the largest logit.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 4e-2, torch.float16: 5e-3}
-PACKED, PACKED_SEQ_IDX, PADDED = "packed", "packed with sequence index", "padded"
+PACKED, PACKED_VARLEN, PACKED_SEQ_IDX, PADDED = ("packed", "packed, variable-length attention",
+                                                 "packed with sequence index", "padded")
 
 
 def sequence_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
@@ -43,13 +44,18 @@ class Plan:
     leak: Optional[float]
     loss_gap: float
     tolerance: float
+    note: Optional[str] = None  # why variable-length attention was not tried, where it was asked for
 
     @property
     def packs(self) -> bool:
         return self.packing != PADDED
 
     def extra(self, position_ids: torch.Tensor) -> dict[str, Any]:
-        """Extra forward arguments for a micro-batch on this path."""
+        """Extra forward arguments for a micro-batch on this path (computed once per micro-batch)."""
+        if self.packing == PACKED_VARLEN:
+            from trainer.attention import SEGMENTS, segments
+
+            return {SEGMENTS: segments(position_ids)}
         return sequence_kwargs(position_ids) if self.packing == PACKED_SEQ_IDX else {}
 
 
@@ -65,16 +71,48 @@ def _logits(model, ids: torch.Tensor, positions: torch.Tensor, **extra) -> torch
     return model(input_ids=ids[None], position_ids=positions[None], use_cache=False, **extra).logits[0].float()
 
 
-def leak(model, device, with_sequence_index: bool = False) -> float:
-    """Largest change of B's logits when B is packed after A, relative to B's largest logit."""
+def leak(model, device, with_sequence_index: bool = False, reference: Optional[torch.Tensor] = None,
+         extra_fn=None) -> float:
+    """Largest change of B's logits when B is packed after A, relative to B's largest logit.
+    `reference`: B's logits alone under another attention path (exactness of a new path)."""
     a, b = _probe_ids(model, device)
     pos_b = torch.arange(len(b), device=device)
-    alone = _logits(model, b, pos_b)
+    alone = _logits(model, b, pos_b) if reference is None else reference
     ids = torch.cat([a, b])
     positions = torch.cat([torch.arange(len(a), device=device), pos_b])
     extra = sequence_kwargs(positions[None]) if with_sequence_index else {}
+    if extra_fn is not None:
+        extra = extra_fn(positions[None])
     packed = _logits(model, ids, positions, **extra)[len(a):]
     return float((alone - packed).abs().max()) / max(1.0, float(alone.abs().max()))
+
+
+def _hf(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def try_varlen(loss_module, device, tol: float) -> Optional[float]:
+    """Switch the model to variable-length attention when it reproduces the model's own attention on
+    the probe (B packed after A under varlen == B alone under the current path); its error, or None
+    (and the model left as it was) when it does not, or cannot run this model's attention."""
+    from trainer.attention import VARLEN, register, segments
+
+    register()
+    model = loss_module.model
+    hf = _hf(model)
+    original = hf.config._attn_implementation
+    _, b = _probe_ids(model, device)
+    reference = _logits(model, b, torch.arange(len(b), device=device))
+    try:
+        hf.set_attn_implementation(VARLEN)
+        error = leak(model, device, reference=reference,
+                     extra_fn=lambda positions: {"llm_finetune_segments": segments(positions)})
+    except Exception:  # the model's attention needs what varlen does not do (softcapping, a mask, ALiBi...)
+        error = float("inf")
+    if error <= tol:
+        return error
+    hf.set_attn_implementation(original)
+    return None
 
 
 def loss_gap(loss_module, device) -> float:
@@ -97,9 +135,21 @@ def _measure(fn, *args, **kwargs) -> float:
 
 
 @torch.no_grad()
-def run(loss_module, requested_packing: Optional[bool], device: torch.device) -> Plan:
-    """Measure on the model and choose: packing path and loss path (see the module docstring)."""
+def run(loss_module, requested_packing: Optional[bool], device: torch.device, varlen: bool = False,
+        longest: Optional[int] = None) -> Plan:
+    """Measure on the model and choose: packing path and loss path (see the module docstring).
+    `varlen`: try variable-length attention first (trainer/attention.py), kept only where exact;
+    `longest`: the longest example training may see (data.max_seq_length)."""
+    from trainer.attention import sliding_window
+
     model = loss_module.model
+    note = None
+    window = sliding_window(_hf(model).config)
+    if varlen and window is not None and (longest is None or window < longest):
+        # Varlen has no window, and the probe's short examples fit in it: an example longer than the
+        # window would fail mid-run. The model's own attention applies the window to packed rows.
+        varlen, note = False, (f"variable-length attention not used: the model's sliding window ({window}) is "
+                               f"shorter than the longest example (data.max_seq_length {longest})")
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
@@ -117,8 +167,11 @@ def run(loss_module, requested_packing: Optional[bool], device: torch.device) ->
                                 "does not reproduce (an auxiliary loss?). Fix: a causal LM whose loss is next-token "
                                 "cross-entropy, or disable its extra loss terms in its config")
         measured = None
+        varlen_error = try_varlen(loss_module, device, tol) if varlen and requested_packing is not False else None
         if requested_packing is False:
             packing = PADDED
+        elif varlen_error is not None:
+            packing, measured = PACKED_VARLEN, varlen_error
         else:
             measured = _measure(leak, model, device)
             if measured <= tol:
@@ -132,7 +185,7 @@ def run(loss_module, requested_packing: Optional[bool], device: torch.device) ->
                                 "micro-batch on this model) or false")
             else:
                 packing = PADDED
-        return Plan(packing, full, measured, gap, tol)
+        return Plan(packing, full, measured, gap, tol, note if requested_packing is not False else None)
     finally:
         model.train(was_training)
 
@@ -142,6 +195,10 @@ def describe(plan: Plan, model_name: str) -> list[str]:
     if plan.packing == PACKED:
         pack = (f"packing: examples packed padding-free; probe: an example's logits alone and packed differ by "
                 f"{plan.leak:.1e} <= {plan.tolerance:g}")
+    elif plan.packing == PACKED_VARLEN:
+        pack = (f"packing: examples packed padding-free, variable-length attention (each example attends to itself: "
+                f"Σ len² work, no dense mask); probe: an example's logits packed under it and alone under the "
+                f"model's own attention differ by {plan.leak:.1e} <= {plan.tolerance:g}")
     elif plan.packing == PACKED_SEQ_IDX:
         pack = (f"packing: examples packed with a sequence index (seq_idx, cu_seq_lens): plain packing leaks "
                 f"({plan.leak:.2g}) on {model_name}, the indexed path is isolated")
@@ -150,6 +207,8 @@ def describe(plan: Plan, model_name: str) -> list[str]:
     else:
         pack = (f"packing: padding per micro-batch instead: on {model_name} packed examples would attend to each "
                 f"other (logits differ by {plan.leak:.2g} > {plan.tolerance:g})")
+    if plan.note:
+        pack += f"; {plan.note}"
     loss = ("loss: logits only at labelled positions, equal to the model's own loss (relative difference "
             f"{plan.loss_gap:.1e})" if not plan.full_logits else
             f"loss: the model's full logits: projecting only labelled positions differs from its own loss by "

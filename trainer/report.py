@@ -22,6 +22,7 @@ def _num(n: Optional[float], digits: int = 4) -> str:
 
 
 def plot_loss(out: Path) -> Optional[Path]:
+    """Loss against optimizer steps and against training time (evaluation excluded)."""
     path = out / "metrics.jsonl"
     if not path.exists():
         return None
@@ -31,18 +32,21 @@ def plot_loss(out: Path) -> Optional[Path]:
     import matplotlib.pyplot as plt
 
     rows = read_metrics(path)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", color="tab:blue")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="validation loss", color="tab:orange")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats per trained token)")
-    ax.set_title("Fine-tuning loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    timed = all("train_seconds" in r for r in rows) and rows
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(12 if timed else 7, 4), squeeze=False)
+    for ax, x, label in ((axes[0][0], "step", "optimizer step"),
+                         *(((axes[0][1], "train_seconds", "training time (s, evaluation excluded)"),) if timed else ())):
+        train = [(r[x], r["loss"]) for r in rows if "loss" in r]
+        evals = [(r[x], r["eval_loss"]) for r in rows if "eval_loss" in r]
+        if train:
+            ax.plot(*zip(*train), label="train loss", color="tab:blue")
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="validation loss", color="tab:orange")
+        ax.set_xlabel(label)
+        ax.set_ylabel("loss (nats per trained token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Fine-tuning loss")
     fig.tight_layout()
     return _save_figure(fig, out / "loss_curve.png")
 

@@ -50,7 +50,7 @@ class Plan:
 
 def plan(split: Split, cfg: TrainerConfig, world: int) -> Plan:
     t = cfg.training
-    batches = BatchOrder(len(split), t.per_device_train_batch_size, t.seed)
+    batches = BatchOrder(len(split), t.per_device_train_batch_size, t.seed, split.lengths, t.tokens_per_micro_batch)
     micro_per_epoch = len(batches) // world
     steps_per_epoch = micro_per_epoch // t.gradient_accumulation_steps
     if steps_per_epoch == 0:
@@ -148,7 +148,16 @@ class Trainer:
         self.base = model
         model = self.loss_module = modeling.CausalLMLoss(model)
         # Rank 0 measures on the model (milliseconds) and every rank takes its answer.
-        self.probe = D.on_main(d, lambda: probes.run(model, cfg.data.packing, d.device))
+        # Variable-length attention (Σ len², no dense mask) where transformers would build a block-diagonal
+        # mask for packed rows: SDPA and eager. Flash-attention already runs packed rows as variable-length.
+        varlen = cfg.model.attn_implementation == "auto" and self.base.config._attn_implementation in ("sdpa", "eager")
+        self.probe = D.on_main(d, lambda: probes.run(model, cfg.data.packing, d.device, varlen=varlen,
+                                                          longest=cfg.data.max_seq_length))
+        if self.probe.packing == probes.PACKED_VARLEN and not d.is_main:
+            from trainer.attention import VARLEN, register
+
+            register()
+            probes._hf(self.base).set_attn_implementation(VARLEN)  # rank 0's probe switched its own copy
         model.full_logits = self.probe.full_logits
         for line in probes.describe(self.probe, self.arch):
             self.log(line)
@@ -296,19 +305,29 @@ class Trainer:
         last_eval = last_eval_step = None
         self.model.train()
         self.stop.training_started()
+        timing = d.device.type == "cpu"  # host clocks time CPU work exactly; on a GPU they would need syncs
+        compute_seconds = 0.0
         while step < p.total_steps:
             epoch, micro, global_tokens = step_batches(p, cfg, step, d.rank, d.world_size)
             scale = d.world_size / max(1, global_tokens)  # DDP averages gradients over ranks
+            # Whether any pod was asked to stop (SIGTERM, the launcher's file): one small all-reduce,
+            # started now and read after the step, so it overlaps the step instead of stalling it.
+            reason = self.stop.local()
+            stop_vote = d.any_async(reason is not None)
             for i, batch in enumerate(micro):
                 tensors, real = collate([self.data.train.labels(int(j)) for j in batch], pad_id, self.probe.packs)
                 tensors = {k: v.to(d.device, non_blocking=True) for k, v in tensors.items()}
                 sync = i == len(micro) - 1
                 ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else nullcontext()
+                extra = self.probe.extra(tensors["position_ids"])
+                tick = time.perf_counter() if timing else 0.0
                 with ctx:
                     with self.precision.autocast(d.device):
                         loss_sum, _ = self.model(tensors["input_ids"], tensors["position_ids"], tensors["labels"],
-                                                 **self.probe.extra(tensors["position_ids"]))
+                                                 **extra)
                     (loss_sum * scale).backward()
+                if timing:  # forward and backward (DDP's gradient all-reduce overlaps the backward)
+                    compute_seconds += time.perf_counter() - tick
                 window["loss"] += loss_sum.detach()
                 window["real"] += real
             window["tokens"] += global_tokens
@@ -332,8 +351,7 @@ class Trainer:
                 first_step_seconds = time.perf_counter() - started
             last = step == p.total_steps
             # Preemption anywhere (SIGTERM, or the launcher's stop file): every rank saves this step.
-            reason = self.stop.local()
-            stopping = not d.all_true(reason is None)
+            stopping = stop_vote.result()
             save = step % t.save_steps == 0 or last or stopping
             do_eval = len(self.data.val) > 0 and (last or (t.eval_steps is not None and step % t.eval_steps == 0))
             # Flush at save steps too, so a checkpoint's tokens_seen (and the metrics rows kept on
@@ -402,6 +420,9 @@ class Trainer:
         train_seconds += time.perf_counter() - clock
         eval_loss = last_eval if last_eval_step == step else (self.evaluate() if len(self.data.val) else None)
         summary = {"steps": step, "train_seconds": train_seconds, "first_step_seconds": first_step_seconds,
+                   # Forward and backward alone (CPU): the rest of train_seconds is per-step overhead.
+                   "compute_seconds": compute_seconds if timing else None,
+                   "attention": probes._hf(self.base).config._attn_implementation, "packing": self.probe.packing,
                    "num_input_tokens_seen": tokens_seen, "eval_loss": eval_loss,
                    "eval_perplexity": _ppl(eval_loss) if eval_loss is not None else None,
                    "skipped_steps": skipped_before + int(bad_total),

@@ -53,8 +53,10 @@ def test_architecture_trains_under_torchrun(zoo_run, name, mode):
     cfg = load_config(configs[(name, mode)])
     log = sections[str(configs[(name, mode)])]
     assert "world 2 (backend gloo" in log
-    if zoo.isolated(name):
-        assert "packing: examples packed padding-free" in log, log[-3000:]
+    if zoo.expected(name) == zoo.VARLEN:
+        assert "packing: examples packed padding-free, variable-length attention" in log, log[-3000:]
+    elif zoo.expected(name) == zoo.PACKED:
+        assert "packing: examples packed padding-free; probe" in log, log[-3000:]
     else:
         assert re.search(r"packing: padding per micro-batch instead: on \w+ packed examples would attend", log), log
     assert "equal to the model's own loss" in log
