@@ -191,6 +191,11 @@ class TrainingConfig:
     """Optimizer steps; overrides num_train_epochs when > 0."""
     learning_rate: float = 2e-4
     per_device_train_batch_size: int = 4
+    tokens_per_micro_batch: int = 0
+    """0: micro-batches of per_device_train_batch_size examples. N > 0: as many examples (in the random
+    order) as fit N tokens, at least one, so micro-batches carry about the same work. On long-tailed
+    data the short examples then share steps: an epoch takes fewer, fuller steps, and a learning rate
+    chosen for fixed-size batches may need raising (as for any larger batch)."""
     per_device_eval_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     warmup_steps: float = 0
@@ -239,6 +244,7 @@ class TrainingConfig:
         check(self.eval_steps is None or self.eval_steps >= 1, ("eval_steps",), "must be >= 1 or null")
         check(self.cpu_threads is None or self.cpu_threads >= 1, ("cpu_threads",), "must be >= 1 or null")
         check(self.max_nonfinite_steps >= 0, ("max_nonfinite_steps",), "must be >= 0")
+        check(self.tokens_per_micro_batch >= 0, ("tokens_per_micro_batch",), "must be >= 0 (0: a fixed count)")
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ def guarded(cfg: TrainerConfig, weights: str, data: str, precision: str, lora_ta
     out = {"model.weights": weights, "model.dtype": precision, "data.content": data, **data_keys,
            "training.seed": t.seed, "training.per_device_train_batch_size": t.per_device_train_batch_size,
            "training.gradient_accumulation_steps": t.gradient_accumulation_steps, "training.optim": t.optim,
+           "training.tokens_per_micro_batch": t.tokens_per_micro_batch,
            "lora.enabled": cfg.lora.enabled}
     if cfg.lora.enabled:
         out.update({"lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha, "lora.target_modules": lora_targets,

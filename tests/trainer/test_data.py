@@ -408,3 +408,14 @@ def test_unpacked_batches_pad_in_an_isolated_segment(cards, tokenizer):
 def test_sharding_gives_every_rank_the_same_count():
     parts = [shard(list(range(11)), r, 3) for r in range(3)]
     assert [len(p) for p in parts] == [3, 3, 3] and not set(parts[0].tolist()) & set(parts[1].tolist())
+
+
+def test_a_token_budget_fills_micro_batches_with_whole_examples():
+    lengths = np.array([300, 20, 20, 20, 400, 30, 30, 500, 10, 10])
+    order = BatchOrder(len(lengths), 4, seed=1, lengths=lengths, token_budget=512)
+    batches = [order[b] for b in range(len(order))]
+    assert sorted(int(i) for b in batches for i in b) == list(range(len(lengths)))  # every example once
+    for b in batches:
+        assert len(b) == 1 or lengths[b].sum() <= 512  # whole examples, at most the budget unless alone
+    assert int(order.counts(lengths).sum()) == int(lengths.sum())
+    assert len(order) < len(BatchOrder(len(lengths), 1, seed=1))  # short ones share micro-batches

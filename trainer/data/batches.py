@@ -20,23 +20,34 @@ IGNORE = -100
 
 
 class BatchOrder:
-    """Micro-batches of `batch_size` examples drawn at random (seeded), as the padded recipe's sampler
-    would: one permutation, batch b is its slice b. Memory: one index per example."""
+    """Micro-batches drawn at random (seeded), as the padded recipe's sampler would: one permutation,
+    cut into `batch_size` examples each — or, with a token budget, into as many consecutive examples as
+    fit `token_budget` tokens (at least one), so every micro-batch carries about the same work.
+    Memory: one index per example."""
 
-    def __init__(self, n: int, batch_size: int, seed: int):
+    def __init__(self, n: int, batch_size: int, seed: int, lengths: np.ndarray = None, token_budget: int = 0):
         self.perm = np.random.default_rng(seed).permutation(n)
-        self.batch_size = batch_size
+        if token_budget and n:
+            starts, used = [0], 0
+            for i, length in enumerate(np.asarray(lengths)[self.perm].tolist()):
+                if used and used + length > token_budget:
+                    starts.append(i)
+                    used = 0
+                used += length
+            self.starts = np.asarray(starts + [n], dtype=np.int64)
+        else:
+            self.starts = np.append(np.arange(0, n, batch_size), n).astype(np.int64) if n else np.zeros(1, np.int64)
 
     def __len__(self) -> int:
-        return -(-len(self.perm) // self.batch_size)
+        return len(self.starts) - 1
 
     def __getitem__(self, b: int) -> np.ndarray:
-        return self.perm[b * self.batch_size:(b + 1) * self.batch_size]
+        return self.perm[self.starts[b]:self.starts[b + 1]]
 
     def counts(self, per_example: np.ndarray) -> np.ndarray:
         """Per batch, the sum of a per-example quantity (e.g. trained tokens)."""
         values = per_example[self.perm]
-        return np.add.reduceat(values, np.arange(0, len(values), self.batch_size)) if len(values) else values
+        return np.add.reduceat(values, self.starts[:-1]) if len(values) else values
 
 
 @lru_cache(maxsize=4)
