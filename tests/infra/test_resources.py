@@ -4,8 +4,6 @@ import json
 
 import pytest
 
-from infra.component import claim_options
-from infra.config import parse
 from tests.infra.harness import render, validate_core
 from trainer.config import load_config_text
 

@@ -12,7 +12,7 @@ from trainer.config import DataConfig
 from trainer.data import IGNORE, collate, prepare, shard
 from trainer.data.batches import BatchOrder
 from trainer.data.encode import Dropped, Encoder, llama2_chat_prompt
-from trainer.data.formats import Chat, Invalid, Pair, Turn, detect, normalize
+from trainer.data.formats import Invalid, Pair, detect, normalize
 from trainer.errors import UserError
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -212,7 +212,7 @@ def prepare(cfg: DataConfig, tokenizer, model_path: str, token: Optional[str] = 
     train_src, val_src = D.main_first(d, lambda: open_sources(cfg, token))
     plan = D.on_main(d, lambda: _plan(cfg, train_src, val_src, model_path, root))
     final = Path(plan["final"])
-    log(f"data: format {plan['format']}" + (f" (detected from the columns)" if not cfg.format else "")
+    log(f"data: format {plan['format']}" + (" (detected from the columns)" if not cfg.format else "")
         + f"; tokenized data {'found in' if plan['hit'] else 'building in'} {final}")
     if not plan["hit"] or export:
         n_parts = d.world_size if d.enabled else (parts or _pool_parts(plan["n_train"] + plan["n_val"]))

@@ -9,7 +9,7 @@ raises Invalid naming the field and what is wrong with it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from trainer.config import DataConfig
 from trainer.errors import UserError
@@ -197,6 +197,3 @@ def export_record(sample: Sample, fmt: str, cfg: DataConfig, record: dict) -> di
     key = cfg.messages_column if fmt == "messages" else cfg.conversations_column
     return {key: record[key]}
 
-
-def role_mismatch_hint(fmt: Optional[str]) -> str:
-    return "" if fmt is None else f" (format {fmt})"
