@@ -1,5 +1,12 @@
-"""The seed's recipe, faithfully: the Hugging Face Trainer on Alpaca-style examples, either padded
-per batch (DataCollatorForSeq2Seq) or concatenated into blocks of max_seq_length (group_texts).
+"""The seed's recipe, faithfully: the Hugging Face Trainer on the same tokenized examples as ours,
+either padded per batch (DataCollatorForSeq2Seq) or concatenated into blocks of max_seq_length
+(group_texts).
+
+Padded, it trains by default on exactly our trainer's batches (`--order ours`: the same examples in
+the same micro-batch on the same rank at the same step, the Trainer's sequential sampler over rows laid
+out in that order), so the two runs differ only in how each computes a step and their eval losses
+compare like for like. The seed alone moves the eval loss by more than 10% here (bench/README.md);
+`--order hf` keeps the Trainer's own random sampler.
 
 Run by bench/run.py under torchrun with the same model, data, tokenization, batch size, learning
 rate, schedule and process count as our trainer:
@@ -10,26 +17,54 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from trainer import data  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.data import load_records, split_validation, tokenize  # noqa: E402
+from trainer.modeling import load_tokenizer  # noqa: E402
 
 
-def concatenate(examples, block: int):
+def examples(cfg, tok):
+    """Exactly our training examples: the same cache (same ids, same masks, same held-out split)."""
+    prepared = data.for_config(cfg, tok, cfg.model.name_or_path)
+    return prepared.train, [prepared.train.labels(i) for i in range(len(prepared.train))]
+
+
+def our_order(split, cfg, world: int) -> Optional[list[list[int]]]:
+    """Our trainer's micro-batches in the order the Trainer's data loader hands them out: accelerate
+    gives global batch k to rank k % world, and a rank's steps take its batches in turn."""
+    from trainer.train import plan, step_batches
+
+    p = plan(split, cfg, world)
+    per_rank = [[step_batches(p, cfg, s, r, world)[1] for s in range(p.total_steps)] for r in range(world)]
+    batches = []
+    for s in range(p.total_steps):
+        for a in range(cfg.training.gradient_accumulation_steps):
+            for r in range(world):
+                b = [int(j) for j in per_rank[r][s][a]]
+                if len(b) != cfg.training.per_device_train_batch_size:  # the sampler cuts fixed-size batches
+                    print(f"order: the Trainer's own: {len(split)} examples leave a micro-batch of {len(b)}, which "
+                          "a sequential sampler cannot reproduce (use a multiple of the global batch)", flush=True)
+                    return None
+                batches.append(b)
+    return batches
+
+
+def concatenate(exs, block: int):
     """group_texts: one stream of tokens (labels carried along, prompt masks kept), cut into blocks."""
-    ids, labels = [], []
-    for ex in examples:
-        ids += ex.input_ids
-        labels += ex.labels
+    ids = np.concatenate([i for i, _ in exs])
+    labels = np.concatenate([l for _, l in exs])
     n = (len(ids) // block) * block
-    return [{"input_ids": ids[i:i + block], "labels": labels[i:i + block], "attention_mask": [1] * block}
+    return [{"input_ids": ids[i:i + block].tolist(), "labels": labels[i:i + block].tolist(), "attention_mask": [1] * block}
             for i in range(0, n, block)]
 
 
@@ -38,33 +73,34 @@ def main() -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--mode", choices=("padded", "concat"), required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--order", choices=("ours", "hf"), default="ours")
     args = p.parse_args()
     from datasets import Dataset
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
+    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
                               TrainingArguments, default_data_collator)
 
     cfg = load_config(args.config)
     t = cfg.training
-    tok = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    records, _ = load_records(cfg.data)
-    train_records, _ = split_validation(records, cfg.data.validation_fraction, cfg.data.validation_seed)
-    examples = tokenize(train_records, cfg.data, tok)
+    tok = load_tokenizer(cfg.model.name_or_path)
+    split, exs = examples(cfg, tok)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batches = our_order(split, cfg, world) if args.mode == "padded" and args.order == "ours" else None
     if args.mode == "padded":
-        rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
-                for e in examples]
+        rows = [{"input_ids": i.tolist(), "labels": l.tolist(), "attention_mask": [1] * len(i)} for i, l in exs]
+        if batches:
+            rows = [rows[j] for b in batches for j in b]
         collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
     else:
-        rows = concatenate(examples, cfg.data.max_seq_length)
+        rows = concatenate(exs, cfg.data.max_seq_length)
         collator = default_data_collator
     dataset = Dataset.from_list(rows)
     model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32,
-                                                 attn_implementation=cfg.model.attn_implementation)
+                                                 attn_implementation="sdpa")
     model.config.use_cache = False
 
     class Clock(TrainerCallback):
         first_step = None
+        computed = 0
 
         def on_train_begin(self, a, state, control, **kw):
             self.start = time.perf_counter()
@@ -80,19 +116,26 @@ def main() -> int:
         max_steps=t.max_steps, learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_steps or t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps, save_strategy="no", eval_strategy="no", report_to="none", seed=t.seed,
-        ddp_backend="gloo", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
-        remove_unused_columns=False, include_num_input_tokens_seen="non_padding")
-    trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collator,
-                      callbacks=[clock])
+        ddp_backend="gloo" if world > 1 else None, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch_fused",
+        remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
+        train_sampling_strategy="sequential" if batches else "random")
+    trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collator, callbacks=[clock])
+    # Tokens computed per epoch, padding included: the padded collator pads each batch to its longest row.
+    order = "ours" if batches else "hf"
+    if batches is None and args.mode == "padded":  # the Trainer's order: this rank's batches, as many on every rank
+        batches = [[int(j) for j in b] for b in trainer.get_train_dataloader().batch_sampler] * world
+    lengths = [len(i) for i, _ in exs]
     result = trainer.train()
     if trainer.is_world_process_zero():
         trainer.save_model(str(Path(args.out) / "final"))
         tok.save_pretrained(str(Path(args.out) / "final"))
-        real = sum(len(e.input_ids) for e in examples)
+        real = int(sum(len(i) for i, _ in exs))
+        computed = (sum(max(lengths[j] for j in b) * len(b) for b in batches) if batches
+                    else sum(len(r["input_ids"]) for r in rows))
         summary = {"train_seconds": result.metrics["train_runtime"], "first_step_seconds": clock.first_step,
                    "steps": trainer.state.global_step,
                    "num_input_tokens_seen": int(trainer.state.num_input_tokens_seen or 0) or real,
-                   "computed_tokens": sum(len(r["input_ids"]) for r in rows), "real_tokens": real}
+                   "computed_tokens": computed, "real_tokens": real, "order": order}
         (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
     # Leave together: a rank exiting while rank 0 still saves can abort in gloo's teardown.
     if torch.distributed.is_initialized():
