@@ -8,7 +8,7 @@ PIP_VERSION := 26.3
 PIP_TOOLS_VERSION := 7.6.2
 STAMP := $(VENV)/.installed-$(shell cat $(LOCK) constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup lock etcd test demo bench clean
+.PHONY: setup lock etcd test demo bench bench-attention bench-data clean
 
 # Idempotent: re-runs only when the lock changes. torch first, from the exact pin (the CPU wheel on
 # disk), so nothing resolves a newer (CUDA) build; then the lock file: every package at the exact
@@ -48,6 +48,12 @@ demo: setup
 
 bench: setup
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+bench-attention: setup
+	$(PY) bench/attention.py
+
+bench-data: setup
+	$(PY) bench/data.py
 
 clean:
 	rm -rf demo-output bench/work .pytest_cache
