@@ -48,8 +48,6 @@ from trainer import local  # noqa: E402
 from trainer.config import TrainerConfig  # noqa: E402
 
 ROUND = ("ours", "ours_dense", "hf_padded", "hf_concat")
-TARGETS = {"long-tailed": {"efficiency_vs_limit": 0.85, "eval_loss_gap": 0.02},
-           "short-uniform": {"speedup_vs_padded": 0.95}}
 
 
 def flashcards_shaped(n: int, seed: int, shape: str) -> list[dict]:
@@ -198,19 +196,19 @@ def shape_bench(shape: str, args, work: Path) -> dict:
               "eval_loss_gap": statistics.median((o["eval_loss"] - h["eval_loss"]) / h["eval_loss"]
                                                  for o, h in zip(runs["ours"], runs["hf_padded"])),
               "same_batches_as_padded": all(h.get("order") == "ours" for h in runs["hf_padded"]),
-              # What the seed alone does to the padded recipe's eval loss, for scale.
-              "seed_spread_padded": (max(h["eval_loss"] for h in runs["hf_padded"])
-                                     - min(h["eval_loss"] for h in runs["hf_padded"])) / padded["eval_loss"],
+              # What the seed alone does to the padded recipe's eval loss, for scale (needs 2+ rounds).
+              "seed_spread_padded": ((max(h["eval_loss"] for h in runs["hf_padded"])
+                                      - min(h["eval_loss"] for h in runs["hf_padded"])) / padded["eval_loss"]
+                                     if len(runs["hf_padded"]) > 1 else None),
               "equal_time_eval_loss_ours": timed["eval_loss"], "equal_time_eval_loss_concat": concat["eval_loss"],
               "overhead_fraction": ours["overhead_fraction"]}
+    # Every target on every shape (the issue names the speed ones per shape; each holds on both here).
     targets = {"per-step overhead <= 15% of the epoch": (ratios["overhead_fraction"] or 1) <= 0.15,
-               "lower eval loss than concat at concat's epoch time": timed["eval_loss"] < concat["eval_loss"]}
-    if shape == "long-tailed":
-        targets[">= 85% of the padding-free limit vs padded"] = ratios["efficiency_vs_limit"] >= 0.85
-        targets["eval loss within 2% of padded (same batches)"] = (abs(ratios["eval_loss_gap"]) <= 0.02
-                                                                   and ratios["same_batches_as_padded"])
-    else:
-        targets["never slower than padded (>= 0.95x)"] = speedup >= 0.95
+               "lower eval loss than concat at concat's epoch time": timed["eval_loss"] < concat["eval_loss"],
+               "never slower than padded (>= 0.95x)": speedup >= 0.95,
+               ">= 85% of the padding-free limit vs padded": ratios["efficiency_vs_limit"] >= 0.85,
+               "eval loss within 2% of padded (same batches)": (abs(ratios["eval_loss_gap"]) <= 0.02
+                                                                and ratios["same_batches_as_padded"])}
     return {"medians": medians, "ratios": ratios, "targets": targets, "runs": runs,
             "inputs": {"model": str(model), "data": str(data), "held_out": str(held_out)}}
 
@@ -250,11 +248,12 @@ def main() -> int:
             print(f"{recipe:12s}{m['train_seconds']:9.1f}{m['process_seconds']:11.1f}{m['tokens_per_second']:8.0f}"
                   f"{cpr:>15s}{m['eval_loss']:11.4f}{ovh:>10s}")
         q = r["ratios"]
+        spread = f"{q['seed_spread_padded']:.1%}" if q["seed_spread_padded"] is not None else "n/a, 1 round"
         print(f"ours vs padded {q['speedup_vs_padded']:.2f}x (padding-free limit {q['padding_free_limit']:.2f}x: "
               f"{q['efficiency_vs_limit']:.0%} of it), vs dense packing {q['speedup_vs_dense_packing']:.2f}x, "
               f"vs concat {q['speedup_vs_concat']:.2f}x; eval loss vs padded {q['eval_loss_gap']:+.2%} "
               f"({'same batches' if q['same_batches_as_padded'] else 'different batches'}; the seed alone moves "
-              f"padded's by {q['seed_spread_padded']:.1%}); equal time: "
+              f"padded's by {spread}); equal time: "
               f"ours {q['equal_time_eval_loss_ours']:.4f} vs concat {q['equal_time_eval_loss_concat']:.4f}")
         for name, ok in r["targets"].items():
             print(f"  [{'met' if ok else 'NOT met'}] {name}")

@@ -142,6 +142,16 @@ def test_without_a_chat_template_conversations_take_the_llama2_form(tokenizer):
     assert llama2_chat_prompt("Q", None) == "[INST] Q [/INST]"
 
 
+def test_the_log_names_the_llama2_fallback_only_where_it_is_taken(tokenizer, chat_tokenizer, tiny_model, tmp_path):
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps(CONVERSATION) + "\n")
+    for tok, fallback in ((tokenizer, True), (chat_tokenizer(CHATML, SPECIALS["chatml"]), False)):
+        lines = []
+        prepare(cfg(file=str(f), validation_fraction=0.0), tok, str(tiny_model), cache_root=tmp_path / f"c{fallback}",
+                log=lines.append)
+        assert any("no chat template" in m and "[INST]" in m for m in lines) is fallback, lines
+
+
 # ---- prompt-completion, instruction, text -------------------------------------------------------------
 
 def test_prompt_completion_is_byte_exact_and_trains_the_completion(tokenizer):

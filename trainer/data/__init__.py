@@ -214,6 +214,9 @@ def prepare(cfg: DataConfig, tokenizer, model_path: str, token: Optional[str] = 
     final = Path(plan["final"])
     log(f"data: format {plan['format']}" + (" (detected from the columns)" if not cfg.format else "")
         + f"; tokenized data {'found in' if plan['hit'] else 'building in'} {final}")
+    if plan["format"] in ("messages", "sharegpt") and not getattr(tokenizer, "chat_template", None):
+        log("data: the tokenizer has no chat template: conversations are rendered in the Llama 2 [INST] form "
+            "(the documented fallback; give the model directory a chat_template to use its own)")
     if not plan["hit"] or export:
         n_parts = d.world_size if d.enabled else (parts or _pool_parts(plan["n_train"] + plan["n_val"]))
         build = plan["build"]
