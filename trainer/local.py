@@ -60,18 +60,62 @@ def torchrun(nproc: int, *args: str, rdzv: str = "c10d", endpoint: Optional[str]
     return cmd + list(args)
 
 
-def stop(proc: subprocess.Popen, grace: float = 15) -> None:
-    """Stop a process started with start_new_session=True, and everything it spawned."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+def descendants(pid: int) -> list:
+    """Every process below `pid` (psutil.Process), across sessions: torchrun starts each worker in a
+    session of its own, so a process-group signal does not reach them."""
+    import psutil
+
     try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_tree(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Kill `proc` and every process below it at once, as a lost node loses them: the tree is stopped
+    first (a stopped process spawns nothing), then killed."""
+    import psutil
+
+    tree, seen = [], set()
+    for _ in range(10):  # until no new process appears under the stopped ones
+        fresh = [p for p in descendants(proc.pid) if p.pid not in seen]
+        if not fresh:
+            break
+        for p in fresh:
+            seen.add(p.pid)
+            tree.append(p)
+            with contextlib.suppress(psutil.Error):
+                p.suspend()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for p in tree:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    proc.wait(timeout=timeout)
+    psutil.wait_procs(tree, timeout=timeout)
+
+
+def stop(proc: subprocess.Popen, grace: float = 15) -> None:
+    """Stop a process started with start_new_session=True, and everything it spawned (its process
+    group gets SIGTERM, then SIGKILL; processes below it in other sessions, such as torchrun's
+    workers whose agent is already gone, are killed after)."""
+    import psutil
+
+    below = descendants(proc.pid)
+    if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=grace)
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=grace)
+    alive = [p for p in below if p.is_running()]
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=grace)
 
 
 class EtcdUnavailable(RuntimeError):

@@ -10,7 +10,7 @@ the operator and kubelet would start it.
   rewritten to point at the stand-in directories).
 - Deviations, stated: the rendezvous host (`<job>-etcd-client.<ns>.svc`, or v2's
   `<job>-node-0-0.<job>:29500`) is a loopback address and port, and every pod binds 127.0.0.1
-  (PET_LOCAL_ADDR) instead of its pod IP.
+  (PET_LOCAL_ADDR) instead of its pod IP; a checkout under /tmp stays visible at its path in the pod's /tmp.
 
 A pod is a process group: `kill()` is a lost node, `terminate()` is kubelet's SIGTERM to PID 1.
 """
@@ -99,6 +99,12 @@ def container_of(job: dict) -> tuple[list[str], dict[str, str]]:
     return container["command"], {e["name"]: e["value"] for e in container["env"]}
 
 
+def _under_tmp(*paths: Path) -> list[Path]:
+    """The outermost of `paths` that lie under /tmp (resolved), each once."""
+    found = sorted({p.resolve() for p in paths if p.resolve().is_relative_to("/tmp")}, key=lambda p: len(p.parts))
+    return [p for i, p in enumerate(found) if not any(p.is_relative_to(q) for q in found[:i])]
+
+
 class Pod:
     def __init__(self, name: str, command: list[str], env: dict[str, str], volume: Path, config_dir: Path,
                  tmp: Path, log: Path, namespaces: bool):
@@ -107,9 +113,14 @@ class Pod:
         full_env = {**local.run_env(), **env, "PET_LOCAL_ADDR": "127.0.0.1",
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         if namespaces:
+            # A checkout (or its Python) under /tmp would vanish under the pod-local /tmp: bound back
+            # at its own path inside it first, then the pod's /tmp is bound recursively.
+            keep = "".join(f"mkdir -p {shlex.quote(str(tmp / p.relative_to('/tmp')))} && "
+                           f"mount --bind {shlex.quote(str(p))} {shlex.quote(str(tmp / p.relative_to('/tmp')))} && "
+                           for p in _under_tmp(ROOT, Path(sys.prefix), Path(sys.base_prefix)))
             mounts = (f"mount --make-rprivate / && mount --bind {shlex.quote(str(volume))} /data && "
                       f"mount --bind {shlex.quote(str(config_dir))} /etc/llm-finetune && "
-                      f"mount --bind {shlex.quote(str(tmp))} /tmp && ")
+                      f"{keep}mount --rbind {shlex.quote(str(tmp))} /tmp && ")
             argv = ["unshare", "-m", "sh", "-c", mounts + "exec " + shlex.join(command)]
         else:  # path mapping: the config names the stand-in directories
             argv = [a.replace("/etc/llm-finetune", str(config_dir)) for a in command]
@@ -126,10 +137,9 @@ class Pod:
             os.kill(pid, signal.SIGTERM)
 
     def kill(self) -> None:
-        """A lost node: every process of the pod dies at once."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
+        """A lost node: every process of the pod dies at once (torchrun's workers included, which run
+        in sessions of their own: a process-group kill alone would leave them training)."""
+        local.kill_tree(self.proc)
 
     def wait(self, timeout: float) -> Optional[int]:
         try:

@@ -121,6 +121,7 @@ def test_a_replaced_pod_of_either_rank_resumes_from_the_last_checkpoint(cluster,
     node = holds_rank0.index(True) if victim == "rank-0 pod" else holds_rank0.index(False)
     pods[node].kill()  # the node is lost: agent and worker die at once
     killed = time.monotonic()
+    last_words = pods[node].log.read_text()
     replacement = cluster.start(job, config, node, "replacement")
     survivor = pods[1 - node]
     assert replacement.wait(300) == 0, replacement.log.read_text()[-4000:]
@@ -130,6 +131,7 @@ def test_a_replaced_pod_of_either_rank_resumes_from_the_last_checkpoint(cluster,
     resumed = [int(m) for m in re.findall(r"resumed from checkpoint step (\d+)", logs)]
     assert resumed and min(resumed) >= 10, logs[-3000:]
     assert (out / "final" / "config.json").exists()
+    assert pods[node].log.read_text() == last_words, "a process of the lost pod went on running"
     steps = [r["step"] for r in _metrics(cluster, outputs)]
     assert steps == sorted(set(steps)) and steps[-1] == 40
     print(f"\n{victim}: killed -> finished in {elapsed:.0f}s")
