@@ -143,13 +143,20 @@ def test_without_a_chat_template_conversations_take_the_llama2_form(tokenizer):
 
 
 def test_the_log_names_the_llama2_fallback_only_where_it_is_taken(tokenizer, chat_tokenizer, tiny_model, tmp_path):
-    f = tmp_path / "chat.jsonl"
-    f.write_text(json.dumps(CONVERSATION) + "\n")
-    for tok, fallback in ((tokenizer, True), (chat_tokenizer(CHATML, SPECIALS["chatml"]), False)):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps(CONVERSATION) + "\n")
+    card = tmp_path / "card.jsonl"
+    card.write_text(json.dumps({"instruction": "Answer", "input": "What does insulin do?", "output": "Lowers glucose."})
+                    + "\n")
+    chatml = chat_tokenizer(CHATML, SPECIALS["chatml"])
+    cases = [(chat, {}, tokenizer, True), (chat, {}, chatml, False),  # conversations
+             (card, {"template": "chat"}, tokenizer, True), (card, {"template": "chat"}, chatml, False),
+             (card, {}, tokenizer, False)]  # instruction records through the Alpaca prompts: no chat at all
+    for i, (f, kw, tok, fallback) in enumerate(cases):
         lines = []
-        prepare(cfg(file=str(f), validation_fraction=0.0), tok, str(tiny_model), cache_root=tmp_path / f"c{fallback}",
+        prepare(cfg(file=str(f), validation_fraction=0.0, **kw), tok, str(tiny_model), cache_root=tmp_path / f"c{i}",
                 log=lines.append)
-        assert any("no chat template" in m and "[INST]" in m for m in lines) is fallback, lines
+        assert any("no chat template" in m and "[INST]" in m for m in lines) is fallback, (i, lines)
 
 
 # ---- prompt-completion, instruction, text -------------------------------------------------------------

@@ -26,7 +26,7 @@ from trainer.config import DataConfig, TrainerConfig
 from trainer.data import cache as C
 from trainer.data.batches import IGNORE, collate, epoch_order, shard  # noqa: F401  (the package's API)
 from trainer.data.encode import Dropped, Encoder, render_prompt
-from trainer.data.formats import FORMATS, Invalid, detect, export_record, normalize
+from trainer.data.formats import FORMATS, Invalid, detect, export_record, normalize, renders_as_chat
 from trainer.data.sources import HubDataset, Item, JsonLines, Source, first_record, open_sources
 from trainer.errors import UserError
 
@@ -214,7 +214,7 @@ def prepare(cfg: DataConfig, tokenizer, model_path: str, token: Optional[str] = 
     final = Path(plan["final"])
     log(f"data: format {plan['format']}" + (" (detected from the columns)" if not cfg.format else "")
         + f"; tokenized data {'found in' if plan['hit'] else 'building in'} {final}")
-    if plan["format"] in ("messages", "sharegpt") and not getattr(tokenizer, "chat_template", None):
+    if renders_as_chat(plan["format"], cfg) and not getattr(tokenizer, "chat_template", None):
         log("data: the tokenizer has no chat template: conversations are rendered in the Llama 2 [INST] form "
             "(the documented fallback; give the model directory a chat_template to use its own)")
     if not plan["hit"] or export:

@@ -129,6 +129,11 @@ def _chat(turns: list[Turn], key: str, cfg: DataConfig) -> Chat:
     return Chat(turns)
 
 
+def renders_as_chat(fmt: str, cfg: DataConfig) -> bool:
+    """Whether `normalize` makes Chats of this format's records (which the chat template renders)."""
+    return fmt in ("messages", "sharegpt") or (fmt == "instruction" and cfg.template == "chat")
+
+
 def normalize(record: dict[str, Any], fmt: str, cfg: DataConfig, coerce: bool = False) -> Sample:
     """One record as a Sample, or Invalid naming the field."""
     if fmt == "text":
