@@ -76,31 +76,34 @@ def kill_tree(proc: subprocess.Popen, timeout: float = 30) -> None:
     first (a stopped process spawns nothing), then killed."""
     import psutil
 
-    tree, seen = [], set()
+    tree: dict[int, "psutil.Process"] = {}
     for _ in range(10):  # until no new process appears under the stopped ones
-        fresh = [p for p in descendants(proc.pid) if p.pid not in seen]
+        fresh = [p for p in descendants(proc.pid) if p.pid not in tree]
         if not fresh:
             break
         for p in fresh:
-            seen.add(p.pid)
-            tree.append(p)
+            tree[p.pid] = p
             with contextlib.suppress(psutil.Error):
                 p.suspend()
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    for p in tree:
+    proc.wait(timeout=timeout)
+    _kill_all(list(tree.values()), timeout)
+
+
+def _kill_all(procs: list, timeout: float) -> None:
+    import psutil
+
+    for p in procs:
         with contextlib.suppress(psutil.Error):
             p.kill()
-    proc.wait(timeout=timeout)
-    psutil.wait_procs(tree, timeout=timeout)
+    psutil.wait_procs(procs, timeout=timeout)
 
 
 def stop(proc: subprocess.Popen, grace: float = 15) -> None:
     """Stop a process started with start_new_session=True, and everything it spawned (its process
     group gets SIGTERM, then SIGKILL; processes below it in other sessions, such as torchrun's
     workers whose agent is already gone, are killed after)."""
-    import psutil
-
     below = descendants(proc.pid)
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
@@ -111,11 +114,7 @@ def stop(proc: subprocess.Popen, grace: float = 15) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=grace)
-    alive = [p for p in below if p.is_running()]
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=grace)
+    _kill_all([p for p in below if p.is_running()], grace)
 
 
 class EtcdUnavailable(RuntimeError):

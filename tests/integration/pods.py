@@ -12,7 +12,7 @@ the operator and kubelet would start it.
   `<job>-node-0-0.<job>:29500`) is a loopback address and port, and every pod binds 127.0.0.1
   (PET_LOCAL_ADDR) instead of its pod IP; a checkout under /tmp stays visible at its path in the pod's /tmp.
 
-A pod is a process group: `kill()` is a lost node, `terminate()` is kubelet's SIGTERM to PID 1.
+A pod is a process tree: `kill()` is a lost node (all of it dies), `terminate()` is kubelet's SIGTERM to PID 1.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def container_of(job: dict) -> tuple[list[str], dict[str, str]]:
 
 def _under_tmp(*paths: Path) -> list[Path]:
     """The outermost of `paths` that lie under /tmp (resolved), each once."""
-    found = sorted({p.resolve() for p in paths if p.resolve().is_relative_to("/tmp")}, key=lambda p: len(p.parts))
+    found = sorted({p for p in map(Path.resolve, paths) if p.is_relative_to("/tmp")}, key=lambda p: len(p.parts))
     return [p for i, p in enumerate(found) if not any(p.is_relative_to(q) for q in found[:i])]
 
 
@@ -115,9 +115,10 @@ class Pod:
         if namespaces:
             # A checkout (or its Python) under /tmp would vanish under the pod-local /tmp: bound back
             # at its own path inside it first, then the pod's /tmp is bound recursively.
-            keep = "".join(f"mkdir -p {shlex.quote(str(tmp / p.relative_to('/tmp')))} && "
-                           f"mount --bind {shlex.quote(str(p))} {shlex.quote(str(tmp / p.relative_to('/tmp')))} && "
-                           for p in _under_tmp(ROOT, Path(sys.prefix), Path(sys.base_prefix)))
+            keep = ""
+            for path in _under_tmp(ROOT, Path(sys.prefix), Path(sys.base_prefix)):
+                inside = shlex.quote(str(tmp / path.relative_to("/tmp")))
+                keep += f"mkdir -p {inside} && mount --bind {shlex.quote(str(path))} {inside} && "
             mounts = (f"mount --make-rprivate / && mount --bind {shlex.quote(str(volume))} /data && "
                       f"mount --bind {shlex.quote(str(config_dir))} /etc/llm-finetune && "
                       f"{keep}mount --rbind {shlex.quote(str(tmp))} /tmp && ")
