@@ -94,20 +94,38 @@ def main() -> int:
         rows = concatenate(exs, cfg.data.max_seq_length)
         collator = default_data_collator
     dataset = Dataset.from_list(rows)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32,
+    bf16 = cfg.model.dtype == "bf16"
+    # As Hugging Face users do: a LoRA base loaded in bf16 (PEFT keeps the adapters in fp32), a full
+    # fine-tune in fp32 master weights; bf16=True autocasts the compute in both.
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path,
+                                                 dtype=torch.bfloat16 if bf16 and cfg.lora.enabled else torch.float32,
                                                  attn_implementation="sdpa")
     model.config.use_cache = False
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                                 target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM"))
 
     class Clock(TrainerCallback):
         first_step = None
         computed = 0
 
+        def __init__(self):
+            self.steps = []
+
         def on_train_begin(self, a, state, control, **kw):
-            self.start = time.perf_counter()
+            self.start = self.last = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
+            now = time.perf_counter()
+            self.steps.append(now - self.last)
+            self.last = now
             if self.first_step is None:
-                self.first_step = time.perf_counter() - self.start
+                self.first_step = now - self.start
 
     clock = Clock()
     targs = TrainingArguments(
@@ -116,7 +134,7 @@ def main() -> int:
         max_steps=t.max_steps, learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_steps or t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps, save_strategy="no", eval_strategy="no", report_to="none", seed=t.seed,
-        ddp_backend="gloo" if world > 1 else None, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch_fused",
+        ddp_backend="gloo" if world > 1 else None, use_cpu=True, bf16=bf16, dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch_fused",
         remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
         train_sampling_strategy="sequential" if batches else "random")
     trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collator, callbacks=[clock])
@@ -127,15 +145,19 @@ def main() -> int:
     lengths = [len(i) for i, _ in exs]
     result = trainer.train()
     if trainer.is_world_process_zero():
-        trainer.save_model(str(Path(args.out) / "final"))
+        saving = time.perf_counter()
+        final = trainer.model.merge_and_unload() if cfg.lora.enabled else trainer.model
+        final.save_pretrained(str(Path(args.out) / "final"))
         tok.save_pretrained(str(Path(args.out) / "final"))
+        save_seconds = time.perf_counter() - saving
         real = int(sum(len(i) for i, _ in exs))
         computed = (sum(max(lengths[j] for j in b) * len(b) for b in batches) if batches
                     else sum(len(r["input_ids"]) for r in rows))
         summary = {"train_seconds": result.metrics["train_runtime"], "first_step_seconds": clock.first_step,
                    "steps": trainer.state.global_step,
                    "num_input_tokens_seen": int(trainer.state.num_input_tokens_seen or 0) or real,
-                   "computed_tokens": computed, "real_tokens": real, "order": order}
+                   "computed_tokens": computed, "real_tokens": real, "order": order,
+                   "step_seconds": clock.steps, "final_save_seconds": save_seconds}
         (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
     # Leave together: a rank exiting while rank 0 still saves can abort in gloo's teardown.
     if torch.distributed.is_initialized():

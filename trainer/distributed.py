@@ -274,7 +274,7 @@ def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool, precision: Optional[
 
         policy = (MixedPrecisionPolicy(param_dtype=precision.compute, reduce_dtype=torch.float32)
                   if precision is not None and precision.mixed else MixedPrecisionPolicy())
-        layers = _decoder_layers(model)
+        layers = decoder_layers(model)
         for layer in layers:
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
@@ -296,7 +296,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     layers = []
     for module in model.modules():
         if module.__class__.__name__.endswith("DecoderLayer"):

@@ -130,11 +130,13 @@ def load_final(cfg: TrainerConfig):
 
 
 def _load_dir(path: str):
+    """A model directory in the dtype it was saved in (what a user serves; a 7B model saved in bf16
+    is never widened to a 27 GB fp32 copy), with its tokenizer."""
     from transformers import AutoModelForCausalLM
 
     from trainer.modeling import load_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
     return model, load_tokenizer(path)
 
 

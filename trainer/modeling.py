@@ -188,6 +188,62 @@ def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def frozen_dtype(compute: torch.dtype, params: torch.dtype, mixed: bool) -> torch.dtype:
+    """The dtype a LoRA run holds its frozen base in: the compute dtype under mixed precision (fp32
+    master weights are for what the optimizer updates; a frozen weight in fp32 would only be cast to
+    bf16 again by autocast on every forward), else the training dtype."""
+    return compute if mixed else params
+
+
+def exact_in(held: torch.dtype, saved: torch.dtype) -> bool:
+    """Whether weights saved in `saved` are held exactly in `held` (fp16 -> bf16 loses 3 mantissa bits)."""
+    return held == saved or held == torch.float32
+
+
+def trainable_fp32(model) -> None:
+    """Adapters and modules_to_save copies in fp32 whatever the base's dtype (peft's own
+    autocast_adapter_dtype does it for the adapters; the modules_to_save copies are the base's dtype)."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def merge_lora(model, dtype: torch.dtype):
+    """The plain model with every LoRA layer merged: each layer's base weight is widened to fp32, the
+    adapter's product added there, and the sum rounded once to `dtype` — one layer at a time, so an
+    exact merge costs one layer of extra memory, not an fp32 copy of the model."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            held = base.weight.data
+            base.weight.data = held.float()
+            module.merge()
+            merged = base.weight.data.to(dtype)
+            if held.dtype == dtype:
+                # Back into the weight's own storage: transformers loads weights as pages mapped from the
+                # safetensors files, which stay resident while the file is mapped, so a new tensor per
+                # layer would hold the merged model beside the loaded one (+4 GiB at 7B on q/k/v/o).
+                held.copy_(merged)
+                merged = held
+            base.weight.data = merged
+    return model.unload()  # the merged base layers, adapters removed
+
+
+def rebuild(path: str, dtype: torch.dtype, lora: Optional[LoraConfig], trained: dict) -> torch.nn.Module:
+    """The base model from its files in `dtype`, with the trained weights put back (LoRA adapters and
+    modules_to_save, or every weight of a full fine-tune): final/ then starts from the base's exact values."""
+    model = load_model(path, dtype, "auto", torch.device("cpu"))
+    if lora is not None:
+        model, _ = apply_lora(model, lora)
+        trainable_fp32(model)
+    missing, unexpected = model.load_state_dict(trained, strict=False)
+    if unexpected:
+        raise RuntimeError(f"trained weights not in the rebuilt model: {unexpected[:3]}")
+    return model
+
+
 def save_final(model, tokenizer, final_dir: Path, adapter_dir: Optional[Path], dtype: torch.dtype) -> None:
     """final/: a plain Hugging Face model directory (LoRA merged); adapter/: the LoRA adapter alone."""
     import shutil
@@ -201,9 +257,9 @@ def save_final(model, tokenizer, final_dir: Path, adapter_dir: Optional[Path], d
         if adapter_dir is not None:
             model.save_pretrained(str(adapter_dir))
             tokenizer.save_pretrained(str(adapter_dir))
-        model = model.merge_and_unload()
+        model = merge_lora(model, dtype)
     model.config.use_cache = True
-    model.to(dtype).save_pretrained(str(tmp), safe_serialization=True)
+    model.to(dtype).save_pretrained(str(tmp), safe_serialization=True)  # cast in place, tensor by tensor
     tokenizer.save_pretrained(str(tmp))
     # Swap in whole: a reader never sees a half-written final/.
     shutil.rmtree(final_dir, ignore_errors=True)

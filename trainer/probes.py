@@ -152,8 +152,13 @@ def run(loss_module, requested_packing: Optional[bool], device: torch.device, va
                                f"shorter than the longest example (data.max_seq_length {longest})")
     was_training = model.training
     model.eval()
-    dtype = next(model.parameters()).dtype
+    # The narrowest dtype the weights hold sets the tolerance; a LoRA run's bf16 base with fp32 adapters
+    # computes under autocast to it, as training does.
+    dtypes = {q.dtype for q in model.parameters() if q.is_floating_point()}
+    dtype = next((t for t in (torch.bfloat16, torch.float16) if t in dtypes), torch.float32)
     tol = TOLERANCE.get(dtype, 1e-5)
+    mixed = torch.autocast(device.type, dtype=dtype, enabled=len(dtypes) > 1)
+    mixed.__enter__()
     try:
         gap = _measure(loss_gap, loss_module, device)
         full = gap > tol
@@ -187,6 +192,7 @@ def run(loss_module, requested_packing: Optional[bool], device: torch.device, va
                 packing = PADDED
         return Plan(packing, full, measured, gap, tol, note if requested_packing is not False else None)
     finally:
+        mixed.__exit__(None, None, None)
         model.train(was_training)
 
 

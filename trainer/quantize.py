@@ -10,6 +10,7 @@ perplexity and latency before and after.
 
 from __future__ import annotations
 
+import gc
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -37,11 +38,48 @@ def inc_config(q: QuantizeConfig, group_size: int):
     return AWQConfig(**common)
 
 
+def _rtn_by_layer(model, qcfg) -> None:
+    """RTN one decoder layer at a time, each widened to fp32 first: the same arithmetic as quantizing
+    an fp32 copy of the whole model (INC's RTN rounds in the weight's own dtype, and bf16 scales would
+    move rounding boundaries), with one layer in fp32 at a time instead of the model. Hand-written
+    because INC's own layer-wise mode reloads weights from a model path rather than widening the ones
+    in memory. The per-layer configs are put together so INC's save sees the whole model's."""
+    from neural_compressor.torch.quantization import convert, prepare
+
+    from trainer.distributed import decoder_layers
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    layers = set(map(id, decoder_layers(model)))
+    blocks = [(n, m) for n, m in model.named_modules() if id(m) in layers]
+    inside = {id(x) for _, m in blocks for x in m.modules()}
+    # Projections outside the decoder layers (rare), each as a block of its own; never the output head.
+    blocks += [(n, m) for n, m in quantsize.quantizable_layers(model) if id(m) not in inside and m is not head]
+    mapping = {}
+    for name, block in blocks:
+        dtype = next(block.parameters()).dtype
+        block.float()
+        converted = convert(prepare(block, qcfg))
+        if converted is not block:  # a bare projection is replaced, not changed in place
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, converted)
+        for (sub, kind), config in getattr(converted, "qconfig", {}).items():
+            mapping[(f"{name}.{sub}" if sub else name, kind)] = config
+        for q in converted.parameters():  # what INC kept (norms) back to the model's dtype
+            if q.is_floating_point() and q.dtype != dtype:
+                q.data = q.data.to(dtype)
+    model.qconfig = mapping
+
+
 def quantize_model(model, cfg: TrainerConfig, calibration: list[torch.Tensor]):
     from neural_compressor.torch.quantization import convert, prepare
 
     group = quantsize.effective_group_size(model, cfg.quantize.group_size)
     qcfg = inc_config(cfg.quantize, group)
+    if cfg.quantize.algorithm == "rtn":
+        _rtn_by_layer(model, qcfg)
+        return model, group
+    # GPTQ and AWQ calibrate through the whole model in its saved dtype (INC's GPTQ widens each layer's
+    # weight and inputs to fp32 for its Hessian arithmetic itself).
     example = calibration[0] if calibration else None
     prepared = prepare(model, qcfg, example_inputs=example) if cfg.quantize.algorithm == "awq" else prepare(model, qcfg)
     if cfg.quantize.algorithm in ("gptq", "awq"):
@@ -118,6 +156,28 @@ def _keep_dtype(qmodel, dtype: torch.dtype) -> None:
     qmodel.config.dtype = dtype
 
 
+def _plan(cfg: TrainerConfig, log: Callable[[str], None]) -> None:
+    """The quantize stage's memory plan (trainer/memplan.py), logged; refused before loading when it
+    cannot fit."""
+    import psutil
+
+    from trainer import memplan
+
+    if not (cfg.final_dir / "config.json").exists():
+        return  # load_final says what is missing
+    shape = memplan.read_shape(cfg.final_dir)
+    rss = psutil.Process().memory_info().rss
+    need = memplan.quantize_bytes(shape, rss, shape.saved_bytes)
+    budget, source = memplan.available_memory(1, rss)
+    log(f"memory plan (quantize): {need / memplan.GIB:.1f} GiB: final/ {shape.params * shape.saved_bytes / memplan.GIB:.2f} "
+        f"in its saved dtype, one layer in fp32, runtime {rss / memplan.GIB:.2f}; can have {budget / memplan.GIB:.1f} GiB "
+        f"({source})")
+    if need > budget:
+        raise UserError(f"memory plan (quantize): {need / memplan.GIB:.1f} GiB does not fit the {budget / memplan.GIB:.1f} "
+                        f"GiB this process can have ({source}); {cfg.final_dir} is unaffected. Fix: a larger "
+                        "resources.memory, or quantize.enabled: false")
+
+
 def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """Quantize final/ into quantized/, measure both, write report.json, report.md and the chart."""
     from neural_compressor.torch.quantization import save
@@ -128,7 +188,8 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict
     q = cfg.quantize
     inc_config(q, q.group_size)  # refuse bad bits/algorithm before loading anything
     torch.manual_seed(cfg.training.seed)
-    model, tokenizer = load_final(cfg)  # fp32: the quantization arithmetic runs in full precision
+    _plan(cfg, log)
+    model, tokenizer = load_final(cfg)  # in its saved dtype: no fp32 copy of the model
     kept_dtype = quantsize.saved_dtype(str(cfg.final_dir)) or torch.float32
     plan = quantsize.estimate(model, q.bits, q.group_size, kept_dtype, q.algorithm)
     _check(q, plan, f"the model at {cfg.final_dir}")
@@ -162,8 +223,13 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict
             raise UserError(f"quantize: the quantized files ({written} bytes) are not smaller than "
                             f"{cfg.final_dir} ({original} bytes): {parts.explain()}. Fix: "
                             "quantize.allow_larger: true to keep them anyway, or quantize.enabled: false")
-        # A quantized model counts only once it reloads and runs the way a user loads it (in fp32,
-        # like the model it is compared with); until then quantized/ is left as it was.
+        # A quantized model counts only once it reloads and runs the way a user loads it; until then
+        # quantized/ is left as it was. INC's CPU kernel unpacks the weights to fp32 and multiplies in
+        # fp32, so its loader runs the model in fp32: that widens only the parts it did not quantize
+        # (embeddings, norms, lm_head: ~1 GB at 7B); the quantized layers stay packed. The quantized
+        # model in memory goes first: the reload must not stand beside it.
+        del model, qmodel
+        gc.collect()
         try:
             reloaded, rtok = load_quantized(tmp, dtype=torch.float32)
             after = measure(reloaded, rtok, tmp, evalset, q.max_new_tokens)

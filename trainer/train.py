@@ -17,7 +17,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import numpy as np
@@ -82,6 +82,32 @@ def step_batches(p: Plan, cfg: TrainerConfig, step: int, rank: int, world: int) 
     return epoch, mine, total
 
 
+def micro_batch_tokens(split: Split, batches: BatchOrder) -> int:
+    """Tokens of the largest micro-batch as the step computes it (padded to its longest example; a
+    packed row is never longer): what activation memory scales with."""
+    if len(batches) == 0 or len(split) == 0:
+        return 1
+    lengths = np.asarray(split.lengths)[batches.perm]
+    starts = batches.starts[:-1]
+    longest = np.maximum.reduceat(lengths, starts)
+    sizes = np.diff(batches.starts)
+    return int((longest * sizes).max())
+
+
+def _load_libraries(model_path: str) -> None:
+    """Import what the run will import later (the model's modeling module, peft, checkpointing, the
+    report's plotting), so the memory plan measures the whole runtime rather than part of it."""
+    import matplotlib  # noqa: F401
+    import peft  # noqa: F401
+    import torch.distributed.checkpoint  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(model_path))]
+    except Exception:  # noqa: BLE001 - an unknown class is load_model's to report
+        pass
+
+
 class Trainer:
     def __init__(self, cfg: TrainerConfig, dist: Optional[D.Dist] = None):
         self.cfg = cfg
@@ -90,6 +116,8 @@ class Trainer:
         self.log = Logger(self.dist.is_main)
         self.lock: Optional[OutputLock] = None
         self.stop = StopRequest(self.dist.local_rank)
+        self.gradient_checkpointing = cfg.training.gradient_checkpointing  # the memory plan may turn it on
+        self.started = time.perf_counter()
 
     # ------------------------------------------------------------------------------------
 
@@ -127,19 +155,27 @@ class Trainer:
 
             sizes = preflight(cfg.quantize, path, self.save_dtype)
             self.log(f"quantize after training: {sizes.explain()}")
-        model = modeling.load_model(path, self.precision.params, cfg.model.attn_implementation, d.device)
-        if t.gradient_checkpointing:
+        # What the weights are held in: a LoRA run's frozen base in the compute dtype (bf16 under mixed
+        # precision: half of fp32's memory), what the optimizer updates in fp32.
+        self.file_dtype = modeling.save_dtype("auto", path)
+        self.load_dtype = (modeling.frozen_dtype(self.precision.compute, self.precision.params, self.precision.mixed)
+                           if cfg.lora.enabled else self.precision.params)
+        self.memory = self._plan_memory(path)  # before anything large is loaded: refused here if it cannot fit
+        model = modeling.load_model(path, self.load_dtype, cfg.model.attn_implementation, d.device)
+        if self.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
         targets = None
         if cfg.lora.enabled:
             model, targets = modeling.apply_lora(model, cfg.lora)
+            modeling.trainable_fp32(model)
         trainable, total = modeling.trainable_parameters(model)
         self.arch = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
         self.log(f"model {cfg.model.name_or_path} ({self.arch}): {total / 1e6:.1f}M parameters, "
                  f"{trainable / 1e6:.2f}M trainable ({f'LoRA r={cfg.lora.r} on {targets}' if targets else 'full fine-tune'}"
-                 f"), attention {model.config._attn_implementation}, {self.precision.describe()}; final/ saved as "
-                 f"{str(self.save_dtype).replace('torch.', '')}")
+                 f"), attention {model.config._attn_implementation}, {self.precision.describe()}"
+                 + (f", frozen base in {D._short(self.load_dtype)}" if cfg.lora.enabled else "")
+                 + f"; final/ saved as {D._short(self.save_dtype)}")
         # What the checkpoints of this run hold (the resume guard compares it; rank 0 reads the files).
         fingerprints = (D.on_main(d, lambda: identity.weights_fingerprint(path)), self.data.content)
         lora_names = sorted({n.rsplit(".", 1)[-1] for n in targets}) if isinstance(targets, list) else targets
@@ -188,6 +224,54 @@ class Trainer:
         self.log("space: " + D.on_main(d, lambda: self.ckpt.check_space(self.ckpt_estimate, self.outputs_estimate,
                                                                           measured=False)))
         self.metrics = MetricsWriter(cfg.metrics_path, d.is_main)
+
+    def _plan_memory(self, path: str):
+        """The memory plan (trainer/memplan.py) of this run against what each process can have; gradient
+        checkpointing turned on where only that makes it fit; refused in one line where nothing does.
+        Every rank plans; all take the same decision (the tightest rank's)."""
+        import psutil
+
+        from trainer import memplan
+
+        cfg, d = self.cfg, self.dist
+        shape = memplan.read_shape(path)
+        cuda = d.device.type == "cuda"
+        setting = memplan.setting_for(cfg, shape, d.world_size, d.local_world_size, self.precision.mixed, cuda,
+                                      tokens=micro_batch_tokens(self.data.train, self.plan.batches),
+                                      save_bytes=torch.empty((), dtype=self.save_dtype).element_size())
+        _load_libraries(path)
+        # The runtime as measured now, with every library of the run loaded, plus the kernels' working memory.
+        now = psutil.Process().memory_info().rss
+        rss = now + memplan.workspace(setting.compute_bytes, cuda)
+        cuda_free = torch.cuda.mem_get_info(d.device)[0] if cuda else None
+        budget, source = memplan.available_memory(d.local_world_size, now, cuda_free)
+        # On a GPU the plan is the device's (the host holds the runtime); quantization runs on the host.
+        if cuda:
+            setting = replace(setting, quantize=False)
+        decision = memplan.decide(shape, setting, 0 if cuda else rss, budget, source)
+        # One gather: every rank learns whether all fit, and the tightest rank's refusal.
+        everyone = d.all_gather_object((decision.fits, decision.turned_on_checkpointing is not None,
+                                        decision.plan.peak - decision.budget,
+                                        decision.refusal(memplan.fixes(cfg, setting, shape))))
+        if not all(fits for fits, _, _, _ in everyone):
+            raise UserError(max(everyone, key=lambda e: e[2])[3])
+        self.gradient_checkpointing = self.t.gradient_checkpointing or any(e[1] for e in everyone)
+        if self.gradient_checkpointing and not decision.turned_on_checkpointing and not self.t.gradient_checkpointing:
+            decision = memplan.decide(shape, replace(setting, gradient_checkpointing=True), 0 if cuda else rss,
+                                      budget, source)
+            decision.turned_on_checkpointing = memplan.estimate(shape, setting, 0 if cuda else rss)
+        self.log(decision.log_line())
+        return decision
+
+    def release(self) -> None:
+        """Drop the training model, optimizer and their state (before final/ is rebuilt or quantization
+        runs in this process: at 7B each is as large as the model)."""
+        import gc
+
+        for name in ("model", "wrapped", "base", "loss_module", "optimizer", "scheduler", "trainable"):
+            if hasattr(self, name):
+                delattr(self, name)
+        gc.collect()
 
     def _outputs_bytes(self) -> int:
         """final/ (in its dtype), adapter/ and quantized/ (about a third of final/)."""
@@ -295,6 +379,9 @@ class Trainer:
         window = {"loss": 0.0, "tokens": 0, "real": 0, "start": time.perf_counter()}
         first_step_seconds = None
         started = time.perf_counter()
+        startup_seconds = started - self.started  # load, probes, fingerprint, data, resume
+        step_seconds: list[float] = []  # the first steps' wall times, for the report (bench/scale.py)
+        step_clock = started
         train_seconds = state["train_seconds"]  # training time so far, evaluation excluded
         clock = time.perf_counter()
         # Non-finite steps, counted on the device (read at logging and save steps, the only syncs).
@@ -349,6 +436,10 @@ class Trainer:
             step += 1
             if first_step_seconds is None:
                 first_step_seconds = time.perf_counter() - started
+            if len(step_seconds) < 100:
+                now = time.perf_counter()
+                step_seconds.append(round(now - step_clock, 4))
+                step_clock = now
             last = step == p.total_steps
             # Preemption anywhere (SIGTERM, or the launcher's stop file): every rank saves this step.
             stopping = stop_vote.result()
@@ -419,7 +510,12 @@ class Trainer:
         progress.close()
         train_seconds += time.perf_counter() - clock
         eval_loss = last_eval if last_eval_step == step else (self.evaluate() if len(self.data.val) else None)
+        from trainer import memplan
+
         summary = {"steps": step, "train_seconds": train_seconds, "first_step_seconds": first_step_seconds,
+                   "startup_seconds": round(startup_seconds, 2), "step_seconds": step_seconds,
+                   "memory_plan": memplan.as_dict(self.memory),
+                   "gradient_checkpointing": self.gradient_checkpointing,
                    # Forward and backward alone (CPU): the rest of train_seconds is per-step overhead.
                    "compute_seconds": compute_seconds if timing else None,
                    "attention": probes._hf(self.base).config._attn_implementation, "packing": self.probe.packing,
@@ -474,24 +570,38 @@ class Trainer:
         if not d.all_true(all(bool(torch.isfinite(p).all()) for p in self.trainable)):
             raise UserError(f"the trained weights are not finite (NaN/inf): {cfg.final_dir} was not written. Fix: a "
                             f"lower training.learning_rate (now {self.t.learning_rate:g}) or training.max_grad_norm")
+        started = time.perf_counter()
+        adapter_dir = cfg.adapter_dir if cfg.lora.enabled else None
+        # final/ must hold the base's own weights (plus the merged adapters): where training held them
+        # rounded (a bf16 frozen base of an fp16/fp32 checkpoint), they are re-read from the files.
+        exact = not cfg.lora.enabled or modeling.exact_in(self.load_dtype, self.file_dtype)
         if self.t.fsdp and d.enabled:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if d.is_main:
-                # Rebuild an unsharded copy on the CPU to merge and save it the usual way.
-                model = modeling.load_model(self.model_path, self.precision.params, "auto", torch.device("cpu"))
-                if cfg.lora.enabled:
-                    model, _ = modeling.apply_lora(model, cfg.lora)
-                model.load_state_dict({k[len("model."):]: v for k, v in full.items() if k.startswith("model.")})
-                modeling.save_final(model, self.tokenizer, cfg.final_dir,
-                                    cfg.adapter_dir if cfg.lora.enabled else None, self.save_dtype)
+                names = {n for n, q in self.loss_module.named_parameters() if q.requires_grad}
+                trained = {k[len("model."):]: v for k, v in full.items()
+                           if k.startswith("model.") and (not cfg.lora.enabled or k in names)}
+                del full
+                self.release()
+                # Rebuilt unsharded on the CPU from the base's files, then merged and saved the usual way.
+                model = modeling.rebuild(self.model_path, self.file_dtype if cfg.lora.enabled else self.precision.params,
+                                         cfg.lora if cfg.lora.enabled else None, trained)
+                modeling.save_final(model, self.tokenizer, cfg.final_dir, adapter_dir, self.save_dtype)
         elif d.is_main:
             model = D.unwrap(self.base)
             if hasattr(model, "_orig_mod"):
                 model = model._orig_mod
-            modeling.save_final(model, self.tokenizer, cfg.final_dir, cfg.adapter_dir if cfg.lora.enabled else None,
-                                self.save_dtype)
+            if not exact:
+                trained = {n: q.detach().float().clone() for n, q in model.named_parameters() if q.requires_grad}
+                model = None
+                self.release()
+                model = modeling.rebuild(self.model_path, self.file_dtype, cfg.lora, trained)
+                self.log(f"final/: the base's weights re-read from {self.model_path} in "
+                         f"{D._short(self.file_dtype)} (training held them in {D._short(self.load_dtype)})")
+            modeling.save_final(model, self.tokenizer, cfg.final_dir, adapter_dir, self.save_dtype)
+        self.final_save_seconds = time.perf_counter() - started
         d.barrier()
         self.log(f"saved fine-tuned model to {cfg.final_dir}" + (f" and adapter to {cfg.adapter_dir}"
                                                                    if cfg.lora.enabled else ""))
@@ -515,6 +625,8 @@ def finetune(cfg: TrainerConfig, dist: Optional[D.Dist] = None) -> dict[str, Any
         trainer.setup()
         summary = trainer.train()
         trainer.save()
+        summary["final_save_seconds"] = round(getattr(trainer, "final_save_seconds", 0.0), 2)
+        trainer.release()  # quantization below loads final/ again: the training copy must be gone first
         if trainer.dist.is_main:
             update_report(cfg.report_path, "training", summary)
             from trainer.report import regenerate

@@ -1,0 +1,232 @@
+"""At the size people train: the presets' shapes on this machine, ours beside the Hugging Face Trainer.
+
+    make bench-scale                                   # both shapes, results in bench/results/scale-cpu.json
+    python bench/scale.py --only lora7b --steps 4      # the Llama-2-7B LoRA preset's shape alone
+
+Shapes (random weights generated at run time by bench/shapes.py, never downloaded):
+- lora7b: Llama-2-7B (hidden 4096, 32 layers, vocabulary 32000; 6.74 B parameters, ~13.5 GB in
+  bf16), LoRA r=16 on q/k/v/o, bf16, one process, one example per step, max_seq_length 256 — the
+  medical-meadow preset per process. Then ours quantizes final/ (4-bit RTN) as the preset does.
+- fsdp1b: TinyLlama-1.1B (hidden 2048, 22 layers), full fine-tune, bf16 compute with fp32 master
+  weights, FSDP2 over 2 processes (ours) against the Hugging Face Trainer (DDP, 2 processes).
+
+Each run is its own process tree (torchrun included); its peak RSS is the largest sum of the tree's
+resident set sizes, sampled every 50 ms. Both trainers see the same tokenized examples in the same
+order. Ours logs its memory plan before loading anything large; the plan's estimate is printed beside
+every measured peak. Timings are for reading, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+
+from trainer.config import TrainerConfig  # noqa: E402
+
+GIB = 1 << 30
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc] + proc.children(recursive=True):
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run(cmd: list[str], log: Path, env: dict | None = None, timeout: float = 3600) -> dict:
+    """Run `cmd` to completion; its wall seconds, exit code and the peak RSS of its process tree."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
+        watched = psutil.Process(proc.pid)
+        peak = [0]
+        done = threading.Event()
+
+        timeline = []  # (seconds since start, GiB) every half second: where in the run the peak falls
+
+        def sample():
+            last = 0.0
+            while not done.is_set():
+                try:
+                    now = tree_rss(watched)
+                    peak[0] = max(peak[0], now)
+                    t = time.perf_counter() - start
+                    if t - last >= 0.5:
+                        timeline.append((round(t, 1), round(now / GIB, 2)))
+                        last = t
+                except psutil.Error:
+                    pass
+                done.wait(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            rc = proc.wait()
+        finally:
+            done.set()
+            sampler.join()
+    log.with_suffix(".rss").write_text("".join(f"{t} {g}\n" for t, g in timeline))
+    return {"rc": rc, "seconds": round(time.perf_counter() - start, 1), "peak_rss_gib": round(peak[0] / GIB, 3),
+            "log": str(log.relative_to(ROOT))}
+
+
+def plan_lines(log: Path) -> dict:
+    """The memory plan ours logged: its total and the stage lines."""
+    text = log.read_text()
+    out = {}
+    for stage, pattern in (("train", r"memory plan: ([\d.]+) GiB"), ("quantize", r"memory plan \(quantize\): ([\d.]+) GiB")):
+        found = re.findall(pattern, text)
+        if found:
+            out[stage] = float(found[0])
+    return out
+
+
+def write_config(work: Path, model: Path, data: Path, shape: str, steps: int, world: int) -> Path:
+    if shape == "lora7b":
+        training = {"max_steps": steps, "per_device_train_batch_size": 1, "learning_rate": 1e-4, "logging_steps": 1,
+                    "save_steps": 10_000, "seed": 1, "optim": "adamw_torch_fused", "lr_scheduler_type": "constant"}
+        lora = {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    else:
+        training = {"max_steps": steps, "per_device_train_batch_size": 1, "learning_rate": 2e-5, "logging_steps": 1,
+                    "save_steps": 10_000, "seed": 1, "optim": "adamw_torch_fused", "lr_scheduler_type": "constant",
+                    "fsdp": True}
+        lora = {"enabled": False}
+    cfg = TrainerConfig.from_dict({
+        "model": {"name_or_path": str(model), "dtype": "bf16", "attn_implementation": "sdpa"},
+        "data": {"file": str(data), "template": "alpaca", "max_seq_length": 256, "validation_fraction": 0.0,
+                 "packing": False},
+        "training": training, "lora": lora,
+        "quantize": {"enabled": False, "bits": 4, "algorithm": "rtn", "group_size": 128, "eval_samples": 4,
+                     "sample_prompts": 1, "max_new_tokens": 4},
+        "output_dir": str(work / f"ours-{shape}"),
+    })
+    path = work / f"{shape}.yaml"
+    path.write_text(cfg.to_yaml())
+    return path
+
+
+def bench_shape(shape: str, args, work: Path, earlier: dict) -> dict:
+    from bench.shapes import write
+    from trainer.tiny import flashcards, write_json
+
+    world = 1 if shape == "lora7b" else 2
+    name = "llama-2-7b" if shape == "lora7b" else "tinyllama"
+    built = time.perf_counter()
+    model = write(name, work / name)
+    build_seconds = round(time.perf_counter() - built, 1)
+    data = write_json(work / "flashcards.json", flashcards(400, seed=3))
+    config = write_config(work, model, data, shape, args.steps, world)
+    py = sys.executable
+    launch = ([py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"] if world > 1 else [py])
+    # A run of one side (--order) keeps the other side's figures from the file.
+    result: dict = {**earlier, "model": name, "processes": world, "steps": args.steps, "build_seconds": build_seconds}
+    for who in args.order:
+        if who == "hf":
+            out = work / f"hf-{shape}"
+            r = run(launch + [str(ROOT / "bench/hf_baseline.py"), "--config", str(config), "--mode", "padded",
+                              "--out", str(out)], work / f"hf-{shape}.log")
+            if r["rc"] == 0:
+                r.update(json.loads((out / "summary.json").read_text()))
+            result["hf"] = r
+        else:
+            out_dir = work / f"ours-{shape}"
+            import shutil
+
+            shutil.rmtree(out_dir, ignore_errors=True)
+            r = run(launch + ["-m", "trainer", "finetune", "--config", str(config)], work / f"ours-{shape}.log")
+            r["plan_gib"] = plan_lines(work / f"ours-{shape}.log").get("train")
+            if r["rc"] == 0:
+                report = json.loads((out_dir / "report.json").read_text())["training"]
+                r.update({k: report.get(k) for k in ("train_seconds", "first_step_seconds", "steps",
+                                                     "num_input_tokens_seen", "startup_seconds",
+                                                     "final_save_seconds", "step_seconds")})
+            result["ours"] = r
+            if shape == "lora7b" and r["rc"] == 0 and not args.skip_quantize:
+                q = run([py, "-m", "trainer", "quantize", "--config", str(config), "--set", "quantize.enabled=true"],
+                        work / f"ours-{shape}-quantize.log")
+                q["plan_gib"] = plan_lines(work / f"ours-{shape}-quantize.log").get("quantize")
+                result["ours_quantize"] = q
+    for who in ("hf", "ours"):
+        r = result.get(who)
+        if r and r.get("step_seconds"):
+            steady = r["step_seconds"][1:] or r["step_seconds"]
+            r["seconds_per_step"] = round(sum(steady) / len(steady), 2)
+            r["tokens_per_second"] = round(r["num_input_tokens_seen"] / max(1e-9, sum(r["step_seconds"])), 1)
+    if "hf" in result and "ours" in result and result["hf"]["rc"] == 0 and result["ours"]["rc"] == 0:
+        hf, ours = result["hf"], result["ours"]
+        result["ratios"] = {
+            "peak_rss_ours_over_hf": round(ours["peak_rss_gib"] / hf["peak_rss_gib"], 3),
+            "seconds_per_step_ours_over_hf": round(ours["seconds_per_step"] / hf["seconds_per_step"], 3),
+            "plan_over_measured_peak": round(ours["plan_gib"] / ours["peak_rss_gib"], 3) if ours.get("plan_gib") else None,
+        }
+        if "ours_quantize" in result and result["ours_quantize"].get("plan_gib"):
+            q = result["ours_quantize"]
+            result["ratios"]["quantize_plan_over_measured_peak"] = round(q["plan_gib"] / q["peak_rss_gib"], 3)
+    return result
+
+
+def table(results: dict) -> str:
+    rows = ["| shape | who | exit | peak RSS GiB | plan GiB | s/step | tokens/s | first step s | final save s | wall s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for shape, r in results["shapes"].items():
+        for who in ("hf", "ours", "ours_quantize"):
+            x = r.get(who)
+            if not x:
+                continue
+            rows.append(f"| {shape} | {who} | {x['rc']} | {x['peak_rss_gib']} | {x.get('plan_gib') or ''} | "
+                        f"{x.get('seconds_per_step', '')} | {x.get('tokens_per_second', '')} | "
+                        f"{round(x['first_step_seconds'], 1) if x.get('first_step_seconds') else ''} | "
+                        f"{round(x['final_save_seconds'], 1) if x.get('final_save_seconds') else ''} | {x['seconds']} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", choices=("lora7b", "fsdp1b"), action="append")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--order", nargs="+", default=["hf", "ours"], choices=("hf", "ours"))
+    p.add_argument("--work", default=str(ROOT / "bench/work/scale"))
+    p.add_argument("--skip-quantize", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "bench/results/scale-cpu.json"))
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results.update({"machine": {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / GIB, 1),
+                                "processor": platform.processor() or platform.machine()},
+                    "command": " ".join(["python", "bench/scale.py"] + sys.argv[1:])})
+    results.setdefault("shapes", {})
+    for shape in args.only or ["lora7b", "fsdp1b"]:
+        results["shapes"][shape] = bench_shape(shape, args, work, results["shapes"].get(shape, {}))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+        print(json.dumps(results["shapes"][shape], indent=1), flush=True)
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
