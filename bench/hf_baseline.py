@@ -136,7 +136,11 @@ def main() -> int:
         logging_steps=t.logging_steps, save_strategy="no", eval_strategy="no", report_to="none", seed=t.seed,
         ddp_backend="gloo" if world > 1 else None, use_cpu=True, bf16=bf16, dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch_fused",
         remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
-        train_sampling_strategy="sequential" if batches else "random")
+        train_sampling_strategy="sequential" if batches else "random",
+        # training.fsdp: the Trainer's own FSDP2 (through accelerate), each decoder layer sharded as ours does.
+        **({"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2, "reshard_after_forward": True,
+                                                            "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+           if t.fsdp and world > 1 else {}))
     trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collator, callbacks=[clock])
     # Tokens computed per epoch, padding included: the padded collator pads each batch to its longest row.
     order = "ours" if batches else "hf"

@@ -139,7 +139,7 @@ def eval_loss(final: Path, cfg_path: Path, held_out: Path) -> float:
     from transformers import AutoModelForCausalLM
 
     from trainer.config import load_config
-    from trainer.evaluate import EvalSet, perplexity
+    from trainer.measure import EvalSet, perplexity
     from trainer.modeling import load_tokenizer
 
     cfg = load_config(cfg_path)

@@ -115,7 +115,7 @@ def write_config(work: Path, model: Path, data: Path, shape: str, steps: int, wo
         lora = {"enabled": False}
     cfg = TrainerConfig.from_dict({
         "model": {"name_or_path": str(model), "dtype": "bf16", "attn_implementation": "sdpa"},
-        "data": {"file": str(data), "template": "alpaca", "max_seq_length": 256, "validation_fraction": 0.0,
+        "data": {"file": str(data), "template": "alpaca", "max_seq_length": 256, "validation_fraction": 0.02,
                  "packing": False},
         "training": training, "lora": lora,
         "quantize": {"enabled": False, "bits": 4, "algorithm": "rtn", "group_size": 128, "eval_samples": 4,
@@ -150,7 +150,7 @@ def bench_shape(shape: str, args, work: Path, earlier: dict) -> dict:
             if r["rc"] == 0:
                 r.update(json.loads((out / "summary.json").read_text()))
             result["hf"] = r
-        else:
+        elif who == "ours":
             out_dir = work / f"ours-{shape}"
             import shutil
 
@@ -163,11 +163,11 @@ def bench_shape(shape: str, args, work: Path, earlier: dict) -> dict:
                                                      "num_input_tokens_seen", "startup_seconds",
                                                      "final_save_seconds", "step_seconds")})
             result["ours"] = r
-            if shape == "lora7b" and r["rc"] == 0 and not args.skip_quantize:
-                q = run([py, "-m", "trainer", "quantize", "--config", str(config), "--set", "quantize.enabled=true"],
-                        work / f"ours-{shape}-quantize.log")
-                q["plan_gib"] = plan_lines(work / f"ours-{shape}-quantize.log").get("quantize")
-                result["ours_quantize"] = q
+        if who == "quantize" and shape == "lora7b":
+            q = run([py, "-m", "trainer", "quantize", "--config", str(config), "--set", "quantize.enabled=true"],
+                    work / f"ours-{shape}-quantize.log")
+            q["plan_gib"] = plan_lines(work / f"ours-{shape}-quantize.log").get("quantize")
+            result["ours_quantize"] = q
     for who in ("hf", "ours"):
         r = result.get(who)
         if r and r.get("step_seconds"):
@@ -206,9 +206,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=("lora7b", "fsdp1b"), action="append")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--order", nargs="+", default=["hf", "ours"], choices=("hf", "ours"))
+    p.add_argument("--order", nargs="+", default=["hf", "ours", "quantize"], choices=("hf", "ours", "quantize"),
+                   help="which runs, in order (quantize: ours on final/ of the last `ours` run; lora7b only)")
     p.add_argument("--work", default=str(ROOT / "bench/work/scale"))
-    p.add_argument("--skip-quantize", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench/results/scale-cpu.json"))
     args = p.parse_args()
     work = Path(args.work)

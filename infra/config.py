@@ -445,6 +445,7 @@ def _trainer_config(ctx: _Ctx, job_name: str, run_id: str) -> tuple[TrainerConfi
     model = ctx.get("model")
     if isinstance(model, str):
         model = {"name_or_path": model}
+    model = {**model, "dtype": ctx.string("modelDtype", ("auto", "bf16", "fp32", "pure-bf16"))}
     data: dict[str, Any] = {}
     for key, value in ctx.mapping("dataset").items():
         if value is None or value == "" or (key in ("maxSeqLength", "maxExamples") and value in (0, "0")):

@@ -72,6 +72,24 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def io_threads() -> int:
+    """Threads for writing and hashing a rank's checkpoint files: hashlib releases the GIL on large
+    buffers, so files hash in parallel, one core each (SHA-256 with SHA-NI runs at ~1.8 GB/s a core,
+    faster than most volumes write)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def hash_files(files: list[Path]) -> dict[str, dict]:
+    """{name: {size, sha256}} of `files`, hashed in parallel threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(f: Path):
+        return f.name, {"size": f.stat().st_size, "sha256": sha256(f)}
+
+    with ThreadPoolExecutor(max_workers=max(1, min(io_threads(), len(files)))) as pool:
+        return dict(pool.map(one, files))
+
+
 def _files(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp"))
 
@@ -108,6 +126,7 @@ class Checkpointer:
         self.keep = max(1, keep)
         self.dist = dist
         self.log = log
+        self.timing: dict = {}  # the last save's write and hash seconds
 
     # ---- discovery -------------------------------------------------------------------------
 
@@ -139,7 +158,7 @@ class Checkpointer:
             return f"{path / MARKER} is unreadable or has no file manifest"
         names = sorted(manifest["files"])
         mine = names[d.rank::d.world_size]
-        found = []
+        found, whole = [], []
         for name in mine:
             f, expected = path / name, manifest["files"][name]
             try:
@@ -149,8 +168,11 @@ class Checkpointer:
                 continue
             if size != expected["size"]:
                 found.append(f"{f} has {size} bytes, {expected['size']} were written")
-            elif sha256(f) != expected["sha256"]:
-                found.append(f"{f} is damaged (its SHA-256 differs from the one recorded at save)")
+            else:
+                whole.append(f)
+        for name, got in hash_files(whole).items():  # this rank's share, in parallel threads
+            if got["sha256"] != manifest["files"][name]["sha256"]:
+                found.append(f"{path / name} is damaged (its SHA-256 differs from the one recorded at save)")
         found = sorted(p for part in d.all_gather_object(found) for p in part)
         return found[0] if found else None
 
@@ -182,9 +204,14 @@ class Checkpointer:
                 shutil.rmtree(path)
             path.mkdir(parents=True)
         d.barrier()
+        import time
+
+        started = time.perf_counter()
         error: Optional[BaseException] = None
         try:  # dcp.save is collective and raises on every rank when one rank's write fails
-            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
+            # Several files per rank, written by parallel threads, so they also hash in parallel.
+            writer = dcp.FileSystemWriter(str(path), thread_count=io_threads())
+            dcp.save({"model": model_state, "optim": optim_state}, storage_writer=writer)
             with open(path / f"rng-rank{d.rank:05d}.pt", "wb") as f:
                 torch.save(rng_state(), f)
                 f.flush()
@@ -202,11 +229,13 @@ class Checkpointer:
             if d.is_main:
                 shutil.rmtree(path, ignore_errors=True)
             self._save_failed(step, path, error)
+        written = time.perf_counter()
         names = _files(path)
         hashed = {}
-        for part in d.all_gather_object({n: {"size": (path / n).stat().st_size, "sha256": sha256(path / n)}
-                                         for n in names[d.rank::d.world_size]}):
+        for part in d.all_gather_object(hash_files([path / n for n in names[d.rank::d.world_size]])):
             hashed.update(part)
+        self.timing = {"write_seconds": round(written - started, 3), "hash_seconds": round(time.perf_counter() - written, 3),
+                       "bytes": sum(v["size"] for v in hashed.values())}
         if d.is_main:
             fsync_write(path / MARKER, json.dumps({"step": step, "files": hashed}, indent=1).encode())
         if d.is_main:

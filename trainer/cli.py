@@ -44,6 +44,15 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--model", default="final", metavar="WHICH",
                            help="final (default), base, a model directory, or a checkpoint directory of this run")
             s.add_argument("--data", metavar="FILE", help="score every record of FILE instead of the validation data")
+    text = ("the memory plan of this config per process, from the model's config.json alone (no weights read), "
+            "against what a process can have here or under --memory")
+    m = sub.add_parser("plan", help=text, description=text)
+    m.add_argument("--config", required=True, metavar="FILE", help="trainer config YAML (the stack renders it)")
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help=SET_HELP)
+    m.add_argument("--processes", type=int, default=1, metavar="N", help="processes per worker (procsPerWorker)")
+    m.add_argument("--workers", type=int, default=1, metavar="N", help="workers (FSDP shards over all processes)")
+    m.add_argument("--memory", metavar="QUANTITY", help="the container's limit (resources.memory, e.g. 46Gi); "
+                                                        "default: this machine's available memory")
     r = sub.add_parser("report", help="regenerate plots and print the summary table of an output directory")
     r.add_argument("output_dir", metavar="OUTPUT_DIR")
     return p
@@ -74,12 +83,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             evaluate.run(cfg, which=args.model, data_file=args.data)
         elif args.command == "prepare":
             prepare(cfg, args.export, args.max_examples)
+        elif args.command == "plan":
+            print(plan(cfg, args.processes, args.workers, args.memory))
         return 0
     except Preempted as exc:
         print(f"{exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        if first_to_report(str(exc)):
+            print(f"error: {exc}", file=sys.stderr, flush=True)
         stop_torchrun_agent()
         return 2
 
@@ -103,9 +115,11 @@ def prepare(cfg, export: Optional[str], max_examples: Optional[int]) -> None:
         d.close()
     if d.is_main:
         log(f"data: {prepared.summary()}")
-        log(f"validation: {len(prepared.val)} examples ({prepared.val_stats.records} records)")
-        for line in prepared.stats.invalid_first:
-            log(f"skipped invalid record {line}")
+        invalid = prepared.invalid()
+        log(f"validation: {len(prepared.val)} examples ({prepared.val_stats.records} records, "
+            f"{invalid['validation']} invalid skipped)")
+        log(f"invalid records skipped: {invalid['training']} training, {invalid['validation']} validation")
+        prepared.log_invalid(log)
         if prepared.stats.split_conversations:
             log(f"{prepared.stats.split_conversations} conversations became one example per assistant turn (the "
                 "chat template renders earlier turns differently)")
@@ -113,15 +127,65 @@ def prepare(cfg, export: Optional[str], max_examples: Optional[int]) -> None:
             f"{time.perf_counter() - started:.1f}s")
 
 
+def plan(cfg, processes: int, workers: int, memory: Optional[str]) -> str:
+    """The memory plan the trainer will log at start-up, without loading anything large. A hub model's
+    config.json is read from the hub (or its cache); the precision `auto` is resolved on this machine."""
+    from trainer import distributed, memplan, modeling
+
+    path = modeling.resolve(cfg.model, modeling.read_token(), distributed.Dist(0, 0, 1, 1, None, None))
+    shape = memplan.read_shape(path)
+    precision = distributed.choose_precision(cfg.model.dtype, False)
+    setting = memplan.setting_for(cfg, shape, workers * processes, processes, precision.mixed)
+    runtime = memplan.DEFAULT_RUNTIME + memplan.workspace(setting.compute_bytes)
+    if memory:
+        budget, source = memplan.quantity_bytes(memory) // processes, f"--memory {memory} / {processes} processes"
+    else:
+        budget, source = memplan.available_memory(processes, 0)
+    decision = memplan.decide(shape, setting, runtime, budget, source)
+    if not decision.fits:
+        raise UserError(decision.refusal(memplan.fixes(cfg, setting, shape)))
+    return decision.log_line()
+
+
+def first_to_report(message: str) -> bool:
+    """Under torchrun every rank raises the same input error (the ranks share their checks): the
+    first local process to claim it (an exclusive file per run, restart and message) prints it."""
+    import hashlib
+    import os
+    import tempfile
+
+    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not run:
+        return True
+    digest = hashlib.sha1(message.encode()).hexdigest()[:16]
+    name = f"llm-finetune-error-{run}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}-{digest}"
+    try:
+        os.close(os.open(os.path.join(tempfile.gettempdir(), name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+
+
 def stop_torchrun_agent() -> None:
     """An input error must not burn torchrun's restarts: the same config fails the same way every time.
-    torchrun restarts its workers after any failure, so the worker asks its agent to stop instead
-    (SIGTERM: the agent terminates the workers and exits non-zero without restarting them, and leaves
-    the rendezvous open for a later run). Only when the parent really is a torchrun agent."""
+    The worker leaves a marker for the pod's launcher (which then exits 2 and shows this error alone).
+    Where torchrun would restart the workers (--max-restarts > 0), the worker asks its agent to stop
+    instead (SIGTERM: the agent terminates the workers and exits without restarting them, and leaves
+    the rendezvous open for a later run); with no restarts left, torchrun ends with its own report."""
     import os
     import signal
 
     if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return
+    marker = os.environ.get("LLM_FINETUNE_INPUT_ERROR_FILE")
+    if marker:  # tells the pod's launcher to exit 2 (a permanent failure), not to retry
+        try:
+            open(marker, "a").close()
+        except OSError:
+            pass
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) == 0:
         return
     parent = os.getppid()
     try:
@@ -130,11 +194,4 @@ def stop_torchrun_agent() -> None:
     except OSError:
         return
     if "torch.distributed.run" in cmdline or "torchrun" in cmdline:
-        print("error: input error; asking torchrun not to restart", file=sys.stderr, flush=True)
-        marker = os.environ.get("LLM_FINETUNE_INPUT_ERROR_FILE")
-        if marker:  # tells the pod's launcher to exit 2 (a permanent failure), not to retry
-            try:
-                open(marker, "a").close()
-            except OSError:
-                pass
         os.kill(parent, signal.SIGTERM)

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     print(f"""
 ==> done in {time.perf_counter() - started:.0f}s
     fine-tuned model   {cfg.final_dir}
-    quantized model    {cfg.quantized_dir}   (load: trainer.quantize.load_quantized)
+    quantized model    {cfg.quantized_dir}   (load: trainer.measure.load_quantized)
     report             {cfg.report_path}  and  {cfg.out / 'report.md'}
     plots              {cfg.out / 'loss_curve.png'}  {cfg.out / 'quantization.png'}
     metrics            {cfg.metrics_path}

@@ -1,6 +1,10 @@
-"""The worker pods' entry point: torchrun, supervised.
+"""The worker pods' entry point, and the local multi-process one: torchrun, supervised.
 
-    python -m trainer.launch finetune --config /etc/llm-finetune/config.yaml
+    python -m trainer.launch finetune --config /etc/llm-finetune/config.yaml          # in a pod
+    python -m trainer.launch --nproc-per-node 2 finetune --config config.yaml         # locally
+
+Locally (`--nproc-per-node N`) it runs `torchrun --standalone` once; an input error ends with the
+trainer's one line and exit 2 (torchrun's own report and traceback after it are not shown).
 
 The container runs this; it runs torchrun (configured by the PET_* variables the Kubeflow operator
 injects) and adds what a pod needs on a cluster's second day:
@@ -85,6 +89,11 @@ class Supervisor:
         self.local_procs = int(os.environ.get("PET_NPROC_PER_NODE", "1") or 1)
         self.child: Optional[subprocess.Popen] = None
         self.preempted = False
+        self.local_nproc = 0
+        if argv[:1] == ["--nproc-per-node"] and len(argv) > 1 and argv[1].isdigit():
+            self.local_nproc = int(argv[1])
+            self.argv = argv[2:]
+            self.local_procs = self.local_nproc
 
     def on_sigterm(self, signum, frame) -> None:
         if self.preempted:
@@ -112,7 +121,39 @@ class Supervisor:
             self.child.send_signal(signal.SIGTERM)
 
     def torchrun(self, rdzv_id: str) -> list[str]:
+        if self.local_nproc:
+            return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                    str(self.local_nproc), "-m", "trainer", *self.argv]
         return [sys.executable, "-m", "torch.distributed.run", "--rdzv-id", rdzv_id, "-m", "trainer", *self.argv]
+
+    def _pump(self, source, sink, errors: set) -> None:
+        """Copy torchrun's output (its workers' too) line by line. Once a worker has marked an input
+        error, only the trainer's `error:` line passes (once, whichever ranks print it): torchrun's
+        own shutdown messages and its traceback for the stop the worker asked for would bury it."""
+        for line in iter(source.readline, b""):
+            text = line.decode(errors="replace")
+            if text.startswith("error: "):
+                if text in errors:
+                    continue
+                errors.add(text)
+            elif self.input_error.exists():
+                continue
+            sink.write(line)
+            sink.flush()
+        source.close()
+
+    def _start(self, rdzv: str, env: dict) -> int:
+        """torchrun to completion, its output through _pump; its exit code."""
+        self.child = subprocess.Popen(self.torchrun(rdzv), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        errors: set = set()
+        pumps = [threading.Thread(target=self._pump, args=(self.child.stdout, sys.stdout.buffer, errors), daemon=True),
+                 threading.Thread(target=self._pump, args=(self.child.stderr, sys.stderr.buffer, errors), daemon=True)]
+        for t in pumps:
+            t.start()
+        code = self.child.wait()
+        for t in pumps:
+            t.join(timeout=30)
+        return code
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_sigterm)
@@ -120,28 +161,29 @@ class Supervisor:
         # Trainer v2's torch runtime injects a static rendezvous (PET_MASTER_ADDR/PORT, PET_NODE_RANK).
         backend = os.environ.get("PET_RDZV_BACKEND") or ("static" if os.environ.get("PET_MASTER_ADDR") else "c10d")
         endpoint = os.environ.get("PET_RDZV_ENDPOINT", "")
-        attempts = max(1, int(os.environ.get("LLM_FINETUNE_LAUNCH_ATTEMPTS", "3")))
+        attempts = 1 if self.local_nproc else max(1, int(os.environ.get("LLM_FINETUNE_LAUNCH_ATTEMPTS", "3")))
+        if self.local_nproc:  # the trainer sets its threads per process itself (torchrun warns when unset)
+            os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // self.local_nproc)))
         env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
                "LLM_FINETUNE_STOP_FILE": str(self.stop_file),
                "LLM_FINETUNE_INPUT_ERROR_FILE": str(self.input_error)}
         for attempt in range(1, attempts + 1):
             try:
-                rdzv = rendezvous_id(base, backend, endpoint, deadline=time.monotonic() + 600)
+                rdzv = base if self.local_nproc else rendezvous_id(base, backend, endpoint, deadline=time.monotonic() + 600)
             except Exception as exc:
                 log(f"cannot reach the rendezvous store at {endpoint}: {exc}")
                 return EXIT_GAVE_UP
             if self.preempted:
                 return EXIT_PREEMPTED
-            log(f"attempt {attempt}/{attempts}: torchrun, rendezvous {rdzv} ({backend})")
-            self.child = subprocess.Popen(self.torchrun(rdzv), env=env)
-            code = self.child.wait()
+            if not self.local_nproc:
+                log(f"attempt {attempt}/{attempts}: torchrun, rendezvous {rdzv} ({backend})")
+            code = self._start(rdzv, env)
             if self.preempted:
                 log(f"preempted; torchrun exited {code}")
                 return EXIT_PREEMPTED
             if code == 0:
                 return 0
-            if self.input_error.exists():
-                log("input error (see above): not retrying, the same input fails the same way")
+            if self.input_error.exists():  # the error line above says it all; the same input fails the same way
                 return EXIT_INPUT_ERROR
             if attempt < attempts:
                 backoff = min(60, 5 * attempt)

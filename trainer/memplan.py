@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -51,6 +52,21 @@ _ACT = {("lora", False): (25, 6), ("full", False): (36, 8), ("lora", True): (3, 
 _LOSS_BYTES_PER_LOGIT = 10  # bf16 logits + their fp32 copy + its gradient
 _ATTENTION_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query_key_value",
                           "dense", "out_proj", "Wqkv", "c_proj"}
+
+
+_SUFFIX = {"Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40, "Pi": 2 ** 50, "Ei": 2 ** 60,
+           "k": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12, "P": 10 ** 15, "E": 10 ** 18, "m": 1e-3}
+
+
+def quantity_bytes(value: str) -> int:
+    """A Kubernetes memory quantity (16Gi, 512Mi, 1e9, 2G) in bytes."""
+    m = re.fullmatch(r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))([A-Za-z]{0,2}|[eE][+-]?\d+)", value.strip())
+    if not m:
+        raise ValueError(f"not a quantity: {value!r}")
+    number, suffix = float(m.group(1)), m.group(2)
+    if suffix[:1] in ("e", "E") and suffix[1:].lstrip("+-").isdigit():
+        return int(number * 10 ** int(suffix[1:]))
+    return int(number * _SUFFIX.get(suffix, 1))
 
 
 def _first(config: dict, *names, default=None):
@@ -143,6 +159,7 @@ class Setting:
     quantize: bool
     save_bytes: int
     cuda: bool = False
+    quantize_bits: int = 4
 
 
 @dataclass
@@ -199,15 +216,17 @@ def estimate(shape: Shape, s: Setting, runtime: int = DEFAULT_RUNTIME) -> Plan:
     load_bytes = s.frozen_bytes if s.lora else s.master_bytes
     # Weights of the files' own dtype are mapped from them, not copied; a conversion maps one file at a time.
     load = runtime + n * load_bytes + (0 if load_bytes == shape.saved_bytes else shape.largest_shard)
-    quantize = quantize_bytes(shape, runtime, s.save_bytes) if s.quantize else 0
+    quantize = quantize_bytes(shape, runtime, s.save_bytes, s.quantize_bits) if s.quantize else 0
     return Plan(terms, load, train, quantize, s)
 
 
-def quantize_bytes(shape: Shape, runtime: int, save_bytes: int) -> int:
-    """The quantize stage: final/ in its saved dtype, one layer widened to fp32 beside it, the
-    evaluation's full logits (fp32, one example of up to 2048 tokens), and the mapped weight file."""
-    return (runtime + shape.params * save_bytes + 2 * shape.layer_params * 4 + 2 * 2048 * shape.vocab * 4
-            + shape.largest_shard)
+def quantize_bytes(shape: Shape, runtime: int, save_bytes: int, bits: int = 4) -> int:
+    """The quantize stage: final/ loaded in its saved dtype (pages mapped from its files, which stay
+    resident while the file is mapped, also for layers already quantized), the packed layers
+    accumulating beside it (bits/8 a weight plus a scale per group of 128), one decoder layer widened
+    to fp32, and the evaluation's full logits (fp32, up to 2048 tokens, and their log-softmax)."""
+    packed = shape.layers * shape.layer_params * (bits / 8 + 4 / 128)
+    return int(runtime + shape.params * save_bytes + packed + shape.layer_params * 4 + 2 * 2048 * shape.vocab * 4)
 
 
 def setting_for(cfg, shape: Shape, world: int, local_processes: int, mixed: bool, cuda: bool = False,
@@ -226,7 +245,7 @@ def setting_for(cfg, shape: Shape, world: int, local_processes: int, mixed: bool
     return Setting(lora=cfg.lora.enabled, lora_trainable=lt, mixed=mixed, compute_bytes=compute, master_bytes=master,
                    frozen_bytes=frozen, world=world, local_processes=local_processes, fsdp=t.fsdp and world > 1,
                    tokens=tokens, gradient_checkpointing=t.gradient_checkpointing, quantize=cfg.quantize.enabled,
-                   save_bytes=sb, cuda=cuda)
+                   save_bytes=sb, cuda=cuda, quantize_bits=cfg.quantize.bits)
 
 
 # ---- what a process can have --------------------------------------------------------------------

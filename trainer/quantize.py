@@ -3,7 +3,7 @@
     python -m trainer quantize --config config.yaml
 
 Reads output_dir/final/, writes output_dir/quantized/ (Hugging Face layout with the quantization
-config, so `load_quantized` — or neural_compressor's own `load(path, format="huggingface")` —
+config, so `trainer.measure.load_quantized` — or neural_compressor's own `load(path, format="huggingface")` —
 restores it without the original model), and the `quantize` section of report.json with size,
 perplexity and latency before and after.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import shutil
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -20,6 +19,7 @@ import torch
 from trainer import quantsize
 from trainer.config import QUANT_ALGORITHMS, QUANT_BITS, QuantizeConfig, TrainerConfig
 from trainer.errors import UserError
+from trainer.measure import EvalSet, dir_size, load_final, load_quantized, measure
 from trainer.metrics import Logger, update_report
 
 
@@ -91,33 +91,6 @@ def quantize_model(model, cfg: TrainerConfig, calibration: list[torch.Tensor]):
     return convert(prepared), group
 
 
-def load_quantized(path: str | Path, dtype: Optional[torch.dtype] = None):
-    """(model, tokenizer) of a quantized/ directory written by this module.
-
-        from trainer.quantize import load_quantized
-        model, tok = load_quantized("output/quantized")
-        ids = tok("Question: ...", return_tensors="pt").input_ids
-        print(tok.decode(model.generate(ids, max_new_tokens=32)[0]))
-    """
-    path = Path(path)
-    if not (path / "config.json").exists() or "quantization_config" not in (path / "config.json").read_text():
-        raise UserError(f"{path} is not a quantized model directory (no config.json with a quantization_config). "
-                        "Fix: run `python -m trainer quantize --config FILE`")
-    from neural_compressor.torch.quantization import load
-    from transformers import AutoTokenizer
-
-    try:
-        # dtype None: the kept weights in the dtype they were saved in (the fine-tuned model's).
-        extra = {"torch_dtype": dtype} if dtype is not None else {}
-        model = load(str(path), format="huggingface", device="cpu", **extra)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except Exception as exc:
-        raise UserError(f"quantized model at {path} cannot be loaded: {type(exc).__name__}: {exc}. "
-                        "Fix: quantize again (python -m trainer quantize --config FILE)") from None
-    model.eval()
-    return model, tokenizer
-
-
 def _check(q: QuantizeConfig, plan: quantsize.Breakdown, where: str) -> None:
     """Refuse a quantization that quantizes nothing, or that does not shrink the model."""
     if plan.quantized_layers == 0:
@@ -165,13 +138,20 @@ def _plan(cfg: TrainerConfig, log: Callable[[str], None]) -> None:
 
     if not (cfg.final_dir / "config.json").exists():
         return  # load_final says what is missing
+    import neural_compressor.torch.quantization  # noqa: F401 - part of the runtime the plan measures
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:  # the model's modeling module, as the load will import it
+        AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(cfg.final_dir))]
+    except Exception:  # noqa: BLE001 - load_final reports what it cannot load
+        pass
     shape = memplan.read_shape(cfg.final_dir)
-    rss = psutil.Process().memory_info().rss
-    need = memplan.quantize_bytes(shape, rss, shape.saved_bytes)
+    rss = psutil.Process().memory_info().rss + memplan.workspace(shape.saved_bytes)
+    need = memplan.quantize_bytes(shape, rss, shape.saved_bytes, cfg.quantize.bits)
     budget, source = memplan.available_memory(1, rss)
     log(f"memory plan (quantize): {need / memplan.GIB:.1f} GiB: final/ {shape.params * shape.saved_bytes / memplan.GIB:.2f} "
-        f"in its saved dtype, one layer in fp32, runtime {rss / memplan.GIB:.2f}; can have {budget / memplan.GIB:.1f} GiB "
-        f"({source})")
+        f"in its saved dtype, the {cfg.quantize.bits}-bit layers beside it, one layer in fp32, runtime "
+        f"{rss / memplan.GIB:.2f}; can have {budget / memplan.GIB:.1f} GiB ({source})")
     if need > budget:
         raise UserError(f"memory plan (quantize): {need / memplan.GIB:.1f} GiB does not fit the {budget / memplan.GIB:.1f} "
                         f"GiB this process can have ({source}); {cfg.final_dir} is unaffected. Fix: a larger "
@@ -182,7 +162,6 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict
     """Quantize final/ into quantized/, measure both, write report.json, report.md and the chart."""
     from neural_compressor.torch.quantization import save
 
-    from trainer.evaluate import EvalSet, dir_size, load_final, measure
 
     log = log or Logger(True)
     q = cfg.quantize
@@ -223,15 +202,13 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict
             raise UserError(f"quantize: the quantized files ({written} bytes) are not smaller than "
                             f"{cfg.final_dir} ({original} bytes): {parts.explain()}. Fix: "
                             "quantize.allow_larger: true to keep them anyway, or quantize.enabled: false")
-        # A quantized model counts only once it reloads and runs the way a user loads it; until then
-        # quantized/ is left as it was. INC's CPU kernel unpacks the weights to fp32 and multiplies in
-        # fp32, so its loader runs the model in fp32: that widens only the parts it did not quantize
-        # (embeddings, norms, lm_head: ~1 GB at 7B); the quantized layers stay packed. The quantized
-        # model in memory goes first: the reload must not stand beside it.
+        # A quantized model counts only once it reloads and runs the way a user loads it, in the dtype
+        # it is served in (final/'s); until then quantized/ is left as it was. The quantized model in
+        # memory goes first: the reload must not stand beside it.
         del model, qmodel
         gc.collect()
         try:
-            reloaded, rtok = load_quantized(tmp, dtype=torch.float32)
+            reloaded, rtok = load_quantized(tmp, dtype=kept_dtype)
             after = measure(reloaded, rtok, tmp, evalset, q.max_new_tokens)
         except Exception as exc:
             detail = str(exc).split(". Fix:")[0] if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"

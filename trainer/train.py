@@ -137,12 +137,12 @@ class Trainer:
         self.log(f"world {d.world_size} (backend {d.backend or 'none'}, device {d.device.type}, "
                  f"{torch.get_num_threads()} threads/process)")
         self.data: Prepared = data_module.for_config(cfg, self.tokenizer, path, token, d, self.log)
-        self.log(f"data: {self.data.summary()}; validation: {len(self.data.val)} examples")
+        self.log(f"data: {self.data.summary()}; validation: {len(self.data.val)} examples "
+                 f"({self.data.val_stats.records} records, {self.data.invalid()['validation']} invalid skipped)")
         if self.data.stats.truncated:
             self.log(f"data: {self.data.stats.truncated} examples longer than data.max_seq_length="
                      f"{cfg.data.max_seq_length} were truncated")
-        for line in self.data.stats.invalid_first:
-            self.log(f"data: skipped invalid record {line}")
+        self.data.log_invalid(self.log)
         self.plan = plan(self.data.train, cfg, d.world_size)
 
         self.precision = D.choose_precision(cfg.model.dtype, d.device.type == "cuda",
@@ -498,7 +498,9 @@ class Trainer:
                                            "schedule": identity.schedule(cfg)})
                 except NonFiniteState as exc:
                     self._diverged(step, run, skipped, str(exc))
-                self.log(f"saved checkpoint {path}")
+                timing = self.ckpt.timing
+                self.log(f"saved checkpoint {path} ({timing.get('bytes', 0) / 1e9:.2f} GB: written in "
+                         f"{timing.get('write_seconds', 0):.1f} s, SHA-256 in {timing.get('hash_seconds', 0):.1f} s)")
                 if not measured_space:  # the estimate replaced by the size of a real checkpoint
                     measured_space = True
                     size = D.on_main(d, lambda: self.ckpt.bytes_on_disk(path))
@@ -523,7 +525,10 @@ class Trainer:
                    "eval_perplexity": _ppl(eval_loss) if eval_loss is not None else None,
                    "skipped_steps": skipped_before + int(bad_total),
                    "world_size": d.world_size, "data": {"format": self.data.format, **vars(self.data.stats),
-                                                         "validation_examples": len(self.data.val)}}
+                                                         "validation_examples": len(self.data.val),
+                                                         "validation_records": self.data.val_stats.records,
+                                                         "invalid_skipped": self.data.invalid(),
+                                                         "invalid_records": self.data.invalid_named()}}
         self.log(f"done: {step} steps in {train_seconds:.1f}s, eval_loss {fmt(eval_loss)}, "
                  f"perplexity {fmt(summary['eval_perplexity'])}")
         return summary

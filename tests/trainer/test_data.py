@@ -259,7 +259,7 @@ def test_non_utf8_bytes_are_named_by_line(tmp_path, tokenizer, tiny_model):
         _prep(f, tokenizer, tiny_model, tmp_path)
     csv = tmp_path / "d.csv"
     csv.write_bytes(b"instruction,input,output\ni,,o\ncaf\xe9,,o\n")
-    with pytest.raises(UserError, match=rf"{csv}:3: not UTF-8 text \(byte 0xe9"):
+    with pytest.raises(UserError, match=rf"{csv}:3 \(row 2\): not UTF-8 text \(byte 0xe9"):
         _prep(csv, tokenizer, tiny_model, tmp_path)
 
 

@@ -18,7 +18,7 @@ def test_prepare_validates_tokenizes_reports_and_the_run_uses_its_cache(tmp_path
     err = result.stderr
     assert "format instruction (detected from the columns)" in err
     assert re.search(r"data: 600 records \(instruction\) -> 570 training examples, \d+ tokens \(\d+ trained\), \d+ truncated "
-                     r"to max_seq_length, 0 dropped, 0 invalid skipped; lengths p50 \d+, p90 \d+, p99 \d+, max 256", err), err
+                     r"to max_seq_length, 0 dropped, invalid skipped: 0 training, 0 validation; lengths p50 \d+, p90 \d+, p99 \d+, max 256", err), err
     assert "validation: 30 examples" in err and "written" in err
     assert not (tmp_path / "out" / "checkpoints").exists()  # nothing trained
     train = run("finetune", "--config", str(cfg))
@@ -34,7 +34,7 @@ def test_prepare_exports_a_cleaned_subset(tmp_path, tiny_model):
     export = tmp_path / "finance-alpaca.json"
     result = run("prepare", "--config", str(cfg), "--export", str(export), "--max-examples", "10")
     assert result.returncode == 0, result.stderr
-    assert "exported 10 cleaned records" in result.stderr and "skipped invalid record" in result.stderr
+    assert "exported 10 cleaned records" in result.stderr and "skipped invalid training record" in result.stderr
     exported = json.loads(export.read_text())
     assert len(exported) == 10 and all(set(r) == {"instruction", "input", "output"} for r in exported)
     assert all(r["output"] for r in exported)

@@ -170,10 +170,11 @@ def test_quantization_that_does_nothing_or_grows_is_refused():
 
 
 @pytest.mark.parametrize("name,works", [("opt-learned-positions", True), ("lfm2-hybrid-conv", True),
-                                        ("gpt2-conv1d", False), ("mamba-recurrent", False)])
+                                        ("gpt2-conv1d", False), ("mamba-recurrent", True)])
 def test_other_architectures_quantize_or_are_refused_never_reported(tmp_path, tokenizer, flashcards_file, name, works):
-    """INC 3.10 quantizes OPT's and LFM2's layers; GPT-2's Conv1D checkpoint does not reload and Mamba's
-    quantized mixer does not run: an error naming the reason, final/ untouched, no quantized/ and no
+    """INC 3.10 quantizes OPT's, LFM2's and Mamba's layers (Mamba's fused mixer reads out_proj.weight,
+    which INC's layer holds once unpacked: load_quantized unpacks every layer up front); GPT-2's Conv1D
+    checkpoint does not reload: an error naming the reason, final/ untouched, no quantized/ and no
     report section."""
     from tests import zoo
     from trainer import quantize

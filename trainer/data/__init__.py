@@ -52,12 +52,39 @@ class Prepared:
         pct = (f"; lengths p50 {int(np.percentile(lengths, 50))}, p90 {int(np.percentile(lengths, 90))}, "
                f"p99 {int(np.percentile(lengths, 99))}, max {int(lengths.max())}") if len(lengths) else ""
         dropped = sum(s.dropped.values())
-        invalid = sum(s.invalid.values())
+        invalid = self.invalid()
         return (f"{s.records + self.val_stats.records} records ({self.format}) -> {s.examples} training examples, "
                 f"{s.tokens} tokens ({s.trained_tokens} "
                 f"trained), {s.truncated} truncated to max_seq_length, {dropped} dropped"
                 + (f" ({', '.join(f'{k}: {v}' for k, v in s.dropped.items())})" if dropped else "")
-                + f", {invalid} invalid skipped" + pct)
+                + f", invalid skipped: {invalid['training']} training, {invalid['validation']} validation" + pct)
+
+    def invalid(self) -> dict[str, int]:
+        """Records skipped as invalid (data.skip_invalid), per split."""
+        return {"training": sum(self.stats.invalid.values()), "validation": sum(self.val_stats.invalid.values())}
+
+    def invalid_named(self) -> dict[str, list[str]]:
+        """The first skipped records of each split, by file:line and reason."""
+        return {"training": list(self.stats.invalid_first), "validation": list(self.val_stats.invalid_first)}
+
+    def log_invalid(self, log) -> None:
+        for split, named in self.invalid_named().items():
+            for line in named:
+                log(f"data: skipped invalid {split} record {line}")
+            more = self.invalid()[split] - len(named)
+            if more > 0:
+                log(f"data: ... and {more} more invalid {split} record(s) skipped")
+
+
+SKIP = "or data.skip_invalid: true to skip such records (counted per split in the log and report)"
+
+
+def one_fix(problem: str, default_fix: str) -> str:
+    """A record's problem with exactly one `Fix:`: the reader's own fix where it gave one (re-encode
+    the file, one JSON object per line...), else `default_fix`; then the option to skip such records."""
+    what, _, fix = problem.partition(" Fix: ")
+    fix = (fix or default_fix).rstrip(". ")
+    return f"{what.rstrip('. ')}. Fix: {fix}, {SKIP}"
 
 
 def _content(cfg: DataConfig, train: Source, val: Optional[Source]) -> str:
@@ -169,7 +196,7 @@ def build_part(job: Job, tokenizer=None) -> dict:
                     return (1 if fixed_split == "val" else 0, item.index, f"{item.where}: {problem}")
                 kind = problem.split(" (")[0] if problem.startswith("field") else problem.split(" (")[0][:60]
                 stats[split].invalid[kind] = stats[split].invalid.get(kind, 0) + 1
-                if len(stats[split].invalid_first) < 5:
+                if len(stats[split].invalid_first) < C.INVALID_NAMED:
                     stats[split].invalid_first.append(f"{item.where}: {problem}")
                 continue
             pending.append((item, split, sample))
@@ -278,8 +305,7 @@ def _finish(cfg: DataConfig, plan: dict, results: list[dict], final: Path, build
     errors = sorted(r["error"] for r in results if r["error"])
     if errors:
         shutil.rmtree(build, ignore_errors=True)
-        raise UserError(f"{errors[0][2]}. Fix: correct the record, or data.skip_invalid: true to skip such records "
-                        "(counted in the log and report)")
+        raise UserError(one_fix(errors[0][2], "correct the record"))
     stats = {"train": C.Stats(), "val": C.Stats()}
     for r in results:
         for split in stats:

@@ -37,6 +37,9 @@ MARKER = "COMPLETE"
 ARRAYS = (("ids", np.int32), ("mask", np.uint8), ("offsets", np.int64), ("trained", np.int32))
 
 
+INVALID_NAMED = 20  # skipped records named (file:line) per split; the rest are counted
+
+
 @dataclass
 class Stats:
     records: int = 0
@@ -56,7 +59,7 @@ class Stats:
             mine = getattr(self, name)
             for k, v in getattr(other, name).items():
                 mine[k] = mine.get(k, 0) + v
-        self.invalid_first = (self.invalid_first + other.invalid_first)[:5]
+        self.invalid_first = (self.invalid_first + other.invalid_first)[:INVALID_NAMED]
 
 
 class PartWriter:

@@ -87,7 +87,7 @@ def _decode(raw: bytes, where: str) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidRecord(where, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}). Fix: "
-                                   "re-encode the file as UTF-8, or data.skip_invalid: true") from None
+                                   "re-encode the file as UTF-8") from None
 
 
 class Source:
@@ -176,7 +176,10 @@ class JsonDocument(Source):
             return self._records
         with _open_binary(self.path) as f:
             raw = f.read()
-        text = _decode_document(raw, self.path)
+        # Bytes that are not UTF-8 become lone surrogates (surrogateescape), so one bad record is that
+        # record's problem (refused, or skipped with skip_invalid), as in every other format.
+        text = raw.decode("utf-8", errors="surrogateescape")
+        self._bad = _bad_bytes(raw)
         stripped = text.lstrip()
         if stripped.startswith("{") and "\n" in stripped.strip() and _looks_like_json_lines(stripped):
             self._records = None
@@ -207,9 +210,22 @@ class JsonDocument(Source):
         return len(self._load())
 
     def read(self, lo: int, hi: int) -> Iterator[Item]:
-        for i, record in enumerate(self._load()[lo:hi], start=lo):
+        records = self._load()
+        # Where each record's first bad byte is: the bad bytes in document order, consumed record by record.
+        bad = iter(self._bad)
+        for record in records[:lo]:
+            for _ in range(_surrogates(record)):
+                next(bad, None)
+        for i, record in enumerate(records[lo:hi], start=lo):
             where = f"{self.path} record {i + 1}"
-            if isinstance(record, dict):
+            n = _surrogates(record)
+            if n:
+                first = [next(bad, None) for _ in range(n)][0]
+                if first is not None:
+                    where = f"{self.path}:{first[0]} (record {i + 1})"
+                byte = f"byte 0x{first[2]:02x} at column {first[1]}" if first else "a byte"
+                yield Item(i, where, None, f"not UTF-8 text ({byte}). Fix: re-encode the file as UTF-8")
+            elif isinstance(record, dict):
                 yield Item(i, where, record)
             else:
                 yield Item(i, where, None, f"is a JSON {type(record).__name__}, expected an object with named fields")
@@ -227,14 +243,30 @@ def _looks_like_json_lines(text: str) -> bool:
         return False
 
 
-def _decode_document(raw: bytes, path: Path) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {col}). Fix: re-encode "
-                        "the file as UTF-8") from None
+def _bad_bytes(raw: bytes) -> list[tuple[int, int, int]]:
+    """(line, column, byte) of every byte that is not UTF-8, in order."""
+    out, start = [], 0
+    while True:
+        try:
+            raw[start:].decode("utf-8")
+            return out
+        except UnicodeDecodeError as exc:
+            pos = start + exc.start
+            for k in range(pos, start + exc.end):
+                line = raw.count(b"\n", 0, k) + 1
+                out.append((line, k - (raw.rfind(b"\n", 0, k) + 1) + 1, raw[k]))
+            start += exc.end
+
+
+def _surrogates(value) -> int:
+    """Lone surrogates (undecodable bytes under surrogateescape) in a parsed JSON value."""
+    if isinstance(value, str):
+        return sum(1 for ch in value if "\udc80" <= ch <= "\udcff")
+    if isinstance(value, dict):
+        return sum(_surrogates(k) + _surrogates(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_surrogates(v) for v in value)
+    return 0
 
 
 class Table(Source):
@@ -256,36 +288,77 @@ class Table(Source):
                 return
             import pyarrow.csv as pacsv
 
-            reader = pacsv.open_csv(_open_binary(self.path), read_options=pacsv.ReadOptions(block_size=1 << 22))
+            # check_utf8 off: a block of a text column that holds bad bytes must not stop the reader;
+            # read() decodes such columns value by value (see _text_columns_as_binary).
+            reader = pacsv.open_csv(_open_binary(self.path), read_options=pacsv.ReadOptions(block_size=1 << 22),
+                                    convert_options=pacsv.ConvertOptions(check_utf8=False))
             for batch in reader:
                 yield batch
         except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
             raise UserError(f"{self.path}: cannot read as {self.kind[1:]}: {str(exc).splitlines()[0]}") from None
 
     def count(self) -> int:
+        # CSV bytes that are not UTF-8, by line: the rows holding them are named by that line.
+        self._bad_lines: list[tuple[int, int, int]] = []
         if self.kind == ".csv":
-            lineno = 0
             with _open_binary(self.path) as f:
                 for lineno, raw in enumerate(io.BufferedReader(f) if self.path.suffix in COMPRESSIONS else f, start=1):
                     try:
                         raw.decode("utf-8")
                     except UnicodeDecodeError as exc:
-                        raise UserError(f"{self.path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
-                                        f"{exc.start + 1}). Fix: re-encode the file as UTF-8") from None
+                        self._bad_lines.append((lineno, exc.start + 1, raw[exc.start]))
         return sum(batch.num_rows for batch in self._batches())
 
     def read(self, lo: int, hi: int) -> Iterator[Item]:
-        index = 0
+        """Rows as records. pyarrow reads a column holding bytes that are not UTF-8 as binary (Parquet
+        binary columns too): such a row is invalid, refused or skipped like a bad JSON line."""
+        if not hasattr(self, "_bad_lines"):
+            self.count()
+        index, bad_rows = 0, 0
         for batch in self._batches():
-            if index + batch.num_rows <= lo:
+            if self._bad_lines:
+                batch = _text_columns_as_binary(batch)
+            binary = [f.name for f in batch.schema if str(f.type) in ("binary", "large_binary")]
+            if index + batch.num_rows <= lo and not (binary and self._bad_lines):
                 index += batch.num_rows
                 continue
             for record in batch.to_pylist():
                 if index >= hi:
                     return
+                problem = _undecodable(record, binary)
+                if problem is not None:
+                    bad_rows += 1
+                where = f"{self.path} row {index + 1}"
+                if problem is not None and bad_rows <= len(self._bad_lines):
+                    line, column, byte = self._bad_lines[bad_rows - 1]
+                    where = f"{self.path}:{line} (row {index + 1})"
+                    problem = f"not UTF-8 text (byte 0x{byte:02x} at column {column})"
                 if index >= lo:
-                    yield Item(index, f"{self.path} row {index + 1}", record)
+                    if problem is None:
+                        yield Item(index, where, record)
+                    else:
+                        yield Item(index, where, None, f"{problem}. Fix: re-encode the file as UTF-8")
                 index += 1
+
+
+def _text_columns_as_binary(batch):
+    """A CSV batch with its text columns as bytes (unchecked UTF-8 cannot become Python strings)."""
+    import pyarrow as pa
+
+    columns = [c.cast(pa.binary()) if str(c.type) == "string" else c for c in batch.columns]
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
+
+
+def _undecodable(record: dict, binary: list[str]) -> Optional[str]:
+    """Decode a row's binary values as UTF-8 text in place; the first that is not, described."""
+    for name in binary:
+        value = record.get(name)
+        if isinstance(value, (bytes, bytearray)):
+            try:
+                record[name] = value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return f"not UTF-8 text (byte 0x{value[exc.start]:02x} in field {name!r})"
+    return None
 
 
 class TextLines(JsonLines):

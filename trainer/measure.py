@@ -1,0 +1,186 @@
+"""Measuring a model, shared by evaluation and quantization: perplexity on validation examples,
+size on disk, generation latency and samples, and loading the models measured (final/ and quantized/
+in the dtype they were saved in). trainer/evaluate.py and trainer/quantize.py both import this
+module and never each other.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from trainer.config import TrainerConfig
+from trainer.data import IGNORE
+from trainer.data.cache import Split
+from trainer.errors import UserError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def dir_size(path: Path) -> int:
+    """Bytes of the weight files of a model directory (what grows with the model)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+@torch.no_grad()
+def perplexity(model, split: Split, limit: Optional[int] = None) -> tuple[float, float]:
+    """(mean loss per trained token, perplexity) over a split's examples, one forward each (no padding)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(min(len(split), limit or len(split))):
+        ids, labels = split.labels(i)
+        logits = model(input_ids=torch.from_numpy(ids)[None], use_cache=False).logits
+        target = torch.from_numpy(labels)[1:]
+        total += float(torch.nn.functional.cross_entropy(logits[0, :-1].float(), target, ignore_index=IGNORE,
+                                                         reduction="sum"))
+        count += int((target != IGNORE).sum())
+    if count == 0:
+        raise UserError("evaluation: the validation examples have no trained tokens; set data.validation_fraction > 0")
+    loss = total / count
+    return loss, math.exp(min(loss, 50.0))
+
+
+@torch.no_grad()
+def latency_ms_per_token(model, prompt_ids: list[int], new_tokens: int, repeats: int = 3) -> float:
+    """Median wall time per generated token (greedy, fixed length), after one warm-up run."""
+    model.eval()
+    ids = torch.tensor([prompt_ids])
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                  pad_token_id=model.config.pad_token_id or model.config.eos_token_id)
+    model.generate(ids, **kwargs)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.generate(ids, **kwargs)
+        times.append((time.perf_counter() - start) * 1000 / new_tokens)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, new_tokens: int) -> str:
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True).input_ids
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+class EvalSet:
+    """The examples every model compared is scored on, tokenized once (the data cache), plus prompts.
+
+    Without `data_file`: the run's validation data (data.validation_file, the dataset's validation
+    split, or the held-out fraction). With it: every record of that file. `limit` caps the examples
+    (quantization's before/after comparison); evaluation scores them all."""
+
+    def __init__(self, cfg: TrainerConfig, tokenizer, model_path: str, data_file: Optional[str] = None,
+                 limit: Optional[int] = None, log: Callable[[str], None] = lambda m: None):
+        import dataclasses
+
+        from trainer import data
+
+        data_cfg = cfg.data
+        if data_file:
+            data_cfg = dataclasses.replace(data_cfg, file=data_file, dataset=None, validation_file=None,
+                                           validation_split=None, validation_fraction=0.0, max_examples=None,
+                                           file_wait_seconds=0)
+        prepared = data.prepare(data_cfg, tokenizer, model_path, cache_root=data.cache_root(cfg), log=log)
+        self.split = prepared.train if data_file else prepared.val
+        self.limit = min(len(self.split), limit) if limit else len(self.split)
+        self.source = data_file or "validation data"
+        if self.limit == 0:
+            raise UserError("evaluation needs validation data: set data.validation_fraction > 0, "
+                            "data.validation_file or data.validation_split (or pass --data FILE)")
+        self.train = prepared.train
+        pairs = prepared.prompts[: cfg.quantize.sample_prompts]
+        self.prompts = [p for p, _ in pairs]
+        self.references = [r for _, r in pairs]
+        self.latency_prompt = [int(t) for t in self.split.example(0)[0][:64]]
+
+    def calibration(self, n: int) -> list[torch.Tensor]:
+        """Training examples (prompt and response) for GPTQ/AWQ statistics."""
+        return [torch.from_numpy(self.train.example(i)[0].astype("int64"))[None] for i in range(min(n, len(self.train)))]
+
+
+def measure(model, tokenizer, path: Optional[Path], evalset: EvalSet, new_tokens: int) -> dict[str, Any]:
+    loss, ppl = perplexity(model, evalset.split, evalset.limit)
+    return {
+        "path": str(path) if path else None,
+        "size_bytes": dir_size(path) if path else None,
+        "eval_loss": loss,
+        "perplexity": ppl,
+        "latency_ms_per_token": latency_ms_per_token(model, evalset.latency_prompt, new_tokens),
+        "samples": [generate(model, tokenizer, p, new_tokens) for p in evalset.prompts],
+        "eval_examples": evalset.limit,
+    }
+
+
+def load_final(cfg: TrainerConfig):
+    final = cfg.final_dir
+    if not (final / "config.json").exists():
+        raise UserError(f"no fine-tuned model at {final}. Fix: run `python -m trainer finetune --config FILE` "
+                        "first (it writes final/), or set output_dir to the run that did")
+    return load_dir(str(final))
+
+
+def load_dir(path: str):
+    """A model directory in the dtype it was saved in (what a user serves; a 7B model saved in bf16
+    is never widened to a 27 GB fp32 copy), with its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.modeling import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    return model, load_tokenizer(path)
+
+
+def load_quantized(path: str | Path, dtype: Optional[torch.dtype] = None):
+    """(model, tokenizer) of a quantized/ directory written by trainer/quantize.py, ready to run in
+    `dtype` (default: the dtype the fine-tuned model was saved in, which its config.json names).
+
+        from trainer.measure import load_quantized
+        model, tok = load_quantized("output/quantized")
+        ids = tok("Question: ...", return_tensors="pt").input_ids
+        print(tok.decode(model.generate(ids, max_new_tokens=32)[0]))
+    """
+    path = Path(path)
+    if not (path / "config.json").exists() or "quantization_config" not in (path / "config.json").read_text():
+        raise UserError(f"{path} is not a quantized model directory (no config.json with a quantization_config). "
+                        "Fix: run `python -m trainer quantize --config FILE`")
+    from neural_compressor.torch.quantization import load
+    from transformers import AutoTokenizer
+
+    from trainer.quantsize import saved_dtype
+
+    dtype = dtype or saved_dtype(str(path)) or torch.float32
+    try:
+        model = load(str(path), format="huggingface", device="cpu", torch_dtype=dtype)
+        dequantize_once(model, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise UserError(f"quantized model at {path} cannot be loaded: {type(exc).__name__}: {exc}. "
+                        "Fix: quantize again (python -m trainer quantize --config FILE)") from None
+    model.eval()
+    return model, tokenizer
+
+
+def dequantize_once(model, dtype: torch.dtype) -> None:
+    """Unpack every INC weight-only layer once, one layer at a time, into `dtype`.
+
+    INC's CPU kernel unpacks a layer on its first forward and keeps the result in fp32 for every later
+    one ("recover is too slow" to repeat, its code says): for a 7B model that builds a 27 GB fp32 copy
+    while it runs (measured: OOM-killed at 23.5 GB on a 24 GB machine). Unpacked here into the dtype the
+    model is served in, the running model costs that dtype's copy beside the packed layers, and its
+    layers' inputs and outputs stay in that dtype."""
+    from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
+
+    for module in model.modules():
+        if isinstance(module, INCWeightOnlyLinear) and not hasattr(module, "weight"):
+            unpacked = module.recover()
+            module.weight = unpacked.to(dtype)
+            del unpacked
+            if module.bias is not None:
+                module.bias = module.bias.to(dtype)
