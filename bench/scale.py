@@ -111,7 +111,7 @@ def write_config(work: Path, model: Path, data: Path, shape: str, steps: int, wo
     else:
         training = {"max_steps": steps, "per_device_train_batch_size": 1, "learning_rate": 2e-5, "logging_steps": 1,
                     "save_steps": 10_000, "seed": 1, "optim": "adamw_torch_fused", "lr_scheduler_type": "constant",
-                    "fsdp": True}
+                    "fsdp": True, "save_total_limit": 1}
         lora = {"enabled": False}
     cfg = TrainerConfig.from_dict({
         "model": {"name_or_path": str(model), "dtype": "bf16", "attn_implementation": "sdpa"},
@@ -174,16 +174,21 @@ def bench_shape(shape: str, args, work: Path, earlier: dict) -> dict:
             steady = r["step_seconds"][1:] or r["step_seconds"]
             r["seconds_per_step"] = round(sum(steady) / len(steady), 2)
             r["tokens_per_second"] = round(r["num_input_tokens_seen"] / max(1e-9, sum(r["step_seconds"])), 1)
-    if "hf" in result and "ours" in result and result["hf"]["rc"] == 0 and result["ours"]["rc"] == 0:
-        hf, ours = result["hf"], result["ours"]
-        result["ratios"] = {
-            "peak_rss_ours_over_hf": round(ours["peak_rss_gib"] / hf["peak_rss_gib"], 3),
-            "seconds_per_step_ours_over_hf": round(ours["seconds_per_step"] / hf["seconds_per_step"], 3),
-            "plan_over_measured_peak": round(ours["plan_gib"] / ours["peak_rss_gib"], 3) if ours.get("plan_gib") else None,
-        }
-        if "ours_quantize" in result and result["ours_quantize"].get("plan_gib"):
-            q = result["ours_quantize"]
-            result["ratios"]["quantize_plan_over_measured_peak"] = round(q["plan_gib"] / q["peak_rss_gib"], 3)
+    ratios: dict = {}
+    ours, hf, q = result.get("ours"), result.get("hf"), result.get("ours_quantize")
+    if ours and ours["rc"] == 0 and ours.get("plan_gib"):
+        # The plan is per process; the tree holds every process (and torchrun's agent, and shared pages twice).
+        ratios["plan_over_measured_peak"] = round(ours["plan_gib"] * world / ours["peak_rss_gib"], 3)
+    if q and q["rc"] == 0 and q.get("plan_gib"):
+        ratios["quantize_plan_over_measured_peak"] = round(q["plan_gib"] / q["peak_rss_gib"], 3)
+    if hf and hf["rc"] != 0:
+        text = (ROOT / hf["log"]).read_text(errors="replace")
+        hf["failure"] = ("killed by the kernel's OOM killer (SIGKILL)" if "SIGKILL" in text or hf["rc"] == -9
+                         else text.strip().splitlines()[-1][:300] if text.strip() else f"exit {hf['rc']}")
+    if hf and ours and hf["rc"] == 0 and ours["rc"] == 0:
+        ratios["peak_rss_ours_over_hf"] = round(ours["peak_rss_gib"] / hf["peak_rss_gib"], 3)
+        ratios["seconds_per_step_ours_over_hf"] = round(ours["seconds_per_step"] / hf["seconds_per_step"], 3)
+    result["ratios"] = ratios
     return result
 
 

@@ -10,7 +10,8 @@ preview against `resources.memory`. The terms, per process:
   plans; a constant at preview);
 - weights: a LoRA run's frozen base in the dtype it computes in (bf16 under mixed precision), its
   adapters in fp32; a full fine-tune's fp32 master weights; FSDP shards both over the world, plus the
-  layers it gathers for compute; at load time every process briefly holds the whole model unsharded;
+  layers it gathers for compute and the unsharded gradients awaiting their reduce-scatter; at load time
+  every process briefly holds the whole model unsharded;
 - gradients (fp32) and AdamW's two moments (fp32) of the trainable parameters, sharded by FSDP;
 - autocast's bf16 copies of fp32 matmul weights (full fine-tune in mixed precision, without FSDP);
 - activations autograd keeps for the largest micro-batch: measured per token and layer on Llama
@@ -199,6 +200,9 @@ def estimate(shape: Shape, s: Setting, runtime: int = DEFAULT_RUNTIME) -> Plan:
     terms["optimizer"] = 2 * trainable * s.master_bytes // shard
     if s.fsdp and s.world > 1:  # the layer being computed and the next one prefetched, unsharded
         terms["fsdp gathered layers"] = 2 * shape.layer_params * (s.compute_bytes if s.mixed else s.master_bytes)
+        # During the backward the gradients wait unsharded in fp32 for their reduce-scatter: measured
+        # +2.75 GiB a process at 1.1B on 2 processes (bench/README.md), the other ranks' share of them.
+        terms["fsdp gradient reduction"] = trainable * 4 * (s.world - 1) // s.world
     elif s.mixed and not s.lora:  # autocast's bf16 copies of the fp32 weights, alive from forward to backward
         terms["autocast weight copies"] = (n - shape.vocab * shape.hidden) * s.compute_bytes
     a, b = _ACT[("lora" if s.lora else "full", s.gradient_checkpointing)]

@@ -96,6 +96,17 @@ def load_model(path: str, dtype: torch.dtype, attn: str, device: torch.device):
     return model.to(device)
 
 
+def import_model_class(path) -> None:
+    """Import the modeling module of the model at `path` (as loading will), so a memory plan made
+    before loading measures a runtime that already holds it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(path))]
+    except Exception:  # noqa: BLE001 - an unknown class is for load_model to report
+        pass
+
+
 def save_dtype(requested: str, model_path: str) -> torch.dtype:
     """The dtype final/ is saved in: the user's choice, or the base model's own (config.json)."""
     named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -139,12 +139,10 @@ def _plan(cfg: TrainerConfig, log: Callable[[str], None]) -> None:
     if not (cfg.final_dir / "config.json").exists():
         return  # load_final says what is missing
     import neural_compressor.torch.quantization  # noqa: F401 - part of the runtime the plan measures
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    try:  # the model's modeling module, as the load will import it
-        AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(cfg.final_dir))]
-    except Exception:  # noqa: BLE001 - load_final reports what it cannot load
-        pass
+    from trainer.modeling import import_model_class
+
+    import_model_class(cfg.final_dir)
     shape = memplan.read_shape(cfg.final_dir)
     rss = psutil.Process().memory_info().rss + memplan.workspace(shape.saved_bytes)
     need = memplan.quantize_bytes(shape, rss, shape.saved_bytes, cfg.quantize.bits)

@@ -100,12 +100,8 @@ def _load_libraries(model_path: str) -> None:
     import matplotlib  # noqa: F401
     import peft  # noqa: F401
     import torch.distributed.checkpoint  # noqa: F401
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    try:
-        AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(model_path))]
-    except Exception:  # noqa: BLE001 - an unknown class is load_model's to report
-        pass
+    modeling.import_model_class(model_path)
 
 
 class Trainer:

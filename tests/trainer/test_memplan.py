@@ -165,9 +165,11 @@ def _long_records(n: int, words: int) -> list[dict]:
     return cards
 
 
-@pytest.mark.parametrize("kind", ["lora-bf16", "full-fp32"])
+@pytest.mark.parametrize("kind", ["lora", "full"])
 def test_plan_is_within_20_percent_of_the_measured_peak(tmp_path, tiny_model, flashcards_file, kind):
-    sections = ({"model": {"dtype": "bf16"}, "lora": {"enabled": True, "r": 8}} if kind == "lora-bf16"
+    # fp32: bf16 kernels' working memory differs between CPUs (with and without AVX512-BF16), and no
+    # test may depend on the CPU; the bf16 plan is checked at 7B in bench/scale.py.
+    sections = ({"model": {"dtype": "fp32"}, "lora": {"enabled": True, "r": 8}} if kind == "lora"
                 else {"model": {"dtype": "fp32"}})
     cfg = write_config(tmp_path / "c.yaml", tiny_model, flashcards_file, tmp_path / "out",
                        training={"max_steps": 6, "save_steps": 3, "logging_steps": 3}, **sections)
@@ -176,7 +178,6 @@ def test_plan_is_within_20_percent_of_the_measured_peak(tmp_path, tiny_model, fl
     assert "memory plan: " in result.stderr
     plan = json.loads((tmp_path / "out" / "report.json").read_text())["training"]["memory_plan"]
     estimate = plan["peak_gib"] * GIB
-    print("PLANCHECK", kind, plan["peak_gib"], plan["terms_gib"], round(peak / GIB, 3))
     assert 0.8 * peak <= estimate <= 1.2 * peak, (plan, peak / GIB)
 
 
