@@ -60,25 +60,39 @@ def _run(cmd, tmp_path, timeout=240):
     return subprocess.run(cmd, capture_output=True, text=True, env=run_env, cwd=ROOT, timeout=timeout)
 
 
+KINDS = {"empty-field": "field 'output' is empty", "bad-bytes": "not UTF-8 text"}
+
+
+def _bad_file(tmp_path, suffix, kind):
+    if kind == "empty-field":
+        return write_records(tmp_path / f"data{suffix}", _records(empty_at=(40,)))
+    return write_records(tmp_path / f"data{suffix}", _records(), bad_bytes_at=(40,))
+
+
+def _launcher(cfg):
+    return [sys.executable, "-m", "trainer.launch", "--nproc-per-node", "2", "finetune", "--config", str(cfg)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("suffix", FORMATS)
-def test_the_launcher_ends_an_input_error_with_one_line_and_exit_2(tmp_path, tiny_model, suffix):
-    data = write_records(tmp_path / f"data{suffix}", _records(empty_at=(40,)))
+def test_the_launcher_ends_an_input_error_with_one_line_and_exit_2(tmp_path, tiny_model, suffix, kind):
+    data = _bad_file(tmp_path, suffix, kind)
     cfg = write_config(tmp_path / "c.yaml", tiny_model, data, tmp_path / "out")
-    result = _run([sys.executable, "-m", "trainer.launch", "--nproc-per-node", "2", "finetune", "--config", str(cfg)],
-                  tmp_path)
+    result = _run(_launcher(cfg), tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     both = result.stdout + result.stderr
     errors = [line for line in both.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "field 'output' is empty" in errors[0], both[-3000:]
+    assert len(errors) == 1 and KINDS[kind] in errors[0], both[-3000:]
     assert result.stderr.strip().splitlines()[-1] == errors[0]  # it ends the output
     assert "Traceback" not in both and "SignalException" not in both and "ChildFailedError" not in both
     assert errors[0].count("Fix:") == 1
     assert not (tmp_path / "out" / "checkpoints").exists() and "step " not in both
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("suffix", FORMATS)
-def test_plain_torchrun_shows_our_line_first_and_never_restarts(tmp_path, tiny_model, suffix):
-    data = write_records(tmp_path / f"data{suffix}", _records(empty_at=(40,)))
+def test_plain_torchrun_shows_our_line_first_and_never_restarts(tmp_path, tiny_model, suffix, kind):
+    data = _bad_file(tmp_path, suffix, kind)
     cfg = write_config(tmp_path / "c.yaml", tiny_model, data, tmp_path / "out")
     result = _run(torchrun(2, "-m", "trainer", "finetune", "--config", str(cfg), max_restarts=3), tmp_path)
     assert result.returncode != 0
@@ -92,6 +106,25 @@ def test_plain_torchrun_shows_our_line_first_and_never_restarts(tmp_path, tiny_m
     assert not re.search(r'File ".*/(trainer|infra|tests)/[^"]*\.py"', both), both[-3000:]
     assert "will restart worker group" not in both and "Restarting" not in both
     assert not (tmp_path / "out" / "checkpoints").exists() and "step " not in both
+
+
+@pytest.mark.parametrize("command", ["launcher", "torchrun"])
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_skip_invalid_trains_and_counts_per_split_under_both_commands(tmp_path, tiny_model, suffix, command):
+    """Bad bytes and an empty field in training data, an empty field in the validation file: skipped,
+    counted per split and named in report.json, under the launcher and plain torchrun alike."""
+    train = write_records(tmp_path / f"train{suffix}", _records(empty_at=(3,)), bad_bytes_at=(11,))
+    val = write_records(tmp_path / f"val{suffix}", _records(n=10, empty_at=(4,)))
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, train, tmp_path / "out",
+                       data={"skip_invalid": True, "validation_file": str(val)},
+                       training={"max_steps": 1, "save_steps": 1})
+    args = ("finetune", "--config", str(cfg))
+    result = _run(_launcher(cfg) if command == "launcher" else torchrun(2, "-m", "trainer", *args), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "invalid skipped: 2 training, 1 validation" in result.stderr
+    data = json.loads((tmp_path / "out" / "report.json").read_text())["training"]["data"]
+    assert data["invalid_skipped"] == {"training": 2, "validation": 1}
+    assert len(data["invalid_records"]["training"]) == 2 and len(data["invalid_records"]["validation"]) == 1
 
 
 # ---- bad bytes: refused with file and line, or skipped and counted, in every format ------------------
