@@ -76,10 +76,11 @@ def check(cfg, config: dict, where: str) -> Check:
     gib = memplan.GIB
     line = (f"{plan.peak / gib:.1f} GiB per process x {procs} of resources.memory {cfg.resources.memory} "
             f"({budget / gib:.1f} GiB each): {plan.describe()}")
-    if plan.peak <= budget:
+    decision = memplan.decide(shape, s, plan.terms["runtime"], budget, "resources.memory")
+    if decision.fits and decision.turned_on_checkpointing is None:
         return Check("fits: " + line, per_process=plan)
-    with_gc = memplan.estimate(shape, replace(s, gradient_checkpointing=True), plan.terms["runtime"])
-    if with_gc.peak <= budget:
+    with_gc = decision.plan  # the plan with gradient checkpointing (decide turns it on, or quotes it)
+    if decision.fits:
         return Check("fits with gradient checkpointing: " + line,
                      warning=f"memory plan: {plan.peak / gib:.1f} GiB per process does not fit resources.memory "
                              f"{cfg.resources.memory} / {procs} process(es); the trainer will turn on gradient "

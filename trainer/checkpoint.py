@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -204,8 +205,6 @@ class Checkpointer:
                 shutil.rmtree(path)
             path.mkdir(parents=True)
         d.barrier()
-        import time
-
         started = time.perf_counter()
         error: Optional[BaseException] = None
         try:  # dcp.save is collective and raises on every rank when one rank's write fails

@@ -126,17 +126,12 @@ class Supervisor:
                     str(self.local_nproc), "-m", "trainer", *self.argv]
         return [sys.executable, "-m", "torch.distributed.run", "--rdzv-id", rdzv_id, "-m", "trainer", *self.argv]
 
-    def _pump(self, source, sink, errors: set) -> None:
+    def _pump(self, source, sink) -> None:
         """Copy torchrun's output (its workers' too) line by line. Once a worker has marked an input
-        error, only the trainer's `error:` line passes (once, whichever ranks print it): torchrun's
-        own shutdown messages and its traceback for the stop the worker asked for would bury it."""
+        error, only the trainer's `error:` line passes (printed by one rank: cli.first_to_report):
+        torchrun's own shutdown messages and its traceback for the stop the worker asked for would bury it."""
         for line in iter(source.readline, b""):
-            text = line.decode(errors="replace")
-            if text.startswith("error: "):
-                if text in errors:
-                    continue
-                errors.add(text)
-            elif self.input_error.exists():
+            if self.input_error.exists() and not line.startswith(b"error: "):
                 continue
             sink.write(line)
             sink.flush()
@@ -145,9 +140,8 @@ class Supervisor:
     def _start(self, rdzv: str, env: dict) -> int:
         """torchrun to completion, its output through _pump; its exit code."""
         self.child = subprocess.Popen(self.torchrun(rdzv), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        errors: set = set()
-        pumps = [threading.Thread(target=self._pump, args=(self.child.stdout, sys.stdout.buffer, errors), daemon=True),
-                 threading.Thread(target=self._pump, args=(self.child.stderr, sys.stderr.buffer, errors), daemon=True)]
+        pumps = [threading.Thread(target=self._pump, args=(self.child.stdout, sys.stdout.buffer), daemon=True),
+                 threading.Thread(target=self._pump, args=(self.child.stderr, sys.stderr.buffer), daemon=True)]
         for t in pumps:
             t.start()
         code = self.child.wait()

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -172,7 +172,6 @@ class Plan:
     train: int
     quantize: int
     setting: Setting
-    notes: list[str] = field(default_factory=list)
 
     @property
     def peak(self) -> int:
@@ -189,10 +188,9 @@ def estimate(shape: Shape, s: Setting, runtime: int = DEFAULT_RUNTIME) -> Plan:
     n = shape.params
     shard = s.world if s.fsdp else 1
     trainable = s.lora_trainable if s.lora else n
-    frozen = n if s.lora else 0
     terms: dict[str, int] = {"runtime": runtime}
     if s.lora:
-        terms["frozen weights"] = frozen * s.frozen_bytes // shard
+        terms["frozen weights"] = n * s.frozen_bytes // shard
         terms["adapters"] = trainable * 4 // shard
     else:
         terms["weights"] = n * s.master_bytes // shard
@@ -205,20 +203,20 @@ def estimate(shape: Shape, s: Setting, runtime: int = DEFAULT_RUNTIME) -> Plan:
         terms["fsdp gradient reduction"] = trainable * 4 * (s.world - 1) // s.world
     elif s.mixed and not s.lora:  # autocast's bf16 copies of the fp32 weights, alive from forward to backward
         terms["autocast weight copies"] = (n - shape.vocab * shape.hidden) * s.compute_bytes
-    a, b = _ACT[("lora" if s.lora else "full", s.gradient_checkpointing)]
+    kind = "lora" if s.lora else "full"
     scale = s.compute_bytes / 2
-    per_token = (a * shape.hidden + b * shape.intermediate) * scale
-    act = shape.layers * s.tokens * per_token
-    one_layer = s.tokens * (_ACT[("lora" if s.lora else "full", False)][0] * shape.hidden
-                            + _ACT[("lora" if s.lora else "full", False)][1] * shape.intermediate) * scale
-    # Backward holds about one more layer's worth (the activations' gradients; a recomputed layer).
-    terms["activations"] = int(act + one_layer)
+
+    def per_token(checkpointed: bool) -> float:
+        a, b = _ACT[(kind, checkpointed)]
+        return (a * shape.hidden + b * shape.intermediate) * scale
+
+    # Backward holds about one more whole layer's worth (the activations' gradients; a recomputed layer).
+    terms["activations"] = int(s.tokens * (shape.layers * per_token(s.gradient_checkpointing) + per_token(False)))
     terms["loss logits"] = int(s.tokens * shape.vocab * _LOSS_BYTES_PER_LOGIT * scale)
     train = sum(terms.values())
-    # Loading: every process holds the whole model in its load dtype before FSDP shards it, and maps
-    # one weight file at a time.
+    # Loading: every process holds the whole model in its load dtype before FSDP shards it. Weights of
+    # the files' own dtype are mapped from them, not copied; a conversion maps one file at a time.
     load_bytes = s.frozen_bytes if s.lora else s.master_bytes
-    # Weights of the files' own dtype are mapped from them, not copied; a conversion maps one file at a time.
     load = runtime + n * load_bytes + (0 if load_bytes == shape.saved_bytes else shape.largest_shard)
     quantize = quantize_bytes(shape, runtime, s.save_bytes, s.quantize_bits) if s.quantize else 0
     return Plan(terms, load, train, quantize, s)

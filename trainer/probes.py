@@ -157,42 +157,41 @@ def run(loss_module, requested_packing: Optional[bool], device: torch.device, va
     dtypes = {q.dtype for q in model.parameters() if q.is_floating_point()}
     dtype = next((t for t in (torch.bfloat16, torch.float16) if t in dtypes), torch.float32)
     tol = TOLERANCE.get(dtype, 1e-5)
-    mixed = torch.autocast(device.type, dtype=dtype, enabled=len(dtypes) > 1)
-    mixed.__enter__()
     try:
-        gap = _measure(loss_gap, loss_module, device)
-        full = gap > tol
-        if full:
-            loss_module.full_logits = True
-            gap_full = _measure(loss_gap, loss_module, device)
-            loss_module.full_logits = False
-            if gap_full > tol:
-                raise UserError(f"model: the loss computed from its logits differs from its own forward(labels=...) "
-                                f"loss by {gap_full:.2g} (relative; tolerance {tol:g}); it computes a loss this trainer "
-                                "does not reproduce (an auxiliary loss?). Fix: a causal LM whose loss is next-token "
-                                "cross-entropy, or disable its extra loss terms in its config")
-        measured = None
-        varlen_error = try_varlen(loss_module, device, tol) if varlen and requested_packing is not False else None
-        if requested_packing is False:
-            packing = PADDED
-        elif varlen_error is not None:
-            packing, measured = PACKED_VARLEN, varlen_error
-        else:
-            measured = _measure(leak, model, device)
-            if measured <= tol:
-                packing = PACKED
-            elif _measure(leak, model, device, with_sequence_index=True) <= tol:
-                packing = PACKED_SEQ_IDX
-            elif requested_packing:
-                raise UserError(f"data.packing: true, but on {type(model).__name__} packed examples attend to each "
-                                f"other: an example's logits change by {measured:.2g} (relative) when packed after "
-                                f"another (isolated: <= {tol:g}). Fix: data.packing: null (auto: pads per "
-                                "micro-batch on this model) or false")
-            else:
+        with torch.autocast(device.type, dtype=dtype, enabled=len(dtypes) > 1):
+            gap = _measure(loss_gap, loss_module, device)
+            full = gap > tol
+            if full:
+                loss_module.full_logits = True
+                gap_full = _measure(loss_gap, loss_module, device)
+                loss_module.full_logits = False
+                if gap_full > tol:
+                    raise UserError(f"model: the loss computed from its logits differs from its own "
+                                    f"forward(labels=...) loss by {gap_full:.2g} (relative; tolerance {tol:g}); it "
+                                    "computes a loss this trainer does not reproduce (an auxiliary loss?). Fix: a causal "
+                                    "LM whose loss is next-token cross-entropy, or disable its extra loss terms in its "
+                                    "config")
+            measured = None
+            varlen_error = try_varlen(loss_module, device, tol) if varlen and requested_packing is not False else None
+            if requested_packing is False:
                 packing = PADDED
-        return Plan(packing, full, measured, gap, tol, note if requested_packing is not False else None)
+            elif varlen_error is not None:
+                packing, measured = PACKED_VARLEN, varlen_error
+            else:
+                measured = _measure(leak, model, device)
+                if measured <= tol:
+                    packing = PACKED
+                elif _measure(leak, model, device, with_sequence_index=True) <= tol:
+                    packing = PACKED_SEQ_IDX
+                elif requested_packing:
+                    raise UserError(f"data.packing: true, but on {type(model).__name__} packed examples attend to each "
+                                    f"other: an example's logits change by {measured:.2g} (relative) when packed after "
+                                    f"another (isolated: <= {tol:g}). Fix: data.packing: null (auto: pads per "
+                                    "micro-batch on this model) or false")
+                else:
+                    packing = PADDED
+            return Plan(packing, full, measured, gap, tol, note if requested_packing is not False else None)
     finally:
-        mixed.__exit__(None, None, None)
         model.train(was_training)
 
 

@@ -144,9 +144,10 @@ def _plan(cfg: TrainerConfig, log: Callable[[str], None]) -> None:
 
     import_model_class(cfg.final_dir)
     shape = memplan.read_shape(cfg.final_dir)
-    rss = psutil.Process().memory_info().rss + memplan.workspace(shape.saved_bytes)
+    now = psutil.Process().memory_info().rss
+    rss = now + memplan.workspace(shape.saved_bytes)
     need = memplan.quantize_bytes(shape, rss, shape.saved_bytes, cfg.quantize.bits)
-    budget, source = memplan.available_memory(1, rss)
+    budget, source = memplan.available_memory(1, now)
     log(f"memory plan (quantize): {need / memplan.GIB:.1f} GiB: final/ {shape.params * shape.saved_bytes / memplan.GIB:.2f} "
         f"in its saved dtype, the {cfg.quantize.bits}-bit layers beside it, one layer in fp32, runtime "
         f"{rss / memplan.GIB:.2f}; can have {budget / memplan.GIB:.1f} GiB ({source})")
@@ -159,7 +160,6 @@ def _plan(cfg: TrainerConfig, log: Callable[[str], None]) -> None:
 def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """Quantize final/ into quantized/, measure both, write report.json, report.md and the chart."""
     from neural_compressor.torch.quantization import save
-
 
     log = log or Logger(True)
     q = cfg.quantize

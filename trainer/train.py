@@ -236,15 +236,15 @@ class Trainer:
                                       tokens=micro_batch_tokens(self.data.train, self.plan.batches),
                                       save_bytes=torch.empty((), dtype=self.save_dtype).element_size())
         _load_libraries(path)
-        # The runtime as measured now, with every library of the run loaded, plus the kernels' working memory.
+        # The runtime as measured now, with every library of the run loaded, plus the kernels' working memory;
+        # on a GPU the plan is the device's (the host holds the runtime) and quantization runs on the host.
         now = psutil.Process().memory_info().rss
-        rss = now + memplan.workspace(setting.compute_bytes, cuda)
+        runtime = 0 if cuda else now + memplan.workspace(setting.compute_bytes, cuda)
         cuda_free = torch.cuda.mem_get_info(d.device)[0] if cuda else None
         budget, source = memplan.available_memory(d.local_world_size, now, cuda_free)
-        # On a GPU the plan is the device's (the host holds the runtime); quantization runs on the host.
         if cuda:
             setting = replace(setting, quantize=False)
-        decision = memplan.decide(shape, setting, 0 if cuda else rss, budget, source)
+        decision = memplan.decide(shape, setting, runtime, budget, source)
         # One gather: every rank learns whether all fit, and the tightest rank's refusal.
         everyone = d.all_gather_object((decision.fits, decision.turned_on_checkpointing is not None,
                                         decision.plan.peak - decision.budget,
@@ -252,10 +252,9 @@ class Trainer:
         if not all(fits for fits, _, _, _ in everyone):
             raise UserError(max(everyone, key=lambda e: e[2])[3])
         self.gradient_checkpointing = self.t.gradient_checkpointing or any(e[1] for e in everyone)
-        if self.gradient_checkpointing and not decision.turned_on_checkpointing and not self.t.gradient_checkpointing:
-            decision = memplan.decide(shape, replace(setting, gradient_checkpointing=True), 0 if cuda else rss,
-                                      budget, source)
-            decision.turned_on_checkpointing = memplan.estimate(shape, setting, 0 if cuda else rss)
+        if self.gradient_checkpointing and not decision.plan.setting.gradient_checkpointing:  # another rank's need
+            decision = memplan.decide(shape, replace(setting, gradient_checkpointing=True), runtime, budget, source)
+            decision.turned_on_checkpointing = memplan.estimate(shape, setting, runtime)
         self.log(decision.log_line())
         return decision
 
@@ -626,7 +625,7 @@ def finetune(cfg: TrainerConfig, dist: Optional[D.Dist] = None) -> dict[str, Any
         trainer.setup()
         summary = trainer.train()
         trainer.save()
-        summary["final_save_seconds"] = round(getattr(trainer, "final_save_seconds", 0.0), 2)
+        summary["final_save_seconds"] = round(trainer.final_save_seconds, 2)
         trainer.release()  # quantization below loads final/ again: the training copy must be gone first
         if trainer.dist.is_main:
             update_report(cfg.report_path, "training", summary)

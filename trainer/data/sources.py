@@ -277,6 +277,7 @@ class Table(Source):
 
     def __init__(self, path: Path, kind: str):
         self.path, self.name, self.kind = path, str(path), kind
+        self._bad_lines: Optional[list[tuple[int, int, int]]] = None  # (line, column, byte), by _scan
 
     def _batches(self):
         try:
@@ -297,29 +298,34 @@ class Table(Source):
         except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
             raise UserError(f"{self.path}: cannot read as {self.kind[1:]}: {str(exc).splitlines()[0]}") from None
 
+    def _scan(self) -> list[tuple[int, int, int]]:
+        """CSV bytes that are not UTF-8, by line (once per source): the rows holding them are named by it."""
+        if self._bad_lines is None:
+            self._bad_lines = []
+            if self.kind == ".csv":
+                with _open_binary(self.path) as f:
+                    for lineno, raw in enumerate(io.BufferedReader(f) if self.path.suffix in COMPRESSIONS else f,
+                                                 start=1):
+                        try:
+                            raw.decode("utf-8")
+                        except UnicodeDecodeError as exc:
+                            self._bad_lines.append((lineno, exc.start + 1, raw[exc.start]))
+        return self._bad_lines
+
     def count(self) -> int:
-        # CSV bytes that are not UTF-8, by line: the rows holding them are named by that line.
-        self._bad_lines: list[tuple[int, int, int]] = []
-        if self.kind == ".csv":
-            with _open_binary(self.path) as f:
-                for lineno, raw in enumerate(io.BufferedReader(f) if self.path.suffix in COMPRESSIONS else f, start=1):
-                    try:
-                        raw.decode("utf-8")
-                    except UnicodeDecodeError as exc:
-                        self._bad_lines.append((lineno, exc.start + 1, raw[exc.start]))
+        self._scan()
         return sum(batch.num_rows for batch in self._batches())
 
     def read(self, lo: int, hi: int) -> Iterator[Item]:
         """Rows as records. pyarrow reads a column holding bytes that are not UTF-8 as binary (Parquet
         binary columns too): such a row is invalid, refused or skipped like a bad JSON line."""
-        if not hasattr(self, "_bad_lines"):
-            self.count()
+        bad_lines = self._scan()
         index, bad_rows = 0, 0
         for batch in self._batches():
-            if self._bad_lines:
+            if bad_lines:
                 batch = _text_columns_as_binary(batch)
             binary = [f.name for f in batch.schema if str(f.type) in ("binary", "large_binary")]
-            if index + batch.num_rows <= lo and not (binary and self._bad_lines):
+            if index + batch.num_rows <= lo and not (binary and bad_lines):
                 index += batch.num_rows
                 continue
             for record in batch.to_pylist():
@@ -329,8 +335,8 @@ class Table(Source):
                 if problem is not None:
                     bad_rows += 1
                 where = f"{self.path} row {index + 1}"
-                if problem is not None and bad_rows <= len(self._bad_lines):
-                    line, column, byte = self._bad_lines[bad_rows - 1]
+                if problem is not None and bad_rows <= len(bad_lines):
+                    line, column, byte = bad_lines[bad_rows - 1]
                     where = f"{self.path}:{line} (row {index + 1})"
                     problem = f"not UTF-8 text (byte 0x{byte:02x} at column {column})"
                 if index >= lo:
