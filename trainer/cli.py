@@ -138,7 +138,11 @@ def plan(cfg, processes: int, workers: int, memory: Optional[str]) -> str:
     setting = memplan.setting_for(cfg, shape, workers * processes, processes, precision.mixed)
     runtime = memplan.DEFAULT_RUNTIME + memplan.workspace(setting.compute_bytes)
     if memory:
-        budget, source = memplan.quantity_bytes(memory) // processes, f"--memory {memory} / {processes} processes"
+        try:
+            limit = memplan.quantity_bytes(memory)
+        except ValueError as exc:
+            raise UserError(f"--memory {exc}. Fix: --memory 46Gi") from None
+        budget, source = limit // processes, f"--memory {memory} / {processes} processes"
     else:
         budget, source = memplan.available_memory(processes, 0)
     decision = memplan.decide(shape, setting, runtime, budget, source)

@@ -61,11 +61,12 @@ _SUFFIX = {"Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40, "Pi": 2 *
 
 def quantity_bytes(value: str) -> int:
     """A Kubernetes memory quantity (16Gi, 512Mi, 1e9, 2G) in bytes."""
-    m = re.fullmatch(r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))([A-Za-z]{0,2}|[eE][+-]?\d+)", value.strip())
-    if not m:
-        raise ValueError(f"not a quantity: {value!r}")
+    m = re.fullmatch(r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))([eE][+-]?\d+|[A-Za-z]{0,2})", value.strip())
+    if not m or not (m.group(2) in _SUFFIX or m.group(2) == "" or m.group(2)[:1] in ("e", "E")):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity; write it like 46Gi, 512Mi or 1e9 "
+                         f"(suffixes {', '.join(_SUFFIX)})")
     number, suffix = float(m.group(1)), m.group(2)
-    if suffix[:1] in ("e", "E") and suffix[1:].lstrip("+-").isdigit():
+    if suffix[:1] in ("e", "E"):
         return int(number * 10 ** int(suffix[1:]))
     return int(number * _SUFFIX.get(suffix, 1))
 

@@ -33,6 +33,9 @@ def test_quantities():
     assert memory.quantity_bytes("512Mi") == 512 * 2 ** 20
     assert memory.quantity_bytes("2G") == 2 * 10 ** 9
     assert memory.quantity_bytes("1e9") == 10 ** 9
+    for wrong in ("46GB", "16 Gi", "lots"):  # never read as a number of bytes
+        with pytest.raises(ValueError, match="not a Kubernetes quantity"):
+            memory.quantity_bytes(wrong)
 
 
 def _stack(tmp_path, memory_value, **extra):

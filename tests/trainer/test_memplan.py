@@ -239,3 +239,20 @@ def test_gradient_checkpointing_is_turned_on_when_only_that_fits_and_the_run_the
     report = json.loads((tmp_path / "out" / "report.json").read_text())["training"]
     assert report["gradient_checkpointing"] and report["memory_plan"]["gradient_checkpointing_turned_on"]
     assert raw["training"].get("gradient_checkpointing") in (None, False)
+
+
+def test_the_plan_command_prints_the_plan_and_refuses_in_one_line(tmp_path, tiny_model, flashcards_file):
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, flashcards_file, tmp_path / "out")
+
+    def plan(*args):
+        return subprocess.run([sys.executable, "-m", "trainer", "plan", "--config", str(cfg), *args],
+                              capture_output=True, text=True, env=env(), cwd=ROOT, timeout=120)
+
+    fits = plan("--memory", "4Gi")
+    assert fits.returncode == 0 and fits.stdout.startswith("memory plan: ") and "--memory 4Gi" in fits.stdout
+    for memory, words in (("64Mi", "does not fit"), ("46GB", "not a Kubernetes quantity")):
+        refused = plan("--memory", memory)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], refused.stderr
+        assert lines[0].count("Fix:") == 1
