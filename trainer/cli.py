@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional
 
@@ -90,8 +91,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     except UserError as exc:
-        if first_to_report(str(exc)):
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+        report_once(f"error: {exc}")
         stop_torchrun_agent()
         return 2
 
@@ -151,25 +151,45 @@ def plan(cfg, processes: int, workers: int, memory: Optional[str]) -> str:
     return decision.log_line()
 
 
-def first_to_report(message: str) -> bool:
-    """Under torchrun every rank raises the same input error (the ranks share their checks): the
-    first local process to claim it (an exclusive file per run, restart and message) prints it."""
+def report_once(line: str, wait_s: float = 20.0) -> None:
+    """Under torchrun every rank raises the same input error (the ranks share their checks): the first
+    local process to claim it (an exclusive file per run, restart and message) prints it; the others
+    wait (bounded) until it has been printed before they exit or signal the agent, because either
+    makes torchrun terminate the workers, the printing one included (seen in CI: the agent's SIGTERM
+    arrived between the claim and the print, and the run ended without our line)."""
+    import time
+
+    claim = _claim_path(line)
+    if claim is None:
+        print(line, file=sys.stderr, flush=True)
+        return
+    try:
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        deadline = time.monotonic() + wait_s
+        while not os.path.exists(claim + ".printed") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return
+    except OSError:  # no shared temporary directory: every rank prints
+        print(line, file=sys.stderr, flush=True)
+        return
+    print(line, file=sys.stderr, flush=True)
+    try:
+        os.close(os.open(claim + ".printed", os.O_CREAT | os.O_WRONLY, 0o600))
+    except OSError:
+        pass
+
+
+def _claim_path(message: str) -> Optional[str]:
     import hashlib
-    import os
     import tempfile
 
     run = os.environ.get("TORCHELASTIC_RUN_ID")
     if not run:
-        return True
+        return None
     digest = hashlib.sha1(message.encode()).hexdigest()[:16]
     name = f"llm-finetune-error-{run}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}-{digest}"
-    try:
-        os.close(os.open(os.path.join(tempfile.gettempdir(), name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        return True
-    except FileExistsError:
-        return False
-    except OSError:
-        return True
+    return os.path.join(tempfile.gettempdir(), name)
 
 
 def stop_torchrun_agent() -> None:
@@ -178,7 +198,6 @@ def stop_torchrun_agent() -> None:
     Where torchrun would restart the workers (--max-restarts > 0), the worker asks its agent to stop
     instead (SIGTERM: the agent terminates the workers and exits without restarting them, and leaves
     the rendezvous open for a later run); with no restarts left, torchrun ends with its own report."""
-    import os
     import signal
 
     if not os.environ.get("TORCHELASTIC_RUN_ID"):

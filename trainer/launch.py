@@ -128,7 +128,7 @@ class Supervisor:
 
     def _pump(self, source, sink) -> None:
         """Copy torchrun's output (its workers' too) line by line. Once a worker has marked an input
-        error, only the trainer's `error:` line passes (printed by one rank: cli.first_to_report):
+        error, only the trainer's `error:` line passes (printed by one rank: cli.report_once):
         torchrun's own shutdown messages and its traceback for the stop the worker asked for would bury it."""
         for line in iter(source.readline, b""):
             if self.input_error.exists() and not line.startswith(b"error: "):

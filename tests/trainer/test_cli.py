@@ -53,3 +53,35 @@ def test_unloadable_model_exits_clearly(tmp_path, flashcards_file):
     cfg = write_config(tmp_path / "c.yaml", tmp_path / "no-such-model", flashcards_file, tmp_path / "out")
     result = run("finetune", "--config", str(cfg))
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_input_error_is_printed_before_any_rank_moves_on(tmp_path, monkeypatch, capsys):
+    """Under torchrun a rank that did not claim the message waits until the claiming rank has printed
+    it: exiting or signalling the agent first lets torchrun kill the printer before its line (CI race)."""
+    import threading
+    import time
+
+    from trainer import cli
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", f"test-{time.time_ns()}")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    line = "error: output_dir x is in use by another run"
+    claim = cli._claim_path(line)
+    open(claim, "w").close()  # another rank claimed it and has not printed yet
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (cli.report_once(line, wait_s=30), done.set()))
+    waiter.start()
+    assert not done.wait(0.5)  # still waiting for the printer
+    open(claim + ".printed", "w").close()
+    assert done.wait(10)
+    waiter.join()
+    assert line not in capsys.readouterr().err  # the waiter itself printed nothing
+
+    other = "error: another message"
+    cli.report_once(other)  # first claimant: prints once and marks it printed
+    cli.report_once(other, wait_s=5)  # a second rank returns at once, silent
+    assert capsys.readouterr().err.count(other) == 1
+    assert (tmp_path / (cli._claim_path(other).rsplit("/", 1)[1] + ".printed")).exists()
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    cli.report_once(other)  # outside torchrun every call prints
+    assert capsys.readouterr().err.count(other) == 1
