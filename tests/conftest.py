@@ -76,6 +76,8 @@ def write_config(path: Path, model_path: Path, data_file: Path, out: Path, **sec
         "quantize": {"enabled": False, **sections.pop("quantize", {})},
         "output_dir": str(out),
     }
+    if "tracking" in sections:
+        cfg["tracking"] = sections.pop("tracking")
     assert not sections, sections
     path.write_text(yaml.safe_dump(cfg))
     return path

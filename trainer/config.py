@@ -228,6 +228,9 @@ class TrainingConfig:
     stops with an error; a non-finite state is never saved (0: stop at the first)."""
     resume_from_checkpoint: Optional[str] = "auto"
     """auto: newest complete checkpoint in output_dir/checkpoints; null: start fresh; or a path."""
+    report_to: tuple[str, ...] = ()
+    """Experiment trackers that receive the rows of metrics.jsonl, by their Hugging Face names:
+    tensorboard, mlflow, wandb (settings in the tracking section); empty or none: metrics.jsonl only."""
 
     def validate(self, check) -> None:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
@@ -245,6 +248,38 @@ class TrainingConfig:
         check(self.cpu_threads is None or self.cpu_threads >= 1, ("cpu_threads",), "must be >= 1 or null")
         check(self.max_nonfinite_steps >= 0, ("max_nonfinite_steps",), "must be >= 0")
         check(self.tokens_per_micro_batch >= 0, ("tokens_per_micro_batch",), "must be >= 0 (0: a fixed count)")
+        for name in self.report_to:
+            near = difflib.get_close_matches(name, REPORT_TO, n=1)
+            check(name in REPORT_TO + ("none",), ("report_to",),
+                  f"unknown tracker {name!r}{f' (did you mean {near[0]!r}?)' if near else ''}; use any of "
+                  f"{', '.join(REPORT_TO)}, or none")
+        check(len(set(self.report_to)) == len(self.report_to), ("report_to",), "names a tracker twice")
+        check("none" not in self.report_to or len(self.report_to) == 1, ("report_to",),
+              "none cannot be combined with a tracker")
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        return tuple(n for n in self.report_to if n != "none")
+
+
+REPORT_TO = ("tensorboard", "mlflow", "wandb")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where training.report_to's trackers write. Credentials never appear here: the trainer reads them
+    from files (MLFLOW_TRACKING_TOKEN_FILE, WANDB_API_KEY_FILE: the stack mounts them from a Secret) or
+    from the tracker's own environment variables on a local machine."""
+
+    run_name: Optional[str] = None
+    """The run's name in every tracker; null: <output_dir's name>-<first 8 characters of its run id>."""
+    mlflow_tracking_uri: Optional[str] = None
+    """http(s)://host[:port] of an MLflow server (or databricks, or file:DIR for a local file store)."""
+    mlflow_experiment: str = "llm-finetune"
+    wandb_project: Optional[str] = None
+    wandb_entity: Optional[str] = None
+    wandb_mode: Literal["online", "offline"] = "online"
+    """offline: the run is written under output_dir/wandb; `wandb sync` uploads it later."""
 
 
 @dataclass(frozen=True)
@@ -306,7 +341,16 @@ class TrainerConfig:
     training: TrainingConfig = TrainingConfig()
     lora: LoraConfig = LoraConfig()
     quantize: QuantizeConfig = QuantizeConfig()
+    tracking: TrackingConfig = TrackingConfig()
     output_dir: str = "./output"
+
+    def validate(self, check) -> None:
+        trackers = self.training.trackers
+        check("mlflow" not in trackers or bool(self.tracking.mlflow_tracking_uri), ("tracking", "mlflow_tracking_uri"),
+              "is required when training.report_to includes mlflow. Fix: set it to your server "
+              "(http://mlflow.mlflow.svc:5000) or, for a local run, file:./output/mlruns")
+        check("wandb" not in trackers or bool(self.tracking.wandb_project), ("tracking", "wandb_project"),
+              "is required when training.report_to includes wandb. Fix: tracking.wandb_project: my-project")
 
     # ---- construction -------------------------------------------------------------------
 

@@ -118,3 +118,57 @@ def update_report(path: Path, section: str, values: dict[str, Any]) -> dict[str,
 
 def fmt(value: Optional[float], digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+class Eta:
+    """Time left from the recent steps' wall times (saves and evaluations included, as they recur)."""
+
+    def __init__(self, total_steps: int, window: int = 50):
+        from collections import deque
+
+        self.total = total_steps
+        self.recent: "deque[float]" = deque(maxlen=window)
+
+    def add(self, seconds: float) -> None:
+        self.recent.append(seconds)
+
+    def seconds_per_step(self) -> Optional[float]:
+        return sum(self.recent) / len(self.recent) if self.recent else None
+
+    def seconds_left(self, step: int) -> Optional[float]:
+        per = self.seconds_per_step()
+        return None if per is None else per * max(0, self.total - step)
+
+
+def duration(seconds: Optional[float]) -> str:
+    """1h02m, 4m05s, 12s."""
+    if seconds is None:
+        return "n/a"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+PROGRESS_FILE = "progress.txt"
+
+
+def progress_text(rows: list[dict[str, Any]], total_steps: int, state: str = "training") -> str:
+    """What `cat output_dir/progress.txt` shows (the stack's `progress` command): step of total, time
+    left, the last losses."""
+    last = rows[-1]
+    step = last["step"]
+    losses = " ".join(f"{r['loss']:.4f}" for r in rows[-5:] if isinstance(r.get("loss"), (int, float)))
+    evals = [r for r in rows if isinstance(r.get("eval_loss"), (int, float))]
+    lines = [f"{state}: step {step}/{total_steps} ({100.0 * step / max(1, total_steps):.0f}%), "
+             f"{duration(last.get('eta_seconds')) if state == 'training' else '0s'} left"
+             + (f" at {last['seconds_per_step']:.2f} s/step" if last.get("seconds_per_step") else ""),
+             f"last losses (every {max(1, step - rows[-2]['step']) if len(rows) > 1 else 1} steps, newest last): "
+             f"{losses}"]
+    if evals:
+        lines.append(f"eval_loss {evals[-1]['eval_loss']:.4f} at step {evals[-1]['step']}")
+    lines.append(f"tokens/s {last.get('tokens_per_second', 0):.0f}; updated "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
+    return "\n".join(lines) + "\n"

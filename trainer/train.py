@@ -33,7 +33,8 @@ from trainer.data.batches import BatchOrder
 from trainer.data.cache import Split
 from trainer.errors import UserError
 from trainer.lock import OutputLock
-from trainer.metrics import Logger, MetricsWriter, Progress, fmt, plain_logs, update_report
+from trainer.metrics import (PROGRESS_FILE, Eta, Logger, MetricsWriter, Progress, duration, fmt, plain_logs,
+                             progress_text, read_metrics, rewrite, update_report)
 from trainer.preemption import StopRequest
 
 
@@ -114,6 +115,8 @@ class Trainer:
         self.stop = StopRequest(self.dist.local_rank)
         self.gradient_checkpointing = cfg.training.gradient_checkpointing  # the memory plan may turn it on
         self.started = time.perf_counter()
+        self.trackers = None
+        self.finished = False
 
     # ------------------------------------------------------------------------------------
 
@@ -126,6 +129,10 @@ class Trainer:
         # One writer per output_dir, before anything in it is read or written.
         self.lock = OutputLock(cfg.out, log=self.log) if d.is_main else None
         D.on_main(d, lambda: self.lock.acquire())
+        if t.trackers:  # a tracker that cannot be reached is refused now, not at step N
+            from trainer import tracking
+
+            D.on_main(d, lambda: tracking.check(cfg))
         token = modeling.read_token()
         path = modeling.resolve(cfg.model, token, d)
         self.tokenizer = modeling.load_tokenizer(path)
@@ -349,7 +356,7 @@ class Trainer:
         """A fresh start in an output_dir holding another run's results moves them aside, whole."""
         out = self.cfg.out
         names = ("checkpoints", "final", "adapter", "quantized", "metrics.jsonl", "report.json", "report.md",
-                 "loss_curve.png", "quantization.png")
+                 "loss_curve.png", "quantization.png", "progress.txt", "tracking.json", "tensorboard", "wandb")
         present = [n for n in names if (out / n).exists() and not ((out / n).is_dir() and not any((out / n).iterdir()))]
         if not present:
             return
@@ -370,13 +377,25 @@ class Trainer:
                  f"{self.probe.packing})"
                  + (f", from step {step}" if step else ""))
         progress = Progress(d.is_main, p.total_steps, step)
+        eta = Eta(p.total_steps)
+        recent_rows = read_metrics(cfg.metrics_path, self.log)[-5:] if d.is_main and cfg.metrics_path.exists() else []
+        if d.is_main and t.trackers:
+            from trainer import memplan, tracking
+
+            trainable, total = modeling.trainable_parameters(self.base)
+            params = {"world_size": d.world_size, "model_class": self.arch, "precision": self.precision.describe(),
+                      "parameters": total, "trainable_parameters": trainable, "packing": self.probe.packing,
+                      "total_steps": p.total_steps, "training_examples": len(self.data.train),
+                      **{f"memory_plan.{k}": v for k, v in (memplan.as_dict(self.memory) or {}).items()
+                         if not isinstance(v, (dict, list))}}
+            self.trackers = tracking.Trackers(cfg, params, step, self.log)
         pad_id = self.tokenizer.pad_token_id
         window = {"loss": 0.0, "tokens": 0, "real": 0, "start": time.perf_counter()}
         first_step_seconds = None
         started = time.perf_counter()
         startup_seconds = started - self.started  # load, probes, fingerprint, data, resume
         step_seconds: list[float] = []  # the first steps' wall times, for the report (bench/scale.py)
-        step_clock = started
+        step_clock = eta_clock = started
         train_seconds = state["train_seconds"]  # training time so far, evaluation excluded
         clock = time.perf_counter()
         # Non-finite steps, counted on the device (read at logging and save steps, the only syncs).
@@ -431,8 +450,10 @@ class Trainer:
             step += 1
             if first_step_seconds is None:
                 first_step_seconds = time.perf_counter() - started
+            now = time.perf_counter()
+            eta.add(now - eta_clock)
+            eta_clock = now
             if len(step_seconds) < 100:
-                now = time.perf_counter()
                 step_seconds.append(round(now - step_clock, 4))
                 step_clock = now
             last = step == p.total_steps
@@ -458,16 +479,25 @@ class Trainer:
                        "grad_norm": float(grad_norm), "tokens_per_second": real_total / max(elapsed, 1e-9),
                        "num_input_tokens_seen": tokens_seen, "train_seconds": round(train_seconds, 3),
                        "skipped_steps": skipped}
+                left, per_step = eta.seconds_left(step), eta.seconds_per_step()
+                row["eta_seconds"] = round(left, 1) if left is not None else None
+                row["seconds_per_step"] = round(per_step, 4) if per_step is not None else None
                 if do_eval:
                     row["eval_loss"] = last_eval = self.evaluate()
                     row["eval_perplexity"] = _ppl(last_eval)
                     last_eval_step = step
                 self.metrics.write(row)
+                if d.is_main:
+                    if self.trackers is not None:
+                        self.trackers.log_row(row)
+                    recent_rows = (recent_rows + [row])[-5:]
+                    rewrite(cfg.out / PROGRESS_FILE, progress_text(recent_rows, p.total_steps))
                 if d.is_main and plain_logs():
                     self.log(f"step {step}/{p.total_steps} loss {row['loss']:.4f} lr {row['learning_rate']:.3g} "
                              f"grad_norm {row['grad_norm']:.3g} tokens/s {row['tokens_per_second']:.0f}"
                              + (f" eval_loss {row['eval_loss']:.4f}" if do_eval else "")
-                             + (f" skipped(non-finite) {skipped}" if skipped else ""))
+                             + (f" skipped(non-finite) {skipped}" if skipped else "")
+                             + f" eta {duration(row['eta_seconds'])}")
                 progress.update(0, loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
                 window = {"loss": 0.0, "tokens": 0, "real": 0, "start": time.perf_counter()}
                 clock = time.perf_counter()
@@ -505,6 +535,8 @@ class Trainer:
                     raise self.stop.finish(reason, step)
                 clock = time.perf_counter()
         progress.close()
+        if d.is_main and recent_rows:
+            rewrite(cfg.out / PROGRESS_FILE, progress_text(recent_rows, p.total_steps, state="trained"))
         train_seconds += time.perf_counter() - clock
         eval_loss = last_eval if last_eval_step == step else (self.evaluate() if len(self.data.val) else None)
         from trainer import memplan
@@ -607,6 +639,8 @@ class Trainer:
                                                                    if cfg.lora.enabled else ""))
 
     def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close(ok=self.finished)
         if self.lock is not None:
             self.lock.release()
 
@@ -625,6 +659,7 @@ def finetune(cfg: TrainerConfig, dist: Optional[D.Dist] = None) -> dict[str, Any
         trainer.setup()
         summary = trainer.train()
         trainer.save()
+        trainer.finished = True
         summary["final_save_seconds"] = round(trainer.final_save_seconds, 2)
         trainer.release()  # quantization below loads final/ again: the training copy must be gone first
         if trainer.dist.is_main:
