@@ -25,6 +25,14 @@ class Names:
         return f"{self.job}-hf-token"
 
     @property
+    def tracking_secret(self) -> str:
+        return f"{self.job}-tracking"
+
+    @property
+    def runtime(self) -> str:
+        return f"{self.job}-runtime"
+
+    @property
     def config_map(self) -> str:
         return f"{self.job}-config"
 

@@ -9,11 +9,11 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from infra.common import Names
-from infra.config import DATA_MOUNT, TOKEN_KEY, StackConfig
-from infra.data_access import data_access_pod_manifest
+from infra.config import DATA_MOUNT, TOKEN_KEY, TRACKER_SECRETS, StackConfig
+from infra.data_access import TENSORBOARD_PORT, data_access_pod_manifest
 from infra.rendezvous import etcd_manifests
-from infra.secret import secret_manifest
-from infra.jobs import for_api, pod_volumes
+from infra.secret import secret_manifest, tracking_secret_manifest
+from infra.jobs import for_api, pod_volumes, trainjob
 from infra.storage import claim_manifest, ownership_job_manifest, storage_class_manifest
 from infra.trainer_config import config_map_manifest, config_map_name
 
@@ -23,27 +23,35 @@ class FineTuneJobArgs:
     config: StackConfig
     hf_token: Optional[pulumi.Input[str]] = None
     """The token as a secret Output (pulumi.Config.get_secret); never a plain string."""
+    tracker_credentials: Optional[dict[str, pulumi.Input[str]]] = None
+    """Stack key (mlflowTrackingToken, wandbApiKey) -> secret Output, for those the config has."""
 
 
 def commands(cfg: StackConfig) -> dict[str, str]:
     """Ready-to-paste kubectl commands for the stack outputs."""
     ns, job = cfg.namespace, cfg.job_name
     pod = Names(job).data_access
-    out = cfg.output_dir
+    run_dir = cfg.output_dir
     data_file = cfg.trainer.data.file or f"{DATA_MOUNT}/dataset.json"
-    return {
+    result = {
         **for_api(cfg.job_api).commands(cfg),
         # Upload under a temporary name, then rename: the workers never see a half-copied file.
         "uploadDataset": (f"kubectl -n {ns} cp ./{data_file.rsplit('/', 1)[-1]} {pod}:{data_file}.partial && "
                           f"kubectl -n {ns} exec {pod} -- mv {data_file}.partial {data_file}"),
-        "copyModel": f"kubectl -n {ns} cp {pod}:{out}/final ./{job}-final",
-        "copyQuantizedModel": f"kubectl -n {ns} cp {pod}:{out}/quantized ./{job}-quantized",
-        "copyReport": f"kubectl -n {ns} cp {pod}:{out}/report.json ./{job}-report.json",
-        "listOutputs": f"kubectl -n {ns} exec {pod} -- ls -la {out}",
+        "copyModel": f"kubectl -n {ns} cp {pod}:{run_dir}/final ./{job}-final",
+        "copyQuantizedModel": f"kubectl -n {ns} cp {pod}:{run_dir}/quantized ./{job}-quantized",
+        "copyReport": f"kubectl -n {ns} cp {pod}:{run_dir}/report.json ./{job}-report.json",
+        "listOutputs": f"kubectl -n {ns} exec {pod} -- ls -la {run_dir}",
         "listRuns": f"kubectl -n {ns} exec {pod} -- ls -la {DATA_MOUNT}/output/{job}",
+        # Step of total, time left, the last losses (written by the trainer at every logging step).
+        "progress": f"kubectl -n {ns} exec {pod} -- cat {run_dir}/progress.txt",
         "getTrainerConfig": (f"kubectl -n {ns} get configmap {config_map_name(cfg)} "
                              "-o jsonpath='{.data.config\\.yaml}' > config.yaml"),
     }
+    if "tensorboard" in cfg.trainer.training.trackers:
+        # Served by the data-access pod on its loopback; open http://localhost:6006 while this runs.
+        result["tensorboard"] = f"kubectl -n {ns} port-forward pod/{pod} {TENSORBOARD_PORT}:{TENSORBOARD_PORT}"
+    return result
 
 
 class FineTuneJob(pulumi.ComponentResource):
@@ -90,6 +98,18 @@ class FineTuneJob(pulumi.ComponentResource):
                 string_data={TOKEN_KEY: pulumi.Output.secret(args.hf_token)},
                 opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["data", "stringData"]))
 
+        self.tracking_secret = None
+        tsec = tracking_secret_manifest(cfg)
+        if tsec is not None:
+            creds = args.tracker_credentials or {}
+            missing = [k for k in cfg.tracker_secrets if creds.get(k) is None]
+            if missing:
+                raise ValueError(f"config says there are tracker credentials {missing} but none were passed")
+            self.tracking_secret = k8s.core.v1.Secret(
+                f"{name}-tracking", metadata=tsec["metadata"], type=tsec["type"],
+                string_data={TRACKER_SECRETS[k][1]: pulumi.Output.secret(creds[k]) for k in cfg.tracker_secrets},
+                opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["data", "stringData"]))
+
         cm = config_map_manifest(cfg)
         self.config_map = k8s.core.v1.ConfigMap(f"{name}-config", metadata=cm["metadata"], data=cm["data"],
                                                 opts=child)
@@ -118,9 +138,19 @@ class FineTuneJob(pulumi.ComponentResource):
             for volume in volumes:
                 if "configMap" in volume:
                     volume["configMap"] = {"name": self.config_map.metadata.apply(lambda m: m["name"])}
-                if "secret" in volume and self.secret is not None:
+                created = {"hf-token": self.secret, "tracking": self.tracking_secret}.get(volume["name"])
+                if "secret" in volume and created is not None:
                     volume["secret"] = {**volume["secret"],
-                                        "secretName": self.secret.metadata.apply(lambda m: m["name"])}
+                                        "secretName": created.metadata.apply(lambda m: m["name"])}
+        self.runtime = None
+        runtime = trainjob.runtime_manifest(cfg) if job["kind"] == "TrainJob" else None
+        if runtime is not None:
+            # The TrainJob names it, so it must exist first: its name flows from the created object.
+            self.runtime = k8s.apiextensions.CustomResource(
+                f"{name}-runtime", api_version=runtime["apiVersion"], kind=runtime["kind"],
+                metadata=runtime["metadata"], spec=runtime["spec"], opts=child)
+            job_spec["runtimeRef"] = {**job_spec["runtimeRef"],
+                                      "name": self.runtime.metadata.apply(lambda m: m["name"])}
         depends = list(self.etcd) + after_prep  # etcd up, volume prepared; no output links them
         # A changed pod template, elastic policy or process count replaces the job (the operator would
         # ignore it); same name, so the old one goes first.
@@ -128,7 +158,10 @@ class FineTuneJob(pulumi.ComponentResource):
             f"{name}-job", api_version=job["apiVersion"], kind=job["kind"], metadata=job["metadata"],
             spec=job_spec, opts=pulumi.ResourceOptions(
                 parent=self, depends_on=depends, delete_before_replace=True,
-                replace_on_changes=["spec" if key == "spec" else f"spec.{key}" for key in api.REPLACED_BY]))
+                replace_on_changes=["spec" if key == "spec" else f"spec.{key}" for key in api.REPLACED_BY],
+                # Kueue unsuspends an admitted job: that is not drift for `pulumi up` to undo (or,
+                # on a TrainJob, to replace the job for).
+                ignore_changes=list(api.IGNORED_AFTER_CREATE) if cfg.queue_name else None))
 
         self.outputs = {
             "jobName": self.job.metadata.apply(lambda m: m["name"]),

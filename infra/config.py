@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from trainer.config import (ConfigError, DataConfig, LoraConfig, QuantizeConfig, TrainerConfig,
-                            TrainingConfig, key_lines)
+                            TrackingConfig, TrainingConfig, key_lines)
 
 PROJECT = "llm-finetune"
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +48,13 @@ _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _QUANTITY = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?\d+)?$")
 _ETCD_TAG = re.compile(r":v?3\.5\.\d+(-[0-9A-Za-z.]+)?(@sha256:[0-9a-f]{64})?$")
 _ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+# A label value (apimachinery validation.IsValidLabelValue): Kueue's queue-name is a label.
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+# Tracker credentials: stack secrets -> keys of the tracking Secret, mounted as files in the workers.
+TRACKER_SECRETS = {"mlflowTrackingToken": ("mlflow", "mlflow-token"), "wandbApiKey": ("wandb", "wandb-api-key")}
+TRACKING_MOUNT = "/var/run/secrets/llm-finetune-tracking"
+SYSTEM_PRIORITIES = ("system-node-critical", "system-cluster-critical")
 ACCESS_MODES = ("ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod", "ReadOnlyMany")
 ADOPT = ("upsert", "import", "none")
 JOB_APIS = ("training-operator-v1", "trainer-v2")
@@ -56,6 +63,7 @@ JOB_APIS = ("training-operator-v1", "trainer-v2")
 V1_ONLY = ("minWorkers", "maxWorkers", "maxRestarts", "etcdReplicas", "etcdImage", "etcdStorage", "runPolicy")
 RESERVED_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
 CLEAN_POD_POLICIES = ("None", "Running", "All")
+TORCH_RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Trainer v2 installs
 TOKEN_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN")
 
 
@@ -161,6 +169,12 @@ class StackConfig:
     grace_seconds: int
     launch_attempts: int
     etcd_storage: str
+    queue_name: str
+    """Kueue LocalQueue ('' : not queued): the kueue.x-k8s.io/queue-name label of the training job."""
+    priority_class: str
+    """PriorityClass of the worker pods ('' : the cluster's default)."""
+    tracker_secrets: tuple[str, ...]
+    """Stack secrets holding tracker credentials (keys of TRACKER_SECRETS) that are set."""
     trainer: TrainerConfig = field(repr=False)
 
     @property
@@ -260,7 +274,7 @@ def _known_keys(ctx: _Ctx) -> None:
             near = difflib.get_close_matches(key, list(known), n=1)
             hint = f"; did you mean '{near[0]}'?" if near else ""
             ctx.fail(key, f"unknown key{hint} (Pulumi.yaml lists every key). Fix: pulumi config rm {key}")
-    for section in ("resources", "storage", "dataset", "runPolicy"):
+    for section in ("resources", "storage", "dataset", "runPolicy", "tracking"):
         allowed = list(known[section]["properties"])
         for sub in ctx.mapping(section):
             if sub not in allowed and _camel(sub) not in allowed:  # the trainer's snake_case works too
@@ -270,11 +284,12 @@ def _known_keys(ctx: _Ctx) -> None:
 
 
 def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[tuple[str, ...], int]] = None,
-          token_is_secret: Optional[bool] = None) -> StackConfig:
+          token_is_secret: Optional[bool] = None, plain: tuple[str, ...] = ()) -> StackConfig:
     """Parse raw stack config (key -> value, objects already decoded) into a validated StackConfig.
 
-    ``token_is_secret`` is False when hfToken was set without --secret: refused, since the token
-    would then sit in plain text in the stack file and the state.
+    ``token_is_secret`` is False when hfToken was set without --secret, and ``plain`` names the other
+    secret keys (tracker credentials) set that way: refused, since the value would then sit in plain
+    text in the stack file and the state.
     """
     ctx = _Ctx(raw, source, lines or {})
     _known_keys(ctx)
@@ -283,6 +298,10 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
     if has_token and token_is_secret is False:
         ctx.fail("hfToken", "is stored in plain text. Fix: pulumi config rm hfToken && "
                             "pulumi config set --secret hfToken hf_...")
+    for key in TRACKER_SECRETS:
+        if key in plain and raw.get(key) not in (None, ""):
+            ctx.fail(key, f"is stored in plain text. Fix: pulumi config rm {key} && pulumi config set --secret {key} ...")
+    tracker_secrets = tuple(k for k in TRACKER_SECRETS if raw.get(k) not in (None, ""))
 
     job_name = ctx.string("jobName")
     if not _DNS1035.match(job_name):
@@ -412,6 +431,8 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
     attempts = ctx.integer("launchAttempts", 1)
     etcd_storage = ctx.quantity("etcdStorage")
     trainer_cfg, run_hash = _trainer_config(ctx, job_name, run_id)
+    queue, priority = _scheduling(ctx, job_api, trainer_runtime)
+    _trackers(ctx, trainer_cfg, tracker_secrets)
     if gpus == 0 and trainer_cfg.training.ddp_backend == "nccl":
         ctx.fail("training", "ddp_backend nccl needs GPUs; set resources.gpus or use gloo/ccl")
     if gpus > 0 and procs > gpus:
@@ -434,9 +455,56 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
         intel_runtime=ctx.boolean("intelRuntime"),
         extra_env=tuple(sorted((str(k), str(v)) for k, v in extra_env.items())),
         clean_pod_policy=clean, ttl_seconds_after_finished=ttl, has_token=has_token,
-        job_api=job_api, trainer_runtime=trainer_runtime, run_id=run_id, run_hash=run_hash, grace_seconds=grace, launch_attempts=attempts, etcd_storage=etcd_storage,
-        trainer=trainer_cfg,
+        job_api=job_api, trainer_runtime=trainer_runtime, run_id=run_id, run_hash=run_hash, grace_seconds=grace,
+        launch_attempts=attempts, etcd_storage=etcd_storage, queue_name=queue, priority_class=priority,
+        tracker_secrets=tracker_secrets, trainer=trainer_cfg,
     )
+
+
+def _scheduling(ctx: _Ctx, job_api: str, trainer_runtime: str) -> tuple[str, str]:
+    """queueName (Kueue) and priorityClassName, validated as what they become: a label value and the
+    name of a PriorityClass object."""
+    queue = str(ctx.get("queueName") or "")
+    if queue and (len(queue) > 63 or not _LABEL_VALUE.match(queue)):
+        ctx.fail("queueName", f"{queue!r} is not a label value (Kueue reads the kueue.x-k8s.io/queue-name label): "
+                              "at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or "
+                              "digit. Fix: pulumi config set queueName <your LocalQueue> (kubectl get localqueues)")
+    priority = str(ctx.get("priorityClassName") or "")
+    if priority:
+        if len(priority) > 253 or not _DNS1123_SUBDOMAIN.match(priority):
+            ctx.fail("priorityClassName", f"{priority!r} is not a PriorityClass name (lower-case DNS subdomain). "
+                                          "Fix: pulumi config set priorityClassName <name> (kubectl get priorityclasses)")
+        if priority in SYSTEM_PRIORITIES:
+            ctx.fail("priorityClassName", f"{priority} is for the cluster's own components (the API server admits "
+                                          "it only in kube-system). Fix: pulumi config set priorityClassName "
+                                          "<a class of yours> (kubectl get priorityclasses)")
+        if job_api == "trainer-v2" and trainer_runtime != TORCH_RUNTIME:
+            ctx.fail("priorityClassName", f"on Trainer v2 the stack sets it through a TrainingRuntime of its own, "
+                                          f"built like {TORCH_RUNTIME}; your trainerRuntime {trainer_runtime!r} is not "
+                                          "one the stack can copy. Fix: set priorityClassName in that runtime's "
+                                          "pod template and pulumi config rm priorityClassName, or pulumi config "
+                                          f"rm trainerRuntime")
+    return queue, priority
+
+
+def _trackers(ctx: _Ctx, cfg: TrainerConfig, secrets: tuple[str, ...]) -> None:
+    """What a tracker in training.reportTo needs from the stack, at preview."""
+    trackers = cfg.training.trackers
+    if "wandb" in trackers and cfg.tracking.wandb_mode == "online" and "wandbApiKey" not in secrets:
+        ctx.fail("training", "reportTo includes wandb (online) but the stack has no wandbApiKey. Fix: pulumi config "
+                             "set --secret wandbApiKey <key>, or pulumi config set --path tracking.wandbMode offline")
+    uri = cfg.tracking.mlflow_tracking_uri or ""
+    if "mlflow" in trackers and uri.startswith("file:") and not uri[len("file:"):].lstrip("/").startswith(
+            DATA_MOUNT.lstrip("/") + "/"):
+        ctx.fail("tracking.mlflowTrackingUri", f"{uri} is a file store inside the pod, lost with it. Fix: an MLflow "
+                                               f"server (http://...), or a path on the shared volume "
+                                               f"(file:{DATA_MOUNT}/mlruns)")
+    for key in secrets:
+        tracker = TRACKER_SECRETS[key][0]
+        if tracker not in trackers:
+            ctx.fail(key, f"is set but training.reportTo does not include {tracker}: the secret would be mounted "
+                          f"for nothing. Fix: pulumi config set --path 'training.reportTo[0]' {tracker}, or "
+                          f"pulumi config rm {key}")
 
 
 def _trainer_config(ctx: _Ctx, job_name: str, run_id: str) -> tuple[TrainerConfig, str]:
@@ -467,6 +535,8 @@ def _trainer_config(ctx: _Ctx, job_name: str, run_id: str) -> tuple[TrainerConfi
         "training": _typed(TrainingConfig, {_snake(k): v for k, v in ctx.mapping("training").items()}),
         "lora": _typed(LoraConfig, {_snake(k): v for k, v in ctx.mapping("lora").items()}),
         "quantize": _typed(QuantizeConfig, {_snake(k): v for k, v in ctx.mapping("quantize").items()}),
+        "tracking": _typed(TrackingConfig, {_snake(k): v for k, v in ctx.mapping("tracking").items()
+                                            if v not in (None, "")}),
         "output_dir": f"{DATA_MOUNT}/output/{job_name}",
     }
     try:
@@ -474,7 +544,7 @@ def _trainer_config(ctx: _Ctx, job_name: str, run_id: str) -> tuple[TrainerConfi
     except ConfigError as exc:
         msg = str(exc)
         section, _, rest = msg.partition(".")
-        stack_key = {"data": "dataset", "model": "model"}.get(section, section)
+        stack_key = {"data": "dataset", "model": "model", "<config>": "training"}.get(section, section)
         ctx.fail(stack_key, f"invalid trainer config: {msg}")
     # One run, one directory: a changed config (or runId) trains afresh beside the earlier runs,
     # whose results stay where they are; an unchanged one resumes its own checkpoints.
@@ -483,10 +553,13 @@ def _trainer_config(ctx: _Ctx, job_name: str, run_id: str) -> tuple[TrainerConfi
 
 
 def run_identity(cfg: TrainerConfig, run_id: str) -> str:
-    """8 hex digits of SHA-256 over the whole trainer config (output_dir aside) and runId."""
+    """8 hex digits of SHA-256 over the whole trainer config (output_dir aside) and runId. Where the
+    metrics go (training.report_to, tracking) is not what is trained: adding a tracker to a running
+    stack resumes the same run."""
     import hashlib
 
-    content = {k: v for k, v in cfg.to_dict().items() if k != "output_dir"}
+    content = {k: v for k, v in cfg.to_dict().items() if k not in ("output_dir", "tracking")}
+    content["training"] = {k: v for k, v in content["training"].items() if k != "report_to"}
     blob = json.dumps({"trainer": content, "runId": run_id}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
@@ -540,18 +613,26 @@ def load() -> StackConfig:
     # The language host hands config over with set_all_config; PULUMI_CONFIG is the older route.
     all_config = {**runtime_config.get_config_env(), **runtime_config.CONFIG.get()}
     raw = {k[len(prefix):]: _decode(v) for k, v in all_config.items() if k.startswith(prefix)}
-    # The token's value never enters the parsed config (it stays a secret Output, see load_token).
-    if raw.get("hfToken") not in (None, ""):
-        raw["hfToken"] = "<secret>"
-    token_is_secret = (runtime_config.is_config_secret(prefix + "hfToken")
-                       or prefix + "hfToken" in runtime_config.get_config_secret_keys_env()) \
-        if raw.get("hfToken") else None
+    def is_secret(key: str) -> bool:
+        return runtime_config.is_config_secret(prefix + key) or prefix + key in runtime_config.get_config_secret_keys_env()
+
+    # Secret values never enter the parsed config (they stay secret Outputs, see load_secret).
+    for key in ("hfToken", *TRACKER_SECRETS):
+        if raw.get(key) not in (None, ""):
+            raw[key] = "<secret>"
+    token_is_secret = is_secret("hfToken") if raw.get("hfToken") else None
+    plain = tuple(k for k in TRACKER_SECRETS if raw.get(k) and not is_secret(k))
     source, lines = stack_file_lines(pulumi.get_stack())
-    return parse(raw, source=source, lines=lines, token_is_secret=token_is_secret)
+    return parse(raw, source=source, lines=lines, token_is_secret=token_is_secret, plain=plain)
 
 
 def load_token():
     """The Hugging Face token as a secret Output, or None for public models."""
+    return load_secret("hfToken")
+
+
+def load_secret(key: str):
+    """A secret stack value as a secret Output, or None when unset."""
     import pulumi
 
-    return pulumi.Config(PROJECT).get_secret("hfToken")
+    return pulumi.Config(PROJECT).get_secret(key)

@@ -1,11 +1,11 @@
-"""The Secret holding the Hugging Face token (only when the stack has one)."""
+"""The Secrets: the Hugging Face token, and the trackers' credentials (each only when the stack has one)."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 from infra.common import Names, metadata
-from infra.config import TOKEN_KEY, StackConfig
+from infra.config import TOKEN_KEY, TRACKER_SECRETS, StackConfig
 
 
 def secret_manifest(cfg: StackConfig) -> Optional[dict]:
@@ -19,4 +19,17 @@ def secret_manifest(cfg: StackConfig) -> Optional[dict]:
         "type": "Opaque",
         "immutable": False,
         "stringData": {TOKEN_KEY: "<from pulumi config --secret hfToken>"},
+    }
+
+
+def tracking_secret_manifest(cfg: StackConfig) -> Optional[dict]:
+    """Metadata of the trackers' Secret (keys: mlflow-token, wandb-api-key); values from secret Outputs."""
+    if not cfg.tracker_secrets:
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata(Names(cfg.job_name).tracking_secret, cfg.namespace, cfg.job_name, "credentials"),
+        "type": "Opaque",
+        "stringData": {TRACKER_SECRETS[k][1]: f"<from pulumi config --secret {k}>" for k in cfg.tracker_secrets},
     }

@@ -10,7 +10,8 @@ import json
 from typing import Any
 
 from infra.common import APP_UID, Names, container_security_context, pod_security_context
-from infra.config import CONFIG_MOUNT, DATA_MOUNT, TOKEN_KEY, TOKEN_MOUNT, StackConfig
+from infra.config import (CONFIG_MOUNT, DATA_MOUNT, TOKEN_KEY, TOKEN_MOUNT, TRACKER_SECRETS, TRACKING_MOUNT,
+                          StackConfig)
 from infra.trainer_config import config_map_name
 
 CONTAINER = "pytorch"  # the Training Operator requires this name; Trainer v2's torch runtime uses "node"
@@ -49,6 +50,10 @@ def env(cfg: StackConfig) -> list[dict]:
     if cfg.has_token:
         # huggingface_hub reads the token from this file; the value is never in the pod spec.
         values["HF_TOKEN_PATH"] = f"{TOKEN_MOUNT}/{TOKEN_KEY}"
+    for key in cfg.tracker_secrets:
+        # Paths, not values: the trainer reads the credential from the mounted file (trainer/tracking.py).
+        tracker, item = TRACKER_SECRETS[key]
+        values[{"mlflow": "MLFLOW_TRACKING_TOKEN_FILE", "wandb": "WANDB_API_KEY_FILE"}[tracker]] = f"{TRACKING_MOUNT}/{item}"
     if cfg.intel_runtime:
         values.update(INTEL_ENV)
     values.update(dict(cfg.extra_env))
@@ -85,6 +90,11 @@ def volumes(cfg: StackConfig) -> tuple[list[dict], list[dict]]:
         mounts.append({"name": "hf-token", "mountPath": TOKEN_MOUNT, "readOnly": True})
         vols.append({"name": "hf-token", "secret": {"secretName": names.secret, "defaultMode": 0o440,
                                                     "items": [{"key": TOKEN_KEY, "path": TOKEN_KEY}]}})
+    if cfg.tracker_secrets:
+        mounts.append({"name": "tracking", "mountPath": TRACKING_MOUNT, "readOnly": True})
+        vols.append({"name": "tracking", "secret": {
+            "secretName": names.tracking_secret, "defaultMode": 0o440,
+            "items": [{"key": TRACKER_SECRETS[k][1], "path": TRACKER_SECRETS[k][1]} for k in cfg.tracker_secrets]}})
     return vols, mounts
 
 
@@ -114,6 +124,9 @@ def pod_spec(cfg: StackConfig) -> dict:
         "volumes": vols,
     }
     spec.update(placement(cfg))
+    if cfg.priority_class:
+        # Preemption by a higher class is the SIGTERM path: save at the next step, resume on return.
+        spec["priorityClassName"] = cfg.priority_class
     return spec
 
 

@@ -10,9 +10,11 @@ The TrainJob's `spec.trainer` is immutable: any change replaces the TrainJob.
 
 from __future__ import annotations
 
-from infra.common import labels, metadata
+from typing import Optional
+
+from infra.common import Names, labels, metadata
 from infra.config import StackConfig
-from infra.jobs import pod
+from infra.jobs import pod, queue
 
 API_VERSION = "trainer.kubeflow.org/v1alpha1"
 KIND = "TrainJob"
@@ -34,7 +36,7 @@ def manifest(cfg: StackConfig) -> dict:
         **pod.placement(cfg),
     }
     spec = {
-        "runtimeRef": {"name": cfg.trainer_runtime},
+        "runtimeRef": runtime_ref(cfg),
         "trainer": {
             "image": cfg.image,
             "command": container["command"],
@@ -56,12 +58,56 @@ def manifest(cfg: StackConfig) -> dict:
             }]}}},
         }],
     }
+    if cfg.queue_name:
+        spec["suspend"] = True  # Kueue (pkg/controller/jobs/trainjob) unsuspends it on admission
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
-        "metadata": metadata(cfg.job_name, cfg.namespace, cfg.job_name, "training",
-                             annotations={"pulumi.com/skipAwait": "true"}),
+        "metadata": queue.queued(cfg, metadata(cfg.job_name, cfg.namespace, cfg.job_name, "training",
+                                         annotations={"pulumi.com/skipAwait": "true"})),
         "spec": spec,
+    }
+
+
+IGNORED_AFTER_CREATE = ("spec.suspend",)  # Kueue's to change: a later `pulumi up` leaves it
+
+
+def runtime_ref(cfg: StackConfig) -> dict:
+    if cfg.priority_class:
+        return {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime", "name": Names(cfg.job_name).runtime}
+    return {"name": cfg.trainer_runtime}
+
+
+def runtime_manifest(cfg: StackConfig) -> Optional[dict]:
+    """With priorityClassName: a namespaced TrainingRuntime built like the `torch-distributed`
+    ClusterTrainingRuntime (one replicated job `node`, container `node`, the torch plugin) whose pod
+    template carries the priority class. Why a runtime of our own: the v2.3 TrainJob's runtimePatches
+    have no priorityClassName, the Trainer copies the runtime's pod template into the JobSet (so the
+    kube-scheduler sees the class), and Kueue's TrainJob integration reads the priority from the
+    pod sets it builds from the runtime (jobframework.ExtractPriority), so queued jobs get the same
+    priority for admission and preemption. Everything else arrives from the TrainJob as without it."""
+    if not cfg.priority_class:
+        return None
+    name = Names(cfg.job_name).runtime
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "TrainingRuntime",
+        "metadata": metadata(name, cfg.namespace, cfg.job_name, "training-runtime",
+                             labels={**labels(cfg.job_name, "training-runtime"),
+                                     "trainer.kubeflow.org/framework": "torch"}),
+        "spec": {
+            "mlPolicy": {"numNodes": 1, "torch": {}},
+            "template": {"spec": {"replicatedJobs": [{
+                "name": CONTAINER,
+                "template": {
+                    "metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
+                    "spec": {"template": {"spec": {
+                        "priorityClassName": cfg.priority_class,
+                        "containers": [{"name": CONTAINER, "image": cfg.image}],
+                    }}},
+                },
+            }]}},
+        },
     }
 
 
@@ -94,6 +140,7 @@ def commands(cfg: StackConfig) -> dict[str, str]:
     ns, job = cfg.namespace, cfg.job_name
     pods = f"jobset.sigs.k8s.io/jobset-name={job}"
     return {
+        **queue.commands(cfg, KIND),
         "watchJob": f"kubectl -n {ns} get trainjob {job} -w",
         "watchPods": f"kubectl -n {ns} get pods -l {pods} -w",
         "followLogs": f"kubectl -n {ns} logs -f -l {pods},batch.kubernetes.io/job-completion-index=0 -c {CONTAINER}",

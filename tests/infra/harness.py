@@ -87,7 +87,8 @@ def config_values(raw: dict[str, Any]) -> dict[str, str]:
     return {f"llm-finetune:{k}": v if isinstance(v, str) else json.dumps(v) for k, v in raw.items()}
 
 
-def render(raw: dict[str, Any], *, secret_keys: tuple[str, ...] = ("hfToken",), stack: str = "test") -> Rendered:
+def render(raw: dict[str, Any], *, secret_keys: tuple[str, ...] = ("hfToken", "mlflowTrackingToken", "wandbApiKey"),
+           stack: str = "test") -> Rendered:
     """Run __main__.py under mocks with this stack config; return what it declared and exported."""
     recorder = Recorder()
     pulumi.runtime.set_mocks(recorder, project="llm-finetune", stack=stack, preview=False)
@@ -235,10 +236,39 @@ def validate_trainjob(job: dict) -> None:
                     assert "env" not in c, "env goes in spec.trainer.env, not through runtimePatches"
 
 
-def effective_trainjob_pod(job: dict) -> dict:
+@functools.lru_cache(maxsize=1)
+def trainingruntime_schema() -> dict:
+    """A namespaced TrainingRuntime: at v2.3.0 its CRD's spec schema is the ClusterTrainingRuntime's
+    (compared field by field: only the description differs), so the reference CRD validates it."""
+    crd = yaml.safe_load((TRAINER_V2 / "trainer.kubeflow.org_clustertrainingruntimes.yaml").read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")
+    schema = _strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+    schema["properties"]["kind"] = {"type": "string", "enum": ["TrainingRuntime"]}
+    return schema
+
+
+def validate_trainingruntime(runtime: dict) -> None:
+    jsonschema.validate(runtime, trainingruntime_schema())
+    jobs = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    reference = torch_runtime()["spec"]
+    assert runtime["spec"]["mlPolicy"] == reference["mlPolicy"], "not the torch-distributed runtime's ML policy"
+    assert [j["name"] for j in jobs] == [j["name"] for j in reference["template"]["spec"]["replicatedJobs"]]
+    for rj, ref in zip(jobs, reference["template"]["spec"]["replicatedJobs"]):
+        assert rj["template"]["metadata"]["labels"] == ref["template"]["metadata"]["labels"], \
+            "the trainer's ancestor label (which replicated job gets spec.trainer)"
+        names = [c["name"] for c in rj["template"]["spec"]["template"]["spec"]["containers"]]
+        assert names == [c["name"] for c in ref["template"]["spec"]["template"]["spec"]["containers"]]
+
+
+def effective_trainjob_pod(job: dict, runtimes: Any = ()) -> dict:
+    """The node pod of a TrainJob: from the rendered TrainingRuntime it references, else torch-distributed."""
     from infra.jobs.trainjob import effective_pod_spec
 
-    return effective_pod_spec(job, torch_runtime())
+    ref = job["spec"]["runtimeRef"]
+    runtime = torch_runtime()
+    if ref.get("kind") == "TrainingRuntime":
+        (runtime,) = [r for r in runtimes if r["metadata"]["name"] == ref["name"]]
+    return effective_pod_spec(job, runtime)
 
 
 def validate_all(rendered: Rendered) -> None:
@@ -250,7 +280,9 @@ def validate_all(rendered: Rendered) -> None:
             validate_trainjob(job)
             # The pod the controller builds from runtime + patches is a valid Kubernetes pod spec.
             validate_core({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "node-0"},
-                           "spec": effective_trainjob_pod(job)})
+                           "spec": effective_trainjob_pod(job, runtimes(rendered))})
+        elif r.kind == "TrainingRuntime":
+            validate_trainingruntime(r.manifest())
         elif r.typ.startswith("kubernetes:"):
             validate_core(r.manifest())
 
@@ -270,8 +302,12 @@ def pod_specs(rendered: Rendered) -> dict[str, dict]:
             for rtype, spec in m["spec"]["pytorchReplicaSpecs"].items():
                 out[f"{r.name}/{rtype}"] = spec["template"]["spec"]
         elif r.kind == "TrainJob":
-            out[f"{r.name}/node"] = effective_trainjob_pod(m)
+            out[f"{r.name}/node"] = effective_trainjob_pod(m, runtimes(rendered))
     return out
+
+
+def runtimes(rendered: Rendered) -> list[dict]:
+    return [r.manifest() for r in rendered.of_kind("TrainingRuntime")]
 
 
 # The one pod that needs more than restricted, and why (infra/storage.py ownership_job_manifest):

@@ -1,0 +1,169 @@
+"""On a shared cluster: the Kueue queue label and suspension, the workers' priority class, and the
+trackers' settings and credentials, for both job APIs, against the CRDs and the restricted PSS."""
+
+import json
+
+import pytest
+
+from infra.config import StackConfigError, parse
+from tests.infra.harness import SECRET_SIG, assert_pod_security, pod_specs, render, validate_all
+
+DS = {"dataset": {"name": "org/data"}, "storage": {"className": "nfs-rwx"}}
+APIS = {"training-operator-v1": "PyTorchJob", "trainer-v2": "TrainJob"}
+QUEUE = "kueue.x-k8s.io/queue-name"
+KEY = "wandb-KeyThatMustNeverBeInAPodSpec0123"
+TOKEN = "mlflow-TokenThatMustNeverBeInAPodSpec"
+
+
+def _job(rendered, api):
+    (declared,) = rendered.of_kind(APIS[api])
+    return declared, declared.manifest()
+
+
+@pytest.mark.parametrize("api", sorted(APIS))
+def test_a_queued_job_is_labelled_and_created_suspended(api):
+    rendered = render({**DS, "jobApi": api, "queueName": "team-a"})
+    validate_all(rendered)
+    for where, spec in pod_specs(rendered).items():
+        assert_pod_security(spec, where)
+    declared, job = _job(rendered, api)
+    assert job["metadata"]["labels"][QUEUE] == "team-a"
+    suspended = job["spec"]["runPolicy"]["suspend"] if api == "training-operator-v1" else job["spec"]["suspend"]
+    assert suspended is True
+    # Only the job is a Kueue workload: no other object (pods, volume-prep Job, etcd) carries the label.
+    others = [r.name for r in rendered.resources if r is not declared and QUEUE in json.dumps(r.inputs)]
+    assert others == []
+    if api == "training-operator-v1":  # nor the worker pods: Kueue reads the job's label
+        assert QUEUE not in job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["metadata"]["labels"]
+    # Kueue unsuspends an admitted job; `pulumi up` must not undo that (nor replace the TrainJob for it).
+    field = "spec.runPolicy.suspend" if api == "training-operator-v1" else "spec.suspend"
+    assert declared.options.ignore_changes == [field]
+    assert f"get workloads" in rendered.outputs["commands"]["watchAdmission"]
+    assert f"-e '^{APIS[api].lower()}-{job['metadata']['name']}-'" in rendered.outputs["commands"]["watchAdmission"]
+
+
+@pytest.mark.parametrize("api", sorted(APIS))
+def test_without_a_queue_nothing_of_kueue_is_rendered(api):
+    rendered = render({**DS, "jobApi": api})
+    declared, job = _job(rendered, api)
+    assert QUEUE not in job["metadata"]["labels"]
+    assert "suspend" not in job["spec"] and "suspend" not in job["spec"].get("runPolicy", {})
+    assert not declared.options.ignore_changes
+    assert "watchAdmission" not in rendered.outputs["commands"]
+    assert not rendered.of_kind("TrainingRuntime")
+
+
+def test_pytorchjob_priority_in_the_pod_template_and_the_run_policy():
+    rendered = render({**DS, "priorityClassName": "batch-low", "queueName": "team-a"})
+    validate_all(rendered)
+    _, job = _job(rendered, "training-operator-v1")
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["priorityClassName"] == "batch-low"
+    # Kueue's KubeflowJob.PriorityClass() reads this first; the operator's gang scheduling too.
+    assert job["spec"]["runPolicy"]["schedulingPolicy"] == {"priorityClass": "batch-low"}
+    # The data-access pod and etcd are not preemptible training: they keep the default priority.
+    assert all(spec.get("priorityClassName") is None for where, spec in pod_specs(rendered).items()
+               if "Worker" not in where)
+
+
+def test_trainjob_priority_through_a_training_runtime_of_the_stack():
+    rendered = render({**DS, "jobApi": "trainer-v2", "priorityClassName": "batch-low", "workers": 3})
+    validate_all(rendered)  # the TrainingRuntime against the runtime CRD, the node pod built from it
+    for where, spec in pod_specs(rendered).items():
+        assert_pod_security(spec, where)
+    runtime = rendered.one("TrainingRuntime")
+    _, job = _job(rendered, "trainer-v2")
+    assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
+                                         "name": runtime["metadata"]["name"]}
+    assert runtime["metadata"]["namespace"] == job["metadata"]["namespace"]
+    assert runtime["metadata"]["labels"]["trainer.kubeflow.org/framework"] == "torch"
+    node = pod_specs(rendered)[f"{rendered.of_kind('TrainJob')[0].name}/node"]
+    assert node["priorityClassName"] == "batch-low"
+    assert node["containers"][0]["command"][:3] == ["python", "-m", "trainer.launch"]
+    assert job["spec"]["trainer"]["numNodes"] == 3
+
+
+@pytest.mark.parametrize("raw, key, words", [
+    ({"queueName": "Team A"}, "queueName", "not a label value"),
+    ({"queueName": "q" * 64}, "queueName", "at most 63"),
+    ({"queueName": "-team"}, "queueName", "starting and ending"),
+    ({"priorityClassName": "Batch_Low"}, "priorityClassName", "not a PriorityClass name"),
+    ({"priorityClassName": "system-node-critical"}, "priorityClassName", "cluster's own components"),
+    ({"jobApi": "trainer-v2", "trainerRuntime": "torch-xeon", "priorityClassName": "low"}, "priorityClassName",
+     "set priorityClassName in that runtime"),
+])
+def test_bad_queue_or_priority_is_refused_at_preview(raw, key, words):
+    with pytest.raises(StackConfigError, match=words) as err:
+        parse({**DS, **raw})
+    assert f"'llm-finetune:{key}'" in str(err.value) and str(err.value).count("Fix:") == 1
+
+
+def test_trackers_get_their_settings_and_credentials_as_files():
+    raw = {**DS, "training": {"reportTo": ["tensorboard", "mlflow", "wandb"]},
+           "tracking": {"mlflowTrackingUri": "http://mlflow.mlflow.svc:5000", "wandbProject": "llm",
+                        "wandbEntity": "team", "runName": "medical"},
+           "wandbApiKey": KEY, "mlflowTrackingToken": TOKEN}
+    rendered = render(raw)
+    validate_all(rendered)
+    for where, spec in pod_specs(rendered).items():
+        assert_pod_security(spec, where)
+    (secret,) = [r for r in rendered.of_kind("Secret") if r.name.endswith("-tracking")]
+    assert secret.inputs["stringData"][SECRET_SIG]  # a secret Output, encrypted in state
+    assert secret.inputs["stringData"]["value"] == {"wandb-api-key": KEY, "mlflow-token": TOKEN}
+    _, job = _job(rendered, "training-operator-v1")
+    text = json.dumps(job)
+    assert KEY not in text and TOKEN not in text  # never a value in the pod spec
+    pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    assert env["WANDB_API_KEY_FILE"] == "/var/run/secrets/llm-finetune-tracking/wandb-api-key"
+    assert env["MLFLOW_TRACKING_TOKEN_FILE"] == "/var/run/secrets/llm-finetune-tracking/mlflow-token"
+    assert "WANDB_API_KEY" not in env and "MLFLOW_TRACKING_TOKEN" not in env
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "tracking"]
+    assert volume["secret"]["secretName"] == secret.manifest()["metadata"]["name"]
+    hf = [v for v in pod["volumes"] if v["name"] == "hf-token"]
+    assert hf == []  # no token, no token volume (and the tracking volume is not mistaken for it)
+    # The trainer config the workers read: the trackers and where they write.
+    (cm,) = rendered.of_kind("ConfigMap")
+    import yaml
+
+    trainer = yaml.safe_load(cm.manifest()["data"]["config.yaml"])
+    assert trainer["training"]["report_to"] == ["tensorboard", "mlflow", "wandb"]
+    assert trainer["tracking"] == {"run_name": "medical", "mlflow_tracking_uri": "http://mlflow.mlflow.svc:5000",
+                                   "mlflow_experiment": "llm-finetune", "wandb_project": "llm",
+                                   "wandb_entity": "team", "wandb_mode": "online"}
+    # TensorBoard from the data-access pod, on its loopback only, through kubectl port-forward.
+    (access,) = rendered.of_kind("Pod")
+    (tb,) = [c for c in access.manifest()["spec"]["containers"] if c["name"] == "tensorboard"]
+    assert tb["command"][tb["command"].index("--host") + 1] == "127.0.0.1" and "ports" not in tb
+    assert all(m["readOnly"] for m in tb["volumeMounts"] if m["name"] == "data")
+    commands = rendered.outputs["commands"]
+    assert commands["tensorboard"] == f"kubectl -n default port-forward pod/{access.manifest()['metadata']['name']} 6006:6006"
+    assert commands["progress"].endswith(f"cat {rendered.outputs['outputDir']}/progress.txt")
+
+
+def test_adding_a_tracker_resumes_the_same_run():
+    before = render(DS).outputs
+    after = render({**DS, "training": {"reportTo": ["tensorboard"]}, "tracking": {"runName": "x"}}).outputs
+    assert before["run"] == after["run"] and before["outputDir"] == after["outputDir"]
+    assert "tensorboard" not in before["commands"] and "tensorboard" in after["commands"]
+
+
+@pytest.mark.parametrize("raw, key, words", [
+    ({"training": {"reportTo": ["wandb"]}, "tracking": {"wandbProject": "p"}}, "training", "no wandbApiKey"),
+    ({"training": {"reportTo": ["mlflow"]}}, "tracking", "mlflow_tracking_uri"),
+    ({"training": {"reportTo": ["mlflow"]}, "tracking": {"mlflowTrackingUri": "file:/tmp/mlruns"}},
+     "tracking.mlflowTrackingUri", "lost with it"),
+    ({"training": {"reportTo": ["tensorbord"]}}, "training", "did you mean 'tensorboard'"),
+    ({"wandbApiKey": "<secret>"}, "wandbApiKey", "does not include wandb"),
+    ({"tracking": {"wandbMod": "offline"}}, "tracking.wandbMod", "did you mean 'wandbMode'"),
+])
+def test_tracker_settings_are_checked_at_preview(raw, key, words):
+    with pytest.raises(StackConfigError, match=words) as err:
+        parse({**DS, **raw})
+    assert f"'llm-finetune:{key}'" in str(err.value)
+
+
+def test_a_tracker_credential_in_plain_text_is_refused():
+    raw = {**DS, "training": {"reportTo": ["wandb"]}, "tracking": {"wandbProject": "p"}, "wandbApiKey": KEY}
+    with pytest.raises(StackConfigError, match="pulumi config set --secret wandbApiKey"):
+        parse(raw, plain=("wandbApiKey",))
+    assert parse(raw).tracker_secrets == ("wandbApiKey",)
