@@ -32,7 +32,7 @@ def test_two_process_gloo_run(tmp_path, request, flashcards_file, finance_file, 
     cfg = write_config(tmp_path / "c.yaml", model, finance_file if lora else flashcards_file, out,
                        data={"template": "chat"} if lora else {},
                        training={"max_steps": 24, "learning_rate": 0.01 if lora else 0.003, "logging_steps": 4,
-                                 "eval_steps": 12},
+                                 "eval_steps": 12, "report_to": ["tensorboard"]},
                        lora={"enabled": lora, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                  "gate_proj", "up_proj", "down_proj"]},
                        # Quantization runs after training, once, on rank 0; every rank must exit 0.
@@ -54,6 +54,15 @@ def test_two_process_gloo_run(tmp_path, request, flashcards_file, finance_file, 
     assert ("quantize" in report) == (not lora) and (out / "quantized").exists() == (not lora)
     assert text.count("quantize: measuring") == (0 if lora else 1)
     assert model.config.vocab_size == len(tok)
+    # Only rank 0 reports: one event file, each logged step once, the same losses as metrics.jsonl.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    events = acc.Scalars("loss")
+    assert [e.step for e in events] == [r["step"] for r in rows]
+    assert [e.value for e in events] == pytest.approx([r["loss"] for r in rows], rel=1e-6)  # float32 events
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
