@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from trainer.config import (ConfigError, DataConfig, LoraConfig, QuantizeConfig, TrainerConfig,
-                            TrackingConfig, TrainingConfig, key_lines)
+                            TrackingConfig, TrainingConfig, key_lines, world_problem)
 
 PROJECT = "llm-finetune"
 ROOT = Path(__file__).resolve().parent.parent
@@ -431,6 +431,11 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
     attempts = ctx.integer("launchAttempts", 1)
     etcd_storage = ctx.quantity("etcdStorage")
     trainer_cfg, run_hash = _trainer_config(ctx, job_name, run_id)
+    problem = world_problem(trainer_cfg, min_workers * procs)
+    if problem:
+        ctx.fail("training", problem.replace("training.fsdp: false", "pulumi config set --path training.fsdp false")
+                 .replace("(python -m trainer.launch --nproc-per-node 2 ..., or workers/procsPerWorker in the stack)",
+                          "(pulumi config set workers 2, or procsPerWorker 2)"))
     queue, priority = _scheduling(ctx, job_api, trainer_runtime)
     _trackers(ctx, trainer_cfg, tracker_secrets)
     if gpus == 0 and trainer_cfg.training.ddp_backend == "nccl":

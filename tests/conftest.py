@@ -15,6 +15,30 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ["LLM_FINETUNE_LOG_FORMAT"] = "plain"
 
 
+# Device-aware tests: LLM_FINETUNE_DEVICE=cuda runs the tests that take the `device` fixture on the GPU
+# (and the CUDA-only ones, marked `cuda`, which skip without one); the default is the CPU.
+DEVICE = os.environ.get("LLM_FINETUNE_DEVICE", "cpu")
+
+
+def cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def needs_gpus(n: int = 1):
+    return pytest.mark.skipif(cuda_count() < n, reason=f"needs {n} CUDA GPU(s); this machine has {cuda_count()}")
+
+
+@pytest.fixture(scope="session")
+def device():
+    import torch
+
+    if DEVICE.startswith("cuda") and not cuda_count():
+        pytest.fail("LLM_FINETUNE_DEVICE=cuda but torch sees no CUDA device")
+    return torch.device(DEVICE)
+
+
 @pytest.fixture(scope="session")
 def flashcards_records():
     from trainer.tiny import flashcards

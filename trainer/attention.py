@@ -11,6 +11,8 @@ start-up probe (trainer/probes.py), never assumed.
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -37,11 +39,58 @@ VARLEN = "llm_finetune_varlen"
 SEGMENTS = "llm_finetune_segments"  # the forward keyword carrying a packed row's example boundaries
 
 
+@dataclass(frozen=True)
+class Segments:
+    """A packed row's example boundaries in every form the attention needs, built once per micro-batch
+    on the host from the collated position ids and copied to the device without waiting (pinned,
+    non-blocking): every layer's forward reuses them, so the forward has no host synchronisation and no
+    host-to-device copy of its own (it had one per layer and example length, each a blocking copy on
+    CUDA)."""
+
+    bounds: tuple[int, ...]
+    """[0, e1, e2, ..., L]: cumulative example boundaries (host ints)."""
+    cu_seqlens: torch.Tensor
+    """int32 [n + 1] on the device: the same boundaries, as torch's varlen kernel takes them."""
+    groups: tuple[tuple[int, int, torch.Tensor], ...]
+    """(length, examples of that length, their token indices on the device): one batched SDPA call each."""
+    order: torch.Tensor
+    """The groups' token indices concatenated (where each group's output goes back)."""
+
+    @property
+    def lengths(self) -> list[int]:
+        return [b - a for a, b in zip(self.bounds[:-1], self.bounds[1:])]
+
+    @property
+    def max_length(self) -> int:
+        return max(self.lengths)
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def plan(position_ids: torch.Tensor, device: Optional[torch.device] = None) -> Segments:
+    """Segments of a packed row from its position ids (they restart at 0 at each example). Give the
+    host tensor the collator made: reading a device tensor here would be a synchronisation."""
+    device = torch.device(device) if device is not None else position_ids.device
+    pos = position_ids[0].cpu()
+    bounds = tuple((pos == 0).nonzero().flatten().tolist()) + (int(pos.shape[0]),)
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    by_length: dict[int, list[int]] = {}
+    for a, n in zip(bounds[:-1], lengths):
+        by_length.setdefault(n, []).append(a)
+    host = [(n, len(starts), (torch.tensor(starts)[:, None] + torch.arange(n)[None]).flatten())
+            for n, starts in by_length.items()]
+    order = torch.cat([index for _, _, index in host])
+    return Segments(bounds=bounds, cu_seqlens=_to(torch.tensor(bounds, dtype=torch.int32), device),
+                    groups=tuple((n, k, _to(index, device)) for n, k, index in host), order=_to(order, device))
+
+
 def segments(position_ids: torch.Tensor) -> list[int]:
-    """Cumulative example boundaries [0, e1, e2, ..., L] of a packed row (position ids restart at 0),
-    computed once per micro-batch on the host."""
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
-    return starts + [int(position_ids.shape[1])]
+    """Cumulative example boundaries [0, e1, e2, ..., L] of a packed row (position ids restart at 0)."""
+    return list(plan(position_ids, torch.device("cpu")).bounds)
 
 
 def sliding_window(config) -> Optional[int]:
@@ -56,10 +105,29 @@ def sliding_window(config) -> Optional[int]:
     return int(window)
 
 
+@lru_cache(maxsize=1)
+def _cuda_varlen():
+    """torch's variable-length flash attention (torch.nn.attention.varlen, torch >= 2.10), CUDA only."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def kernel(query: torch.Tensor, dropout: float) -> str:
+    """Which kernel a packed row takes: torch's varlen flash kernel on CUDA in half precision (it has
+    no fp32 and no dropout), else one causal SDPA call per group of equally long examples."""
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0 and _cuda_varlen():
+        return "varlen_attn"
+    return "sdpa"
+
+
 def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """Attention over a packed row at the cost of Σ len², not (Σ len)²: each example attends causally
-    to itself only, through SDPA's causal kernel (no mask tensor), one call per example.
+    to itself only, through a kernel that takes example boundaries (torch's varlen flash kernel on
+    CUDA) or SDPA's causal kernel per group of equally long examples (no mask tensor either way).
 
     transformers' dispatch with packed position_ids builds a dense block-diagonal [L, L] mask instead,
     which sends SDPA to its masked path and costs (Σ len)². Registered through AttentionInterface, so
@@ -70,11 +138,13 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         raise NotImplementedError("varlen attention has no logit softcapping")
     if attention_mask is not None:
         raise NotImplementedError("varlen attention takes example boundaries, not a mask")
-    bounds = kwargs.get(SEGMENTS)
+    seg = kwargs.get(SEGMENTS)
+    if isinstance(seg, (list, tuple)):  # boundaries as a list (tests, tools): planned here
+        seg = plan(torch.tensor([[p - a for a, b in zip(seg[:-1], seg[1:]) for p in range(a, b)]]), query.device)
     window = kwargs.get("sliding_window")
-    if query.shape[0] != 1 or bounds is None:
-        bounds = None
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])] if bounds else [query.shape[2]]
+    if query.shape[0] != 1:
+        seg = None
+    lengths = seg.lengths if seg is not None else [query.shape[2]]
     if window is not None and max(lengths) > window:
         raise NotImplementedError("varlen attention has no sliding window (an example is longer than it)")
     gqa = query.shape[1] != key.shape[1]
@@ -83,25 +153,22 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling,
                                                                 is_causal=q.shape[2] > 1, enable_gqa=gqa)
 
-    if bounds is None:  # one sequence per row (padded rows: the padding comes last, after every real token)
+    if seg is None or len(lengths) == 1:  # one sequence per row (padded rows: the padding comes last)
         return sdpa(query, key, value).transpose(1, 2).contiguous(), None
-    # Examples of the same length go through one batched call (all of them, for uniform data).
-    by_length: dict[int, list[int]] = {}
-    for a, n in zip(bounds[:-1], lengths):
-        by_length.setdefault(n, []).append(a)
-    if len(by_length) == 1 and len(lengths) == 1:
-        return sdpa(query, key, value).transpose(1, 2).contiguous(), None
-    pieces, order = [], []
-    for n, starts in by_length.items():
-        index = torch.tensor([a + i for a in starts for i in range(n)], device=query.device)
-        def take(t):  # [1, H, L, D] -> [len(starts), H, n, D]
-            return t[0].index_select(1, index).unflatten(1, (len(starts), n)).transpose(0, 1)
-        out = sdpa(take(query), take(key), take(value))  # [k, H, n, D]
-        pieces.append(out.transpose(0, 1).flatten(1, 2))  # [H, k*n, D]
-        order.append(index)
+    if kernel(query, dropout) == "varlen_attn":  # [1, H, L, D] -> [L, H, D]
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        out = _cuda_varlen()(q, k, v, seg.cu_seqlens, seg.cu_seqlens, seg.max_length, seg.max_length,
+                             scale=scaling, window_size=(-1, 0), enable_gqa=gqa)
+        return out[None], None
+    pieces = []
+    for n, count, index in seg.groups:
+        def take(t):  # [1, H, L, D] -> [count, H, n, D]
+            return t[0].index_select(1, index).unflatten(1, (count, n)).transpose(0, 1)
+        out = sdpa(take(query), take(key), take(value))  # [count, H, n, D]
+        pieces.append(out.transpose(0, 1).flatten(1, 2))  # [H, count*n, D]
     joined = torch.cat(pieces, dim=1)  # the kernel's dtype (bf16 under autocast)
     out = query.new_empty(query.shape[1:], dtype=joined.dtype)
-    out.index_copy_(1, torch.cat(order), joined)
+    out.index_copy_(1, seg.order, joined)
     return out[None].transpose(1, 2).contiguous(), None
 
 

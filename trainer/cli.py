@@ -132,6 +132,11 @@ def plan(cfg, processes: int, workers: int, memory: Optional[str]) -> str:
     config.json is read from the hub (or its cache); the precision `auto` is resolved on this machine."""
     from trainer import distributed, memplan, modeling
 
+    from trainer.config import world_problem
+
+    problem = world_problem(cfg, workers * processes)
+    if problem:
+        raise UserError(problem)
     path = modeling.resolve(cfg.model, modeling.read_token(), distributed.Dist(0, 0, 1, 1, None, None))
     shape = memplan.read_shape(path)
     precision = distributed.choose_precision(cfg.model.dtype, False)

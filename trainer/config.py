@@ -403,6 +403,17 @@ class TrainerConfig:
         return self.out / "report.json"
 
 
+def world_problem(cfg: TrainerConfig, world: int) -> Optional[str]:
+    """What the config asks of the number of processes that this world cannot give (None: fine). One
+    process is a world of one: FSDP there would shard nothing, so it is refused, never ignored."""
+    if cfg.training.fsdp and world == 1:
+        return ("training.fsdp: true with a single process: FSDP shards weights, gradients and optimizer state "
+                "over the processes, and with one there is nothing to shard over (it used to be ignored "
+                "silently). Fix: training.fsdp: false for one process, or run 2 or more (python -m "
+                "trainer.launch --nproc-per-node 2 ..., or workers/procsPerWorker in the stack)")
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # Generic dataclass builder: types from annotations, unknown keys with the nearest valid name.
 # Hand-written because the alternatives (pydantic, omegaconf) would add a heavy dependency to the

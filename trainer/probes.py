@@ -25,16 +25,21 @@ PACKED, PACKED_VARLEN, PACKED_SEQ_IDX, PADDED = ("packed", "packed, variable-len
                                                  "packed with sequence index", "padded")
 
 
-def sequence_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
+def sequence_kwargs(position_ids: torch.Tensor, device: Optional[torch.device] = None) -> dict[str, Any]:
     """Sequence boundaries of a packed row in the forms transformers' varlen paths accept: cumulative
-    lengths (flash/varlen attention) and a per-token example index (Mamba-2 style kernels)."""
-    starts = (position_ids[0] == 0).nonzero().flatten()
-    ends = torch.cat([starts[1:], torch.tensor([position_ids.shape[1]], device=starts.device)])
+    lengths (flash/varlen attention) and a per-token example index (Mamba-2 style kernels). Computed on
+    the host (give it the collator's tensor) and copied to `device` without waiting."""
+    from trainer.attention import _to
+
+    device = torch.device(device) if device is not None else position_ids.device
+    pos = position_ids.cpu()
+    starts = (pos[0] == 0).nonzero().flatten()
+    ends = torch.cat([starts[1:], torch.tensor([pos.shape[1]])])
     cu = torch.cat([starts, ends[-1:]]).to(torch.int32)
-    lengths = ends - starts
-    return {"seq_idx": (torch.cumsum((position_ids == 0).int(), dim=1) - 1).to(torch.int32),
-            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-            "max_length_q": int(lengths.max()), "max_length_k": int(lengths.max())}
+    longest = int((ends - starts).max())
+    return {"seq_idx": _to((torch.cumsum((pos == 0).int(), dim=1) - 1).to(torch.int32), device),
+            "cu_seq_lens_q": _to(cu, device), "cu_seq_lens_k": _to(cu, device),
+            "max_length_q": longest, "max_length_k": longest}
 
 
 @dataclass(frozen=True)
@@ -50,13 +55,14 @@ class Plan:
     def packs(self) -> bool:
         return self.packing != PADDED
 
-    def extra(self, position_ids: torch.Tensor) -> dict[str, Any]:
-        """Extra forward arguments for a micro-batch on this path (computed once per micro-batch)."""
+    def extra(self, position_ids: torch.Tensor, device: Optional[torch.device] = None) -> dict[str, Any]:
+        """Extra forward arguments for a micro-batch on this path: computed once per micro-batch, on the
+        host from the collator's position ids, and sent to `device` without waiting."""
         if self.packing == PACKED_VARLEN:
-            from trainer.attention import SEGMENTS, segments
+            from trainer.attention import SEGMENTS, plan
 
-            return {SEGMENTS: segments(position_ids)}
-        return sequence_kwargs(position_ids) if self.packing == PACKED_SEQ_IDX else {}
+            return {SEGMENTS: plan(position_ids, device)}
+        return sequence_kwargs(position_ids, device) if self.packing == PACKED_SEQ_IDX else {}
 
 
 def _probe_ids(model, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +101,7 @@ def try_varlen(loss_module, device, tol: float) -> Optional[float]:
     """Switch the model to variable-length attention when it reproduces the model's own attention on
     the probe (B packed after A under varlen == B alone under the current path); its error, or None
     (and the model left as it was) when it does not, or cannot run this model's attention."""
-    from trainer.attention import VARLEN, register, segments
+    from trainer.attention import SEGMENTS, VARLEN, plan, register
 
     register()
     model = loss_module.model
@@ -106,7 +112,7 @@ def try_varlen(loss_module, device, tol: float) -> Optional[float]:
     try:
         hf.set_attn_implementation(VARLEN)
         error = leak(model, device, reference=reference,
-                     extra_fn=lambda positions: {"llm_finetune_segments": segments(positions)})
+                     extra_fn=lambda positions: {SEGMENTS: plan(positions)})
     except Exception:  # the model's attention needs what varlen does not do (softcapping, a mask, ALiBi...)
         error = float("inf")
     if error <= tol:

@@ -26,7 +26,7 @@ import torch
 from trainer import distributed as D
 from trainer import identity, modeling, probes
 from trainer.checkpoint import Checkpointer, NonFiniteState, estimate_checkpoint_bytes
-from trainer.config import TrainerConfig
+from trainer.config import TrainerConfig, world_problem
 from trainer import data as data_module
 from trainer.data import Prepared, collate, epoch_order, shard
 from trainer.data.batches import BatchOrder
@@ -126,6 +126,9 @@ class Trainer:
         random.seed(t.seed)
         if d.device.type == "cpu":
             torch.set_num_threads(t.cpu_threads or D.default_threads(d.local_world_size))
+        problem = world_problem(cfg, d.world_size)
+        if problem:
+            raise UserError(problem)
         # One writer per output_dir, before anything in it is read or written.
         self.lock = OutputLock(cfg.out, log=self.log) if d.is_main else None
         D.on_main(d, lambda: self.lock.acquire())
@@ -417,10 +420,11 @@ class Trainer:
             stop_vote = d.any_async(reason is not None)
             for i, batch in enumerate(micro):
                 tensors, real = collate([self.data.train.labels(int(j)) for j in batch], pad_id, self.probe.packs)
+                # Example boundaries from the host's position ids, once per micro-batch (no sync in the forward).
+                extra = self.probe.extra(tensors["position_ids"], d.device)
                 tensors = {k: v.to(d.device, non_blocking=True) for k, v in tensors.items()}
                 sync = i == len(micro) - 1
                 ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else nullcontext()
-                extra = self.probe.extra(tensors["position_ids"])
                 tick = time.perf_counter() if timing else 0.0
                 with ctx:
                     with self.precision.autocast(d.device):
@@ -585,10 +589,10 @@ class Trainer:
             batch = mine[i] if i < len(mine) else batches[0]
             tensors, _ = collate([self.data.val.labels(int(j)) for j in batch], self.tokenizer.pad_token_id,
                                  self.probe.packs)
+            extra = self.probe.extra(tensors["position_ids"], d.device)
             tensors = {k: v.to(d.device) for k, v in tensors.items()}
             with self.precision.autocast(d.device):
-                loss_sum, n = model(tensors["input_ids"], tensors["position_ids"], tensors["labels"],
-                                    **self.probe.extra(tensors["position_ids"]))
+                loss_sum, n = model(tensors["input_ids"], tensors["position_ids"], tensors["labels"], **extra)
             if i < len(mine):
                 loss += float(loss_sum)
                 count += int(n)

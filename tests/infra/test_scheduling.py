@@ -167,3 +167,12 @@ def test_a_tracker_credential_in_plain_text_is_refused():
     with pytest.raises(StackConfigError, match="pulumi config set --secret wandbApiKey"):
         parse(raw, plain=("wandbApiKey",))
     assert parse(raw).tracker_secrets == ("wandbApiKey",)
+
+
+def test_fsdp_with_a_world_that_can_shrink_to_one_process_is_refused_at_preview():
+    with pytest.raises(StackConfigError, match="training.fsdp: true with a single process") as err:
+        parse({**DS, "workers": 1, "training": {"fsdp": True}})
+    assert "pulumi config set --path training.fsdp false" in str(err.value)
+    with pytest.raises(StackConfigError, match="single process"):
+        parse({**DS, "workers": 2, "minWorkers": 1, "training": {"fsdp": True}})
+    assert parse({**DS, "workers": 2, "training": {"fsdp": True}}).trainer.training.fsdp

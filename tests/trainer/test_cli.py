@@ -40,6 +40,8 @@ GOOD = json.dumps({"instruction": "i", "input": "", "output": "o"}) + "\n"
     ("lora-target", GOOD * 50, {"lora": {"enabled": True, "target_modules": ["c_attn"]}}, "lora.target_modules ['c_attn'] not found"),
     ("seq-len", GOOD * 50, {"data": {"max_seq_length": 16}}, "data.max_seq_length=16 is too small"),
     ("unknown-key", GOOD * 50, {"training": {"max_step": 5}}, "did you mean 'max_steps'"),
+    # One process is a world of one: FSDP is refused there, never silently ignored.
+    ("fsdp-one-process", GOOD * 50, {"training": {"fsdp": True}}, "training.fsdp: true with a single process"),
 ])
 def test_bad_input_exits_clearly(tmp_path, tiny_model, case, data, sections, words):
     result = _bad(tmp_path, tiny_model, data, **sections)
@@ -85,3 +87,13 @@ def test_an_input_error_is_printed_before_any_rank_moves_on(tmp_path, monkeypatc
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     cli.report_once(other)  # outside torchrun every call prints
     assert capsys.readouterr().err.count(other) == 1
+
+
+def test_plan_refuses_fsdp_on_one_process_and_takes_it_on_two(tmp_path, tiny_model):
+    data = tmp_path / "data.jsonl"
+    data.write_text(GOOD * 50)
+    cfg = write_config(tmp_path / "c.yaml", tiny_model, data, tmp_path / "out", training={"fsdp": True})
+    one = run("plan", "--config", str(cfg), "--processes", "1")
+    assert one.returncode == 2 and "training.fsdp: true with a single process" in one.stderr
+    two = run("plan", "--config", str(cfg), "--processes", "2")
+    assert two.returncode == 0, two.stderr
