@@ -8,7 +8,7 @@ PIP_VERSION := 26.3
 PIP_TOOLS_VERSION := 7.6.2
 STAMP := $(VENV)/.installed-$(shell cat $(LOCK) constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup lock etcd test demo bench bench-attention bench-data bench-scale bench-checkpoint clean
+.PHONY: setup lock etcd test demo bench bench-attention bench-data bench-scale bench-checkpoint bench-gpu clean
 
 # Idempotent: re-runs only when the lock changes. torch first, from the exact pin (the CPU wheel on
 # disk), so nothing resolves a newer (CUDA) build; then the lock file: every package at the exact
@@ -51,6 +51,11 @@ bench: setup
 
 bench-attention: setup
 	$(PY) bench/attention.py
+
+# On a CUDA machine: TinyLlama-1.1B full and Llama-2-7B LoRA against the Hugging Face Trainer (padded and
+# padding-free), tokens/s, peak GPU memory and MFU; bench/results/gpu-<device>.json. `--tiny` runs on CPUs.
+bench-gpu: setup
+	$(PY) bench/gpu.py $(BENCH_ARGS)
 
 bench-data: setup
 	$(PY) bench/data.py

@@ -71,13 +71,14 @@ def concatenate(exs, block: int):
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--config", required=True)
-    p.add_argument("--mode", choices=("padded", "concat"), required=True)
+    p.add_argument("--mode", choices=("padded", "concat", "flatten"), required=True)
+    p.add_argument("--attn", default="sdpa", help="attn_implementation (flash_attention_2 where installed)")
     p.add_argument("--out", required=True)
     p.add_argument("--order", choices=("ours", "hf"), default="ours")
     args = p.parse_args()
     from datasets import Dataset
-    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
-                              TrainingArguments, default_data_collator)
+    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer,
+                              TrainerCallback, TrainingArguments, default_data_collator)
 
     cfg = load_config(args.config)
     t = cfg.training
@@ -90,6 +91,9 @@ def main() -> int:
         if batches:
             rows = [rows[j] for b in batches for j in b]
         collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    elif args.mode == "flatten":  # padding-free: a batch's examples in one row, position ids restarting
+        rows = [{"input_ids": i.tolist(), "labels": l.tolist()} for i, l in exs]
+        collator = DataCollatorWithFlattening(return_position_ids=True)
     else:
         rows = concatenate(exs, cfg.data.max_seq_length)
         collator = default_data_collator
@@ -99,7 +103,10 @@ def main() -> int:
     # fine-tune in fp32 master weights; bf16=True autocasts the compute in both.
     model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path,
                                                  dtype=torch.bfloat16 if bf16 and cfg.lora.enabled else torch.float32,
-                                                 attn_implementation="sdpa")
+                                                 attn_implementation=args.attn)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     model.config.use_cache = False
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -134,7 +141,7 @@ def main() -> int:
         max_steps=t.max_steps, learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_steps or t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps, save_strategy="no", eval_strategy="no", report_to="none", seed=t.seed,
-        ddp_backend="gloo" if world > 1 else None, use_cpu=True, bf16=bf16, dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch_fused",
+        ddp_backend=("nccl" if cuda else "gloo") if world > 1 else None, use_cpu=not cuda, bf16=bf16, dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch_fused",
         remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
         train_sampling_strategy="sequential" if batches else "random",
         # training.fsdp: the Trainer's own FSDP2 (through accelerate), each decoder layer sharded as ours does.
@@ -161,7 +168,8 @@ def main() -> int:
                    "steps": trainer.state.global_step,
                    "num_input_tokens_seen": int(trainer.state.num_input_tokens_seen or 0) or real,
                    "computed_tokens": computed, "real_tokens": real, "order": order,
-                   "step_seconds": clock.steps, "final_save_seconds": save_seconds}
+                   "step_seconds": clock.steps, "final_save_seconds": save_seconds,
+                   "peak_device_memory_gib": torch.cuda.max_memory_allocated() / (1 << 30) if cuda else None}
         (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
     # Leave together: a rank exiting while rank 0 still saves can abort in gloo's teardown.
     if torch.distributed.is_initialized():

@@ -88,7 +88,7 @@ def run(cmd: list[str], log: Path, env: dict | None = None, timeout: float = 360
             sampler.join()
     log.with_suffix(".rss").write_text("".join(f"{t} {g}\n" for t, g in timeline))
     return {"rc": rc, "seconds": round(time.perf_counter() - start, 1), "peak_rss_gib": round(peak[0] / GIB, 3),
-            "log": str(log.relative_to(ROOT))}
+            "log": str(log.relative_to(ROOT) if log.is_relative_to(ROOT) else log)}
 
 
 def plan_lines(log: Path) -> dict:

@@ -36,8 +36,9 @@ def llama_config(name: str, tokenizer, **override):
                        tie_word_embeddings=False, dtype="bfloat16")
 
 
-def write(name: str, out: str | Path, seed: int = 0, **override) -> Path:
-    """Write a random-weight Llama of shape `name` in bf16 (plus its tokenizer) to `out`."""
+def write(name: str, out: str | Path, seed: int = 0, device=None, **override) -> Path:
+    """Write a random-weight Llama of shape `name` in bf16 (plus its tokenizer) to `out`; the random
+    numbers are drawn on `device` (a GPU draws 7B of them in seconds), one tensor at a time."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
@@ -53,7 +54,8 @@ def write(name: str, out: str | Path, seed: int = 0, **override) -> Path:
     config = llama_config(name, tokenizer, **override)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
-    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device or "cpu")
+    gen = torch.Generator(device=device).manual_seed(seed)
     shard: dict[str, torch.Tensor] = {}
     index: dict[str, str] = {}
     files: list[str] = []
@@ -72,7 +74,7 @@ def write(name: str, out: str | Path, seed: int = 0, **override) -> Path:
         if key.endswith("norm.weight"):
             tensor = torch.ones(shape, dtype=torch.bfloat16)
         else:
-            tensor = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+            tensor = (torch.randn(shape, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
         nbytes = tensor.numel() * 2
         if size + nbytes > SHARD_BYTES:
             flush()

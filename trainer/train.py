@@ -548,6 +548,8 @@ class Trainer:
         summary = {"steps": step, "train_seconds": train_seconds, "first_step_seconds": first_step_seconds,
                    "startup_seconds": round(startup_seconds, 2), "step_seconds": step_seconds,
                    "memory_plan": memplan.as_dict(self.memory),
+                   "peak_device_memory_gib": (round(torch.cuda.max_memory_allocated(d.device) / 2**30, 3)
+                                              if d.device.type == "cuda" else None),
                    "gradient_checkpointing": self.gradient_checkpointing,
                    # Forward and backward alone (CPU): the rest of train_seconds is per-step overhead.
                    "compute_seconds": compute_seconds if timing else None,
