@@ -17,7 +17,7 @@ os.environ["LLM_FINETUNE_LOG_FORMAT"] = "plain"
 
 # Device-aware tests: LLM_FINETUNE_DEVICE=cuda runs the tests that take the `device` fixture on the GPU
 # (and the CUDA-only ones, marked `cuda`, which skip without one); the default is the CPU.
-DEVICE = os.environ.get("LLM_FINETUNE_DEVICE", "cpu")
+DEVICE = os.environ.setdefault("LLM_FINETUNE_DEVICE", "cpu")  # inherited by every process a test starts
 
 
 def cuda_count() -> int:

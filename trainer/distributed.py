@@ -218,12 +218,26 @@ def on_main(d: "Dist", fn):
     return value
 
 
+def use_cuda() -> bool:
+    """CUDA when there is a GPU, unless LLM_FINETUNE_DEVICE=cpu (the test suite's default, so a GPU
+    machine runs it as CI does; LLM_FINETUNE_DEVICE=cuda runs it on the GPU and insists on one)."""
+    wanted = os.environ.get("LLM_FINETUNE_DEVICE", "").strip().lower()
+    if wanted == "cpu":
+        return False
+    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        from trainer.errors import UserError
+
+        raise UserError("LLM_FINETUNE_DEVICE=cuda but torch sees no CUDA device (a CPU build of torch, or no "
+                        "GPU visible). Fix: unset LLM_FINETUNE_DEVICE, or install the CUDA build of torch")
+    return torch.cuda.is_available()
+
+
 def init(requested_backend: Optional[str], timeout_minutes: int = 60) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
+    cuda = use_cuda()
     if cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

@@ -15,6 +15,11 @@ def _rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(autouse=True)
+def on_cuda(monkeypatch):
+    monkeypatch.setenv("LLM_FINETUNE_DEVICE", "cuda")  # the trainer (and every process it starts) on the GPU
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_nccl_trains_on_one_and_two_gpus(tmp_path, tiny_model, flashcards_file, processes):
     if cuda_count() < processes:

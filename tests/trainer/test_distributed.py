@@ -68,3 +68,21 @@ def test_main_first_runs_rank0_before_the_others_and_never_strands_them():
     with pytest.raises(UserError, match="bad data"):
         main_first(d, fail)
     assert d.events == ["barrier"]  # rank 0 reached the barrier before raising: others are released
+
+
+def test_llm_finetune_device_picks_or_insists_on_the_device(monkeypatch):
+    import torch
+
+    from trainer import distributed
+    from trainer.errors import UserError
+
+    monkeypatch.setenv("LLM_FINETUNE_DEVICE", "cpu")
+    assert distributed.use_cuda() is False  # even where a GPU is visible: the suite runs as CI does
+    monkeypatch.setenv("LLM_FINETUNE_DEVICE", "cuda")
+    if torch.cuda.is_available():
+        assert distributed.use_cuda() is True
+    else:
+        with pytest.raises(UserError, match="LLM_FINETUNE_DEVICE=cuda but torch sees no CUDA device"):
+            distributed.use_cuda()
+    monkeypatch.delenv("LLM_FINETUNE_DEVICE")
+    assert distributed.use_cuda() == torch.cuda.is_available()
