@@ -76,4 +76,4 @@ def test_config_module_imports_nothing_heavy():
 
 def test_every_key_is_documented_in_the_dataclasses():
     cfg = TrainerConfig.from_dict({"model": {"name_or_path": "m"}, "data": {"file": "x.json"}})
-    assert set(cfg.to_dict()) == {"model", "data", "training", "lora", "quantize", "output_dir"}
+    assert set(cfg.to_dict()) == {"model", "data", "training", "lora", "quantize", "tracking", "output_dir"}
