@@ -1,4 +1,5 @@
-"""The Secrets: the Hugging Face token, and the trackers' credentials (each only when the stack has one)."""
+"""The Secrets: the Hugging Face token, and the trackers' credentials (each only when the stack has one).
+Their data is added from secret Outputs in infra/component.py, never here (the placeholders say which)."""
 
 from __future__ import annotations
 
@@ -8,28 +9,20 @@ from infra.common import Names, metadata
 from infra.config import TOKEN_KEY, TRACKER_SECRETS, StackConfig
 
 
+def _secret(cfg: StackConfig, name: str, keys: dict[str, str]) -> dict:
+    return {"apiVersion": "v1", "kind": "Secret",
+            "metadata": metadata(name, cfg.namespace, cfg.job_name, "credentials"),
+            "type": "Opaque", "immutable": False,
+            "stringData": {key: f"<from pulumi config --secret {stack_key}>" for key, stack_key in keys.items()}}
+
+
 def secret_manifest(cfg: StackConfig) -> Optional[dict]:
-    """Metadata and type of the token Secret; its data is added from the secret Output, never here."""
-    if not cfg.has_token:
-        return None
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": metadata(Names(cfg.job_name).secret, cfg.namespace, cfg.job_name, "credentials"),
-        "type": "Opaque",
-        "immutable": False,
-        "stringData": {TOKEN_KEY: "<from pulumi config --secret hfToken>"},
-    }
+    """The token Secret (key `token`)."""
+    return _secret(cfg, Names(cfg.job_name).secret, {TOKEN_KEY: "hfToken"}) if cfg.has_token else None
 
 
 def tracking_secret_manifest(cfg: StackConfig) -> Optional[dict]:
-    """Metadata of the trackers' Secret (keys: mlflow-token, wandb-api-key); values from secret Outputs."""
+    """The trackers' Secret (keys mlflow-token, wandb-api-key: those the stack has)."""
     if not cfg.tracker_secrets:
         return None
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": metadata(Names(cfg.job_name).tracking_secret, cfg.namespace, cfg.job_name, "credentials"),
-        "type": "Opaque",
-        "stringData": {TRACKER_SECRETS[k][1]: f"<from pulumi config --secret {k}>" for k in cfg.tracker_secrets},
-    }
+    return _secret(cfg, Names(cfg.job_name).tracking_secret, {TRACKER_SECRETS[k][1]: k for k in cfg.tracker_secrets})
