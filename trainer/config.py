@@ -303,7 +303,14 @@ class LoraConfig:
 
 
 QUANT_BITS = (4, 8)
-QUANT_ALGORITHMS = ("rtn", "gptq", "awq")
+QUANT_ALGORITHMS = ("rtn", "gptq", "awq", "autoround")
+# What quantized/ holds, and the engine that serves it (trainer/export.py):
+#   compressed-tensors  a Hugging Face checkpoint (pack-quantized int weights) that transformers loads with
+#                       from_pretrained and vLLM serves (llm-compressor's format, written by AutoRound);
+#   auto-round          a Hugging Face checkpoint in AutoRound's format (transformers, vLLM, SGLang);
+#   gguf:q4_k_m, gguf:q8_0  one GGUF file for llama.cpp and Ollama (CPU serving), written by AutoRound;
+#   inc                 Intel Neural Compressor's own layout (its loader only; GPTQ and AWQ write this).
+QUANT_FORMATS = ("compressed-tensors", "auto-round", "gguf:q4_k_m", "gguf:q8_0", "inc")
 
 
 @dataclass(frozen=True)
@@ -311,6 +318,13 @@ class QuantizeConfig:
     enabled: bool = True
     bits: int = 4
     algorithm: str = "rtn"
+    """rtn, autoround (Intel's AutoRound: sign-gradient rounding tuned on training examples), or gptq/awq
+    (through Intel Neural Compressor: format inc only)."""
+    format: str = "compressed-tensors"
+    """What quantized/ holds: compressed-tensors (default: transformers from_pretrained and vLLM),
+    auto-round, gguf:q4_k_m / gguf:q8_0 (llama.cpp, Ollama), or inc (INC's loader only)."""
+    iters: int = 200
+    """AutoRound's tuning steps per decoder block (algorithm autoround; rtn is AutoRound with 0)."""
     group_size: int = 128
     """Weights per quantization group; -1 for per-channel. Clamped to each layer's input width."""
     scheme: Literal["sym", "asym"] = "sym"
@@ -327,6 +341,21 @@ class QuantizeConfig:
         check(self.bits in QUANT_BITS, ("bits",), f"unsupported bits {self.bits}; use 4 or 8")
         check(self.algorithm in QUANT_ALGORITHMS, ("algorithm",),
               f"unsupported algorithm {self.algorithm!r}; use one of {', '.join(QUANT_ALGORITHMS)}")
+        near = difflib.get_close_matches(self.format, QUANT_FORMATS, n=1)
+        check(self.format in QUANT_FORMATS, ("format",),
+              f"unsupported format {self.format!r}{f' (did you mean {near[0]!r}?)' if near else ''}; use one of "
+              f"{', '.join(QUANT_FORMATS)}")
+        check(self.algorithm not in ("gptq", "awq") or self.format == "inc", ("format",),
+              f"{self.format} cannot hold a {self.algorithm.upper()} result: GPTQ and AWQ run through Intel Neural "
+              "Compressor, whose checkpoints load with its own loader only. Fix: quantize.format: inc, or "
+              "quantize.algorithm: rtn or autoround for a format that transformers, vLLM or llama.cpp serve")
+        check(self.algorithm != "autoround" or self.format != "inc", ("algorithm",),
+              "autoround writes compressed-tensors, auto-round or gguf, not INC's format. Fix: quantize.format: "
+              "compressed-tensors (or another served format), or quantize.algorithm: rtn")
+        if self.format.startswith("gguf:"):
+            wants = 8 if self.format == "gguf:q8_0" else 4
+            check(self.bits == wants, ("bits",), f"{self.format} stores {wants}-bit weights. Fix: quantize.bits: {wants}")
+        check(self.iters >= 0, ("iters",), "must be >= 0 (0: round to nearest)")
         check(self.group_size == -1 or self.group_size >= 8, ("group_size",), "must be -1 (per channel) or >= 8")
         check(self.calibration_samples >= 1, ("calibration_samples",), "must be >= 1")
         check(self.eval_samples >= 0, ("eval_samples",), "must be >= 0 (0: whole validation split)")

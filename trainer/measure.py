@@ -19,7 +19,7 @@ from trainer.data import IGNORE
 from trainer.data.cache import Split
 from trainer.errors import UserError
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
 def dir_size(path: Path) -> int:
@@ -147,6 +147,16 @@ def load_quantized(path: str | Path, dtype: Optional[torch.dtype] = None):
         print(tok.decode(model.generate(ids, max_new_tokens=32)[0]))
     """
     path = Path(path)
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    if ggufs and not (path / "config.json").exists():
+        raise UserError(f"{path} holds a GGUF model ({ggufs[0].name}): it runs in llama.cpp, not transformers. Fix: "
+                        f"llama_cpp.Llama(model_path='{ggufs[0]}'), or `ollama create NAME -f {path / 'Modelfile'}`")
+    if (path / "config.json").exists():
+        import json
+
+        method = (json.loads((path / "config.json").read_text()).get("quantization_config") or {}).get("quant_method")
+        if method in ("compressed-tensors", "auto-round"):
+            return load_served(path, dtype)  # transformers' own integration
     if not (path / "config.json").exists() or "quantization_config" not in (path / "config.json").read_text():
         raise UserError(f"{path} is not a quantized model directory (no config.json with a quantization_config). "
                         "Fix: run `python -m trainer quantize --config FILE`")
@@ -184,3 +194,81 @@ def dequantize_once(model, dtype: torch.dtype) -> None:
             del unpacked
             if module.bias is not None:
                 module.bias = module.bias.to(dtype)
+
+
+def load_served(path: str | Path, dtype: Optional[torch.dtype] = None):
+    """A quantized/ directory in a Hugging Face format (compressed-tensors, auto-round), loaded the way a
+    user loads it: transformers' own from_pretrained (its quantization integration does the rest)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(str(path))
+
+
+class GGUFModel:
+    """A GGUF file in llama.cpp (llama-cpp-python, built from source: `make llama-cpp`), measured as
+    the Hugging Face models are: perplexity on the same tokenized validation examples (fed as token
+    ids, so both see identical inputs), generation speed and samples."""
+
+    def __init__(self, path: str | Path, n_ctx: int):
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise UserError("quantize: a GGUF model is measured in llama.cpp, and llama-cpp-python is not installed "
+                            "here. Fix: make llama-cpp (builds it from source, pinned; the images have it), or "
+                            "quantize.format: compressed-tensors") from None
+        import os
+
+        self.path = Path(path)
+        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
+                         n_threads=max(1, min(8, os.cpu_count() or 1)))
+
+    def perplexity(self, split: Split, limit: Optional[int] = None) -> tuple[float, float]:
+        import numpy as np
+
+        total, count = 0.0, 0
+        for i in range(min(len(split), limit or len(split))):
+            ids, labels = split.labels(i)
+            self.llm.reset()
+            self.llm.eval([int(t) for t in ids])
+            logits = np.asarray(self.llm.scores[: len(ids)], dtype=np.float64)
+            top = logits.max(-1, keepdims=True)
+            logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+            target = labels[1:]
+            keep = target != IGNORE
+            total += float(-logp[:-1][keep, target[keep]].sum())
+            count += int(keep.sum())
+        if count == 0:
+            raise UserError("evaluation: the validation examples have no trained tokens; set data.validation_fraction > 0")
+        loss = total / count
+        return loss, math.exp(min(loss, 50.0))
+
+    def _complete(self, prompt, new_tokens: int) -> tuple[str, int]:
+        self.llm.reset()
+        out = self.llm.create_completion(prompt, max_tokens=new_tokens, temperature=0.0, top_k=1)
+        return out["choices"][0]["text"], int(out["usage"]["completion_tokens"])
+
+    def latency_ms_per_token(self, prompt_ids: list[int], new_tokens: int, repeats: int = 3) -> float:
+        self._complete(prompt_ids, new_tokens)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            _, made = self._complete(prompt_ids, new_tokens)
+            times.append((time.perf_counter() - start) * 1000 / max(1, made))
+        return statistics.median(times)
+
+    def generate(self, prompt: str, new_tokens: int) -> str:
+        return self._complete(prompt, new_tokens)[0].strip()
+
+
+def measure_gguf(path: Path, evalset: EvalSet, new_tokens: int) -> dict[str, Any]:
+    longest = max(len(evalset.split.labels(i)[0]) for i in range(evalset.limit))
+    model = GGUFModel(path, n_ctx=max(256, longest + new_tokens + 16, len(evalset.latency_prompt) + new_tokens + 16))
+    loss, ppl = model.perplexity(evalset.split, evalset.limit)
+    return {
+        "path": str(path), "size_bytes": Path(path).stat().st_size, "eval_loss": loss, "perplexity": ppl,
+        "latency_ms_per_token": model.latency_ms_per_token(evalset.latency_prompt, new_tokens),
+        "samples": [model.generate(p, new_tokens) for p in evalset.prompts], "eval_examples": evalset.limit,
+    }

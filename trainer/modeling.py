@@ -255,8 +255,15 @@ def rebuild(path: str, dtype: torch.dtype, lora: Optional[LoraConfig], trained: 
     return model
 
 
-def save_final(model, tokenizer, final_dir: Path, adapter_dir: Optional[Path], dtype: torch.dtype) -> None:
-    """final/: a plain Hugging Face model directory (LoRA merged); adapter/: the LoRA adapter alone."""
+# Tokenizer files that transformers 5 reads but no longer writes (it saves tokenizer.json): llama.cpp's
+# GGUF converter takes a SentencePiece model (Llama 2, Mistral, Gemma) from tokenizer.model only.
+SOURCE_TOKENIZER_FILES = ("tokenizer.model",)
+
+
+def save_final(model, tokenizer, final_dir: Path, adapter_dir: Optional[Path], dtype: torch.dtype,
+               base_dir: Optional[str] = None) -> None:
+    """final/: a plain Hugging Face model directory (LoRA merged); adapter/: the LoRA adapter alone.
+    `base_dir`: the base model's directory, whose SentencePiece model is carried over (GGUF export)."""
     import shutil
 
     from peft import PeftModel
@@ -272,6 +279,10 @@ def save_final(model, tokenizer, final_dir: Path, adapter_dir: Optional[Path], d
     model.config.use_cache = True
     model.to(dtype).save_pretrained(str(tmp), safe_serialization=True)  # cast in place, tensor by tensor
     tokenizer.save_pretrained(str(tmp))
+    for name in SOURCE_TOKENIZER_FILES if base_dir else ():
+        source = Path(base_dir) / name
+        if source.is_file() and not (tmp / name).exists():
+            shutil.copy2(source, tmp / name)
     # Swap in whole: a reader never sees a half-written final/.
     shutil.rmtree(final_dir, ignore_errors=True)
     tmp.rename(final_dir)

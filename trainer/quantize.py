@@ -1,33 +1,37 @@
-"""Post-training weight-only quantization with Intel Neural Compressor 3.x (RTN, GPTQ, AWQ).
+"""Post-training weight-only quantization: Intel's AutoRound (RTN, AutoRound) into the formats serving
+engines load (trainer/export.py), or Intel Neural Compressor 3.x (RTN, GPTQ, AWQ) into its own layout.
 
     python -m trainer quantize --config config.yaml
 
-Reads output_dir/final/, writes output_dir/quantized/ (Hugging Face layout with the quantization
-config, so `trainer.measure.load_quantized` — or neural_compressor's own `load(path, format="huggingface")` —
-restores it without the original model), and the `quantize` section of report.json with size,
-perplexity and latency before and after.
+Reads output_dir/final/, writes output_dir/quantized/ in quantize.format, then loads it the way a user
+serves it (transformers' from_pretrained; llama.cpp for GGUF; INC's loader for format inc) and measures
+it there: the `quantize` section of report.json has size, perplexity and generation speed before and
+after, and the commands that serve it. A result that does not load and run in its engine is an error,
+and quantized/ is then left as it was.
 """
 
 from __future__ import annotations
 
 import gc
 import shutil
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from trainer import quantsize
-from trainer.config import QUANT_ALGORITHMS, QUANT_BITS, QuantizeConfig, TrainerConfig
+from trainer import export, quantsize
+from trainer.config import QUANT_BITS, QuantizeConfig, TrainerConfig
 from trainer.errors import UserError
-from trainer.measure import EvalSet, dir_size, load_final, load_quantized, measure
+from trainer.measure import EvalSet, dir_size, load_final, load_quantized, load_served, measure, measure_gguf
 from trainer.metrics import Logger, update_report
 
 
 def inc_config(q: QuantizeConfig, group_size: int):
     if q.bits not in QUANT_BITS:
         raise UserError(f"quantize.bits {q.bits} is not supported; use 4 or 8")
-    if q.algorithm not in QUANT_ALGORITHMS:
-        raise UserError(f"quantize.algorithm {q.algorithm!r} is not supported; use rtn, gptq or awq")
+    if q.algorithm not in ("rtn", "gptq", "awq"):
+        raise UserError(f"quantize.algorithm {q.algorithm!r} does not run through INC; use rtn, gptq or awq "
+                        "with quantize.format: inc")
     from neural_compressor.torch.quantization import AWQConfig, GPTQConfig, RTNConfig
 
     common = dict(bits=q.bits, group_size=group_size, use_sym=q.scheme == "sym")
@@ -103,9 +107,32 @@ def _check(q: QuantizeConfig, plan: quantsize.Breakdown, where: str) -> None:
                         "quantize.enabled: false, or quantize.allow_larger: true to write it anyway")
 
 
+ENGINE_PACKAGES = {"compressed-tensors": (("auto_round", "auto-round"), ("compressed_tensors", "compressed-tensors")),
+                   "auto-round": (("auto_round", "auto-round"),),
+                   "gguf:q4_k_m": (("auto_round", "auto-round"), ("gguf", "gguf"), ("llama_cpp", "llama-cpp-python")),
+                   "gguf:q8_0": (("auto_round", "auto-round"), ("gguf", "gguf"), ("llama_cpp", "llama-cpp-python")),
+                   "inc": (("neural_compressor", "neural-compressor-pt"),)}
+
+
+def check_engine(q: QuantizeConfig) -> None:
+    """The exporter and the engine the result is measured in must be installed: refused before any
+    compute (a GGUF that cannot be run here would be a report nobody checked)."""
+    import importlib.util
+
+    for module, package in ENGINE_PACKAGES[q.format]:
+        if importlib.util.find_spec(module) is None:
+            fix = ("make llama-cpp (builds llama-cpp-python from source, pinned; the images have it)"
+                   if module == "llama_cpp" else f"pip install {package} (requirements.lock pins it)")
+            raise UserError(f"quantize.format {q.format} needs {package}, which is not installed here. Fix: {fix}, "
+                            "or another quantize.format")
+
+
 def preflight(q: QuantizeConfig, model_path: str, dtype: torch.dtype) -> quantsize.Breakdown:
     """Before training: what quantization will store for this model (shapes only, meta device);
-    a quantization that cannot quantize or shrink it is refused before any compute."""
+    a quantization that cannot quantize or shrink it, or whose engine is missing, is refused before any
+    compute."""
+    check_engine(q)
+    export.check_model(q.format, model_path)
     plan = quantsize.estimate(quantsize.meta_model(model_path), q.bits, q.group_size, dtype, q.algorithm)
     _check(q, plan, f"the model at {model_path}")
     return plan
@@ -163,7 +190,10 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict
 
     log = log or Logger(True)
     q = cfg.quantize
-    inc_config(q, q.group_size)  # refuse bad bits/algorithm before loading anything
+    check_engine(q)
+    export.check_model(q.format, str(cfg.final_dir))
+    if q.format == "inc":
+        inc_config(q, q.group_size)  # refuse bad bits/algorithm before loading anything
     torch.manual_seed(cfg.training.seed)
     _plan(cfg, log)
     model, tokenizer = load_final(cfg)  # in its saved dtype: no fp32 copy of the model
@@ -173,6 +203,8 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict
     evalset = EvalSet(cfg, tokenizer, str(cfg.final_dir), limit=q.eval_samples or None)
     log(f"quantize: measuring the fine-tuned model on {evalset.limit} validation examples")
     before = measure(model, tokenizer, cfg.final_dir, evalset, q.max_new_tokens)
+    if q.format != "inc":
+        return _run_served(cfg, model, tokenizer, kept_dtype, plan, evalset, before, log)
     calibration = evalset.calibration(q.calibration_samples) if q.algorithm != "rtn" else []
     log(f"quantize: {q.algorithm.upper()} {q.bits}-bit, {q.scheme}, group size {q.group_size}"
         + (f", {len(calibration)} calibration examples" if calibration else ""))
@@ -227,11 +259,82 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict
         "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
         "latency_ms_before": before["latency_ms_per_token"], "latency_ms_after": after["latency_ms_per_token"],
         "eval_examples": before["eval_examples"],
+        "format": "inc", "engine": "Intel Neural Compressor (trainer.measure.load_quantized)",
         "breakdown": parts.report(),
         "samples": [{"prompt": p, "reference": r, "before": b, "after": a}
                     for p, r, b, a in zip(evalset.prompts, evalset.references, before["samples"], after["samples"])],
         "path": str(out),
     }
+    update_report(cfg.report_path, "quantize", section)
+    from trainer.report import regenerate
+
+    log(regenerate(cfg.output_dir))
+    return section
+
+
+def _run_served(cfg: TrainerConfig, model, tokenizer, kept_dtype: torch.dtype, plan: quantsize.Breakdown,
+                evalset: EvalSet, before: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """AutoRound into a served format; measured after loading it in that format's engine."""
+    q = cfg.quantize
+    arch = type(model).__name__
+    group = quantsize.effective_group_size(model, q.group_size)
+    calibration = evalset.calibration(q.calibration_samples)
+    out = cfg.quantized_dir
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    original = dir_size(cfg.final_dir)
+    try:
+        served = export.quantize_and_save(model, tokenizer, q, group, calibration,
+                                          seqlen=min(512, cfg.data.max_seq_length), target=tmp, log=log)
+        del model
+        gc.collect()
+        written = dir_size(tmp)
+        if written >= original and not q.allow_larger:
+            raise UserError(f"quantize: the {q.format} files ({written} bytes) are not smaller than {cfg.final_dir} "
+                            f"({original} bytes). Fix: quantize.allow_larger: true to keep them anyway, fewer bits, "
+                            "or quantize.enabled: false")
+        engine = export.ENGINES[q.format]
+        log(f"quantize: {written / 1e6:.2f} MB written ({plan.explain()}); measuring it in {engine}")
+        try:
+            if export.is_gguf(q.format):
+                after = measure_gguf(served, evalset, q.max_new_tokens)
+            else:
+                reloaded, rtok = load_served(tmp, dtype=kept_dtype)
+                after = measure(reloaded, rtok, tmp, evalset, q.max_new_tokens)
+                del reloaded
+        except Exception as exc:
+            detail = str(exc).split(". Fix:")[0] if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            raise UserError(f"quantize: the {q.bits}-bit {q.format} model of {arch} does not load and run in {engine} "
+                            f"({detail.splitlines()[0][:300]}); nothing was written to {out} and {cfg.final_dir} is "
+                            "unaffected. Fix: another quantize.format, or quantize.enabled: false") from None
+    except UserError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    served_path = out / Path(served).name if export.is_gguf(q.format) else out
+    name = f"{Path(cfg.output_dir).name}-quantized"
+    section = {
+        "bits": q.bits, "algorithm": q.algorithm, "format": q.format, "engine": engine,
+        "iters": 0 if q.algorithm == "rtn" else q.iters, "group_size": group, "group_size_requested": q.group_size,
+        "scheme": q.scheme, "calibration_samples": len(calibration),
+        "size_bytes_before": before["size_bytes"], "size_bytes_after": after["size_bytes"],
+        "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
+        "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
+        "latency_ms_before": before["latency_ms_per_token"], "latency_ms_after": after["latency_ms_per_token"],
+        "tokens_per_second_before": 1000.0 / before["latency_ms_per_token"],
+        "tokens_per_second_after": 1000.0 / after["latency_ms_per_token"],
+        "eval_examples": before["eval_examples"],
+        "breakdown": plan.report(),
+        "serve": export.serve_commands(q.format, served_path, name),
+        "samples": [{"prompt": p, "reference": r, "before": b, "after": a}
+                    for p, r, b, a in zip(evalset.prompts, evalset.references, before["samples"], after["samples"])],
+        "path": str(served_path),
+    }
+    log(f"quantize: {q.format} in {engine}: perplexity {before['perplexity']:.3f} -> {after['perplexity']:.3f}, "
+        f"{section['tokens_per_second_before']:.1f} -> {section['tokens_per_second_after']:.1f} tokens/s, "
+        f"{before['size_bytes'] / 1e6:.2f} -> {after['size_bytes'] / 1e6:.2f} MB; serve: "
+        + "; ".join(section["serve"].values()))
     update_report(cfg.report_path, "quantize", section)
     from trainer.report import regenerate
 

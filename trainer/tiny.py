@@ -107,16 +107,43 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512, chat_template: Opti
     return fast
 
 
+def sentencepiece_tokenizer(texts: list[str], directory: str | Path, vocab_size: int = 512):
+    """A Llama-2-style SentencePiece BPE tokenizer (byte fallback, <unk> <s> </s> = 0 1 2) trained on
+    `texts`, written to `directory` as tokenizer.model: the form llama.cpp's GGUF converter reads (it
+    refuses byte-level BPE tokenizers whose pre-tokenizer it does not know)."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   character_coverage=1.0, split_digits=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, minloglevel=2)
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True, "add_eos_token": False}))
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
 def write_model(path: str | Path, texts: list[str], *, hidden: int = 64, layers: int = 2, heads: int = 4,
                 kv_heads: int = 2, intermediate: Optional[int] = None, vocab_size: int = 512, seed: int = 0,
                 max_positions: int = 2048, chat_template: Optional[str] = None,
-                initializer_range: float = 0.02) -> Path:
-    """Write a random-weight LlamaForCausalLM and its tokenizer to `path`."""
+                initializer_range: float = 0.02, sentencepiece: bool = False) -> Path:
+    """Write a random-weight LlamaForCausalLM and its tokenizer to `path` (byte-level BPE, or with
+    `sentencepiece` a Llama-2-style tokenizer.model)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
-    tokenizer = build_tokenizer(texts, vocab_size, chat_template)
+    if sentencepiece:
+        tokenizer = sentencepiece_tokenizer(texts, path, vocab_size)
+    else:
+        tokenizer = build_tokenizer(texts, vocab_size, chat_template)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or hidden * 2,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,

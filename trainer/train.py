@@ -626,7 +626,8 @@ class Trainer:
                 # Rebuilt unsharded on the CPU from the base's files, then merged and saved the usual way.
                 model = modeling.rebuild(self.model_path, self.file_dtype if cfg.lora.enabled else self.precision.params,
                                          cfg.lora if cfg.lora.enabled else None, trained)
-                modeling.save_final(model, self.tokenizer, cfg.final_dir, adapter_dir, self.save_dtype)
+                modeling.save_final(model, self.tokenizer, cfg.final_dir, adapter_dir, self.save_dtype,
+                                    base_dir=self.model_path)
         elif d.is_main:
             model = D.unwrap(self.base)
             if hasattr(model, "_orig_mod"):
@@ -638,7 +639,8 @@ class Trainer:
                 model = modeling.rebuild(self.model_path, self.file_dtype, cfg.lora, trained)
                 self.log(f"final/: the base's weights re-read from {self.model_path} in "
                          f"{D._short(self.file_dtype)} (training held them in {D._short(self.load_dtype)})")
-            modeling.save_final(model, self.tokenizer, cfg.final_dir, adapter_dir, self.save_dtype)
+            modeling.save_final(model, self.tokenizer, cfg.final_dir, adapter_dir, self.save_dtype,
+                                base_dir=self.model_path)
         self.final_save_seconds = time.perf_counter() - started
         d.barrier()
         self.log(f"saved fine-tuned model to {cfg.final_dir}" + (f" and adapter to {cfg.adapter_dir}"

@@ -26,7 +26,7 @@ def finetuned(tmp_path, pretrained_model, flashcards_file):
 
 def _cfg(tmp_path, out, data, **quantize):
     return load_config(write_config(tmp_path / "q.yaml", out / "final", data, out,
-                                    quantize={"enabled": True, "eval_samples": 24, "sample_prompts": 2,
+                                    quantize={"enabled": True, "format": "inc", "eval_samples": 24, "sample_prompts": 2,
                                               "max_new_tokens": 8, "calibration_samples": 8, **quantize}))
 
 

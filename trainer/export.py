@@ -1,0 +1,119 @@
+"""Quantized models in the formats serving engines load, written by Intel's AutoRound (the algorithm and
+the exporters of the seed's Intel stack; its GGUF writer is llama.cpp's own conversion code, pinned in
+AutoRound's release).
+
+    quantize.format: compressed-tensors   -> quantized/ (transformers from_pretrained, vLLM)
+    quantize.format: auto-round           -> quantized/ (transformers with auto-round, vLLM, SGLang)
+    quantize.format: gguf:q4_k_m | q8_0   -> quantized/model-<type>.gguf + Modelfile (llama.cpp, Ollama)
+
+Algorithms: rtn (AutoRound with 0 tuning steps) and autoround (quantize.iters steps per decoder block),
+both calibrated on training examples (never a downloaded dataset). What is hand-written here is only
+the glue: the calibration blocks from our tokenized examples, and laying AutoRound's output out as
+quantized/ with the commands that serve it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from trainer.config import QuantizeConfig
+from trainer.errors import UserError
+
+# Our format names -> AutoRound's.
+AUTOROUND_FORMATS = {"compressed-tensors": "llm_compressor", "auto-round": "auto_round",
+                     "gguf:q4_k_m": "gguf:q4_k_m", "gguf:q8_0": "gguf:q8_0"}
+ENGINES = {"compressed-tensors": "transformers", "auto-round": "transformers", "gguf:q4_k_m": "llama.cpp",
+           "gguf:q8_0": "llama.cpp"}
+
+
+def is_gguf(fmt: str) -> bool:
+    return fmt.startswith("gguf:")
+
+
+def check_model(fmt: str, model_path: str) -> None:
+    """Before any compute: a GGUF export needs llama.cpp's converter (as AutoRound bundles it, pinned)
+    to know the model's architecture; one it does not is refused now, not after training."""
+    if not is_gguf(fmt):
+        return
+    from auto_round.export.export_to_gguf.llama_cpp_conversion import get_conversion
+
+    try:
+        get_conversion(model_path=model_path, auto_update=False)  # never a download at run time
+    except Exception as exc:
+        detail = str(exc).split(". This may mean")[0].splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UserError(f"quantize.format {fmt}: llama.cpp's converter (as pinned in auto-round) cannot convert the "
+                        f"model at {model_path} ({detail}). Fix: quantize.format: compressed-tensors or auto-round "
+                        "(served by transformers and vLLM), or quantize.enabled: false") from None
+
+
+def calibration_blocks(examples: list[torch.Tensor], seqlen: int) -> list[torch.Tensor]:
+    """Training examples, concatenated and cut into equal blocks of `seqlen` tokens (AutoRound takes
+    equally long samples; at least one block, shorter when the examples are)."""
+    ids = torch.cat([e.flatten() for e in examples]) if examples else torch.zeros(0, dtype=torch.long)
+    if len(ids) == 0:
+        raise UserError("quantize: no training examples to calibrate on. Fix: quantize.calibration_samples >= 1")
+    seqlen = min(seqlen, len(ids))
+    return [ids[i:i + seqlen][None] for i in range(0, len(ids) - seqlen + 1, seqlen)]
+
+
+def quantize_and_save(model, tokenizer, q: QuantizeConfig, group_size: int, calibration: list[torch.Tensor],
+                      seqlen: int, target: Path, log: Callable[[str], None]) -> Path:
+    """AutoRound on `model` (final/ as loaded, in its saved dtype), written to `target` (a new
+    directory). Returns what the engine loads: the directory (Hugging Face formats) or the .gguf file."""
+    from auto_round import AutoRound
+
+    blocks = calibration_blocks(calibration, seqlen)
+    iters = 0 if q.algorithm == "rtn" else q.iters
+    log(f"quantize: AutoRound {'RTN' if iters == 0 else f'{iters} tuning steps per block'}, {q.bits}-bit, "
+        f"{q.scheme}, group size {group_size}, {len(blocks)} calibration blocks of {blocks[0].shape[1]} tokens "
+        f"-> {q.format}")
+    staging = target.with_name(target.name + ".autoround")
+    shutil.rmtree(staging, ignore_errors=True)
+    device = "cuda" if torch.cuda.is_available() and next(model.parameters()).is_cuda else "cpu"
+    try:
+        rounder = AutoRound(model, tokenizer, bits=q.bits, group_size=group_size, sym=q.scheme == "sym",
+                            iters=iters, nsamples=len(blocks), seqlen=blocks[0].shape[1], dataset=blocks,
+                            enable_torch_compile=False, device_map=device)
+        rounder.quantize_and_save(output_dir=str(staging), format=AUTOROUND_FORMATS[q.format])
+    except Exception as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        detail = str(exc).splitlines()[0][:300] if str(exc) else ""
+        hint = (" (llama.cpp's converter does not recognise this model's tokenizer or architecture)"
+                if is_gguf(q.format) and ("tokenizer" in detail or "not recognized" in detail
+                                          or "not supported" in detail) else "")
+        raise UserError(f"quantize: AutoRound cannot write {type(model).__name__} as {q.format}{hint}: "
+                        f"{type(exc).__name__}: {detail}. Fix: another quantize.format (compressed-tensors is "
+                        "the default), or quantize.enabled: false") from None
+    target.mkdir(parents=True, exist_ok=True)
+    if is_gguf(q.format):
+        found = sorted(staging.rglob("*.gguf"))
+        if len(found) != 1:
+            raise UserError(f"quantize: AutoRound wrote {len(found)} GGUF files for {q.format}, expected one")
+        kind = q.format.split(":", 1)[1]
+        path = target / f"model-{kind}.gguf"
+        shutil.move(str(found[0]), path)
+        (target / "Modelfile").write_text(f"FROM ./{path.name}\n")
+    else:
+        (config,) = [p.parent for p in staging.rglob("config.json")][:1] or [None]
+        if config is None:
+            raise UserError(f"quantize: AutoRound wrote no model directory for {q.format}")
+        for item in config.iterdir():
+            shutil.move(str(item), target / item.name)
+        path = target
+    shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def serve_commands(fmt: str, path: Path, name: str) -> dict[str, str]:
+    """How to serve what was written, for the report and the README."""
+    if is_gguf(fmt):
+        gguf = Path(path).name
+        return {"ollama": f"ollama create {name} -f Modelfile && ollama run {name}  # Modelfile: FROM ./{gguf}",
+                "llama-cli": f"llama-cli -m {gguf} -p 'Question: ...' -n 64",
+                "llama-server": f"llama-server -m {gguf} --port 8080"}
+    return {"transformers": f"AutoModelForCausalLM.from_pretrained('{name}')",
+            "vllm": f"vllm serve ./{name}"}
