@@ -48,6 +48,18 @@ def commands(cfg: StackConfig) -> dict[str, str]:
         "getTrainerConfig": (f"kubectl -n {ns} get configmap {config_map_name(cfg)} "
                              "-o jsonpath='{.data.config\\.yaml}' > config.yaml"),
     }
+    q = cfg.trainer.quantize
+    if q.enabled:
+        # After copyQuantizedModel: serving the format it holds with its engine.
+        local = f"./{job}-quantized"
+        if q.format.startswith("gguf:"):
+            gguf = f"model-{q.format.split(':', 1)[1]}.gguf"
+            result["serveQuantized"] = (f"ollama create {job} -f {local}/Modelfile && ollama run {job}   # or: "
+                                        f"llama-cli -m {local}/{gguf} -p 'Question: ...' -n 64")
+        elif q.format == "inc":
+            result["serveQuantized"] = f"python -c \"from trainer.measure import load_quantized; load_quantized('{local}')\""
+        else:
+            result["serveQuantized"] = f"vllm serve {local}   # or AutoModelForCausalLM.from_pretrained('{local}')"
     if "tensorboard" in cfg.trainer.training.trackers:
         # Served by the data-access pod on its loopback; open http://localhost:6006 while this runs.
         result["tensorboard"] = f"kubectl -n {ns} port-forward pod/{pod} {TENSORBOARD_PORT}:{TENSORBOARD_PORT}"

@@ -96,14 +96,14 @@ def main(argv=None) -> int:
     print(f"""
 ==> done in {time.perf_counter() - started:.0f}s
     fine-tuned model   {cfg.final_dir}
-    quantized model    {cfg.quantized_dir}   (load: trainer.measure.load_quantized)
+    quantized model    {cfg.quantized_dir}   ({q.get('format', 'inc')}: AutoModelForCausalLM.from_pretrained, vllm serve)
     report             {cfg.report_path}  and  {cfg.out / 'report.md'}
     plots              {cfg.out / 'loss_curve.png'}  {cfg.out / 'quantization.png'}
     metrics            {cfg.metrics_path}
 
     training           {t['steps']} steps on {t['world_size']} processes, {t['train_seconds']:.0f}s, \
 validation loss {t['eval_loss']:.3f} (perplexity {t['eval_perplexity']:.2f})
-    quantization       {q['bits']}-bit {q['algorithm'].upper()}: size {q['size_bytes_before'] / 1e6:.2f} MB -> \
+    quantization       {q['bits']}-bit {q['algorithm'].upper()} {q.get('format', 'inc')}, measured in {q.get('engine', 'INC')}: size {q['size_bytes_before'] / 1e6:.2f} MB -> \
 {q['size_bytes_after'] / 1e6:.2f} MB, perplexity {q['perplexity_before']:.2f} -> {q['perplexity_after']:.2f} \
 ({q['perplexity_after'] / q['perplexity_before'] - 1:+.1%})
 """)

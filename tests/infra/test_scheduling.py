@@ -176,3 +176,28 @@ def test_fsdp_with_a_world_that_can_shrink_to_one_process_is_refused_at_preview(
     with pytest.raises(StackConfigError, match="single process"):
         parse({**DS, "workers": 2, "minWorkers": 1, "training": {"fsdp": True}})
     assert parse({**DS, "workers": 2, "training": {"fsdp": True}}).trainer.training.fsdp
+
+
+@pytest.mark.parametrize("quantize, words", [
+    ({}, "vllm serve ./llm-finetune-quantized"),
+    ({"format": "auto-round"}, "vllm serve ./llm-finetune-quantized"),
+    ({"format": "gguf:q4_k_m"}, "ollama create llm-finetune -f ./llm-finetune-quantized/Modelfile"),
+    ({"format": "gguf:q8_0", "bits": 8}, "-m ./llm-finetune-quantized/model-q8_0.gguf"),
+    ({"format": "inc", "algorithm": "gptq"}, "load_quantized('./llm-finetune-quantized')"),
+])
+def test_the_stack_says_how_to_copy_and_serve_each_quantized_format(quantize, words):
+    rendered = render({**DS, "quantize": quantize})
+    commands = rendered.outputs["commands"]
+    assert commands["copyQuantizedModel"].endswith("/quantized ./llm-finetune-quantized")
+    assert words in commands["serveQuantized"]
+    (cm,) = rendered.of_kind("ConfigMap")
+    import yaml
+
+    assert yaml.safe_load(cm.manifest()["data"]["config.yaml"])["quantize"]["format"] == quantize.get(
+        "format", "compressed-tensors")
+
+
+def test_a_quantize_format_that_cannot_hold_the_algorithm_is_refused_at_preview():
+    with pytest.raises(StackConfigError, match="cannot hold a GPTQ result") as err:
+        parse({**DS, "quantize": {"algorithm": "gptq"}})
+    assert "'llm-finetune:quantize'" in str(err.value)

@@ -60,7 +60,7 @@ VARIATIONS = {
     "single-worker-rwo": {"workers": 1, "storage": {"accessMode": "ReadWriteOnce", "className": "standard-rwo"}},
     "storage-class": {"storage": {"createClass": True, "className": "fast-rwx", "provisioner": "nfs.csi.k8s.io",
                                   "parameters": {"server": "nfs.local", "share": "/exports"}}},
-    "full-finetune-8bit-gptq": {"lora": {"enabled": False}, "quantize": {"bits": 8, "algorithm": "gptq"}},
+    "full-finetune-8bit-gptq": {"lora": {"enabled": False}, "quantize": {"bits": 8, "algorithm": "gptq", "format": "inc"}},
     "intel": {"intelRuntime": True, "extraEnv": {"CCL_LOG_LEVEL": "info"}},
     "namespace-and-name": {"namespace": "ml-team", "jobName": "mistral-ft"},
 }
