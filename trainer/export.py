@@ -75,9 +75,11 @@ def quantize_and_save(model, tokenizer, q: QuantizeConfig, group_size: int, cali
     shutil.rmtree(staging, ignore_errors=True)
     device = "cuda" if torch.cuda.is_available() and next(model.parameters()).is_cuda else "cpu"
     try:
+        # rtn is plain round-to-nearest: AutoRound's "optimized RTN" searches scales and zero points per
+        # group (measured at 7B on 2 cores: 465 s per decoder layer, ~4 hours, against minutes).
         rounder = AutoRound(model, tokenizer, bits=q.bits, group_size=group_size, sym=q.scheme == "sym",
                             iters=iters, nsamples=len(blocks), seqlen=blocks[0].shape[1], dataset=blocks,
-                            enable_torch_compile=False, device_map=device)
+                            enable_torch_compile=False, device_map=device, disable_opt_rtn=iters == 0)
         rounder.quantize_and_save(output_dir=str(staging), format=AUTOROUND_FORMATS[q.format])
     except Exception as exc:
         shutil.rmtree(staging, ignore_errors=True)

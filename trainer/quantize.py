@@ -251,20 +251,8 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict
         raise
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    section = {
-        "bits": q.bits, "algorithm": q.algorithm, "group_size": group, "group_size_requested": q.group_size,
-        "scheme": q.scheme, "calibration_samples": len(calibration),
-        "size_bytes_before": before["size_bytes"], "size_bytes_after": after["size_bytes"],
-        "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
-        "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
-        "latency_ms_before": before["latency_ms_per_token"], "latency_ms_after": after["latency_ms_per_token"],
-        "eval_examples": before["eval_examples"],
-        "format": "inc", "engine": "Intel Neural Compressor (trainer.measure.load_quantized)",
-        "breakdown": parts.report(),
-        "samples": [{"prompt": p, "reference": r, "before": b, "after": a}
-                    for p, r, b, a in zip(evalset.prompts, evalset.references, before["samples"], after["samples"])],
-        "path": str(out),
-    }
+    section = _section(q, group, len(calibration), before, after, evalset, out, format="inc",
+                       engine="Intel Neural Compressor (trainer.measure.load_quantized)", breakdown=parts.report())
     update_report(cfg.report_path, "quantize", section)
     from trainer.report import regenerate
 
@@ -314,23 +302,9 @@ def _run_served(cfg: TrainerConfig, model, tokenizer, kept_dtype: torch.dtype, p
     tmp.rename(out)
     served_path = out / Path(served).name if export.is_gguf(q.format) else out
     name = f"{Path(cfg.output_dir).name}-quantized"
-    section = {
-        "bits": q.bits, "algorithm": q.algorithm, "format": q.format, "engine": engine,
-        "iters": 0 if q.algorithm == "rtn" else q.iters, "group_size": group, "group_size_requested": q.group_size,
-        "scheme": q.scheme, "calibration_samples": len(calibration),
-        "size_bytes_before": before["size_bytes"], "size_bytes_after": after["size_bytes"],
-        "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
-        "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
-        "latency_ms_before": before["latency_ms_per_token"], "latency_ms_after": after["latency_ms_per_token"],
-        "tokens_per_second_before": 1000.0 / before["latency_ms_per_token"],
-        "tokens_per_second_after": 1000.0 / after["latency_ms_per_token"],
-        "eval_examples": before["eval_examples"],
-        "breakdown": plan.report(),
-        "serve": export.serve_commands(q.format, served_path, name),
-        "samples": [{"prompt": p, "reference": r, "before": b, "after": a}
-                    for p, r, b, a in zip(evalset.prompts, evalset.references, before["samples"], after["samples"])],
-        "path": str(served_path),
-    }
+    section = _section(q, group, len(calibration), before, after, evalset, served_path, format=q.format,
+                       engine=engine, iters=0 if q.algorithm == "rtn" else q.iters, breakdown=plan.report(),
+                       serve=export.serve_commands(q.format, served_path, name))
     log(f"quantize: {q.format} in {engine}: perplexity {before['perplexity']:.3f} -> {after['perplexity']:.3f}, "
         f"{section['tokens_per_second_before']:.1f} -> {section['tokens_per_second_after']:.1f} tokens/s, "
         f"{before['size_bytes'] / 1e6:.2f} -> {after['size_bytes'] / 1e6:.2f} MB; serve: "
@@ -340,3 +314,22 @@ def _run_served(cfg: TrainerConfig, model, tokenizer, kept_dtype: torch.dtype, p
 
     log(regenerate(cfg.output_dir))
     return section
+
+
+def _section(q: QuantizeConfig, group: int, calibrated: int, before: dict[str, Any], after: dict[str, Any],
+             evalset: EvalSet, path: Path, **extra) -> dict[str, Any]:
+    """report.json's quantize section: the settings, and the figures before and after side by side."""
+    return {
+        "bits": q.bits, "algorithm": q.algorithm, "group_size": group, "group_size_requested": q.group_size,
+        "scheme": q.scheme, "calibration_samples": calibrated,
+        "size_bytes_before": before["size_bytes"], "size_bytes_after": after["size_bytes"],
+        "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
+        "eval_loss_before": before["eval_loss"], "eval_loss_after": after["eval_loss"],
+        "latency_ms_before": before["latency_ms_per_token"], "latency_ms_after": after["latency_ms_per_token"],
+        "tokens_per_second_before": 1000.0 / before["latency_ms_per_token"],
+        "tokens_per_second_after": 1000.0 / after["latency_ms_per_token"],
+        "eval_examples": before["eval_examples"],
+        "samples": [{"prompt": p, "reference": r, "before": b, "after": a}
+                    for p, r, b, a in zip(evalset.prompts, evalset.references, before["samples"], after["samples"])],
+        "path": str(path), **extra,
+    }

@@ -120,6 +120,16 @@ def test_hugging_face_formats_load_with_plain_from_pretrained(tmp_path, finetune
 GGUF = [("llama", "gguf:q8_0", 8), ("llama", "gguf:q4_k_m", 4), ("phi3", "gguf:q8_0", 8), ("phi3", "gguf:q4_k_m", 4)]
 
 
+def test_autoround_tunes_on_training_examples_and_the_result_is_served(tmp_path, finetuned, flashcards_file):
+    """algorithm autoround: sign-gradient tuning steps per decoder block on calibration blocks cut from
+    training examples (no dataset download: the offline test environment would fail one)."""
+    out = finetuned("llama")
+    section, _ = _quantize(tmp_path, out, flashcards_file, algorithm="autoround", iters=4, bits=4)
+    assert section["algorithm"] == "autoround" and section["iters"] == 4 and section["calibration_samples"] == 16
+    assert section["perplexity_after"] <= section["perplexity_before"] * FOUR_BIT_BOUND
+    assert len(_greedy_hf(out / "quantized", _prompt(out))) == 8
+
+
 @needs_llama_cpp
 @pytest.mark.parametrize("arch,fmt,bits", GGUF, ids=[f"{a}-{f}" for a, f, _ in GGUF])
 def test_gguf_runs_in_llama_cpp_and_is_measured_there(tmp_path, finetuned, flashcards_file, monkeypatch,
