@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell cat $(LOCK) constraints.txt | sha1sum | cut 
 # (no -march=native), library only; ~4 minutes on 2 cores, once: pip keeps the built wheel in its cache.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: setup lock etcd test demo bench bench-attention bench-data bench-scale bench-checkpoint bench-gpu clean
+.PHONY: setup lock etcd test demo bench bench-attention bench-data bench-scale bench-checkpoint bench-gpu llama-cpp clean
 
 # Idempotent: re-runs only when the lock changes. torch first, from the exact pin (the CPU wheel on
 # disk), so nothing resolves a newer (CUDA) build; then the lock file: every package at the exact
@@ -24,6 +24,12 @@ $(STAMP): $(LOCK) constraints.txt
 	@rm -f $(VENV)/.installed-*; touch $@
 
 setup: $(STAMP)
+
+# Rebuild llama-cpp-python alone (e.g. `make llama-cpp LLAMA_CMAKE_ARGS=-DGGML_NATIVE=ON` for this CPU's
+# instructions); `make setup` builds it once with the portable flags above.
+llama-cpp: setup
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --force-reinstall --no-deps --no-cache-dir \
+	  llama-cpp-python==$$(grep -i '^llama-cpp-python==' $(LOCK) | cut -d= -f3)
 
 # Regenerate requirements.lock from requirements.txt's ranges (the newest releases inside them),
 # with pip-tools in a throw-away virtual environment. Run `make test` before committing the result.
