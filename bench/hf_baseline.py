@@ -42,7 +42,7 @@ def examples(cfg, tok):
 def our_order(split, cfg, world: int) -> Optional[list[list[int]]]:
     """Our trainer's micro-batches in the order the Trainer's data loader hands them out: accelerate
     gives global batch k to rank k % world, and a rank's steps take its batches in turn."""
-    from trainer.train import plan, step_batches
+    from trainer.run import plan, step_batches
 
     p = plan(split, cfg, world)
     per_rank = [[step_batches(p, cfg, s, r, world)[1] for s in range(p.total_steps)] for r in range(world)]
