@@ -71,12 +71,20 @@ def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def plan(position_ids: torch.Tensor, device: Optional[torch.device] = None) -> Segments:
-    """Segments of a packed row from its position ids (they restart at 0 at each example). Give the
-    host tensor the collator made: reading a device tensor here would be a synchronisation."""
-    device = torch.device(device) if device is not None else position_ids.device
+def bounds(position_ids: torch.Tensor) -> tuple[int, ...]:
+    """Cumulative example boundaries (0, e1, e2, ..., L) of a packed row: its position ids restart at 0
+    at each example. Give the host tensor the collator made: reading a device tensor is a sync."""
     pos = position_ids[0].cpu()
-    bounds = tuple((pos == 0).nonzero().flatten().tolist()) + (int(pos.shape[0]),)
+    return tuple((pos == 0).nonzero().flatten().tolist()) + (int(pos.shape[0]),)
+
+
+def plan(position_ids: torch.Tensor, device: Optional[torch.device] = None) -> Segments:
+    """Segments of a packed row from its position ids, on `device` (default: where the ids are)."""
+    return from_bounds(bounds(position_ids), device if device is not None else position_ids.device)
+
+
+def from_bounds(bounds: tuple[int, ...], device: torch.device) -> Segments:
+    device = torch.device(device)
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     by_length: dict[int, list[int]] = {}
     for a, n in zip(bounds[:-1], lengths):
@@ -84,13 +92,13 @@ def plan(position_ids: torch.Tensor, device: Optional[torch.device] = None) -> S
     host = [(n, len(starts), (torch.tensor(starts)[:, None] + torch.arange(n)[None]).flatten())
             for n, starts in by_length.items()]
     order = torch.cat([index for _, _, index in host])
-    return Segments(bounds=bounds, cu_seqlens=_to(torch.tensor(bounds, dtype=torch.int32), device),
+    return Segments(bounds=tuple(bounds), cu_seqlens=_to(torch.tensor(bounds, dtype=torch.int32), device),
                     groups=tuple((n, k, _to(index, device)) for n, k, index in host), order=_to(order, device))
 
 
 def segments(position_ids: torch.Tensor) -> list[int]:
-    """Cumulative example boundaries [0, e1, e2, ..., L] of a packed row (position ids restart at 0)."""
-    return list(plan(position_ids, torch.device("cpu")).bounds)
+    """Cumulative example boundaries [0, e1, e2, ..., L] of a packed row, as a list."""
+    return list(bounds(position_ids))
 
 
 def sliding_window(config) -> Optional[int]:
@@ -140,7 +148,7 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         raise NotImplementedError("varlen attention takes example boundaries, not a mask")
     seg = kwargs.get(SEGMENTS)
     if isinstance(seg, (list, tuple)):  # boundaries as a list (tests, tools): planned here
-        seg = plan(torch.tensor([[p - a for a, b in zip(seg[:-1], seg[1:]) for p in range(a, b)]]), query.device)
+        seg = from_bounds(tuple(seg), query.device)
     window = kwargs.get("sliding_window")
     if query.shape[0] != 1:
         seg = None

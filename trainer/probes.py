@@ -29,14 +29,13 @@ def sequence_kwargs(position_ids: torch.Tensor, device: Optional[torch.device] =
     """Sequence boundaries of a packed row in the forms transformers' varlen paths accept: cumulative
     lengths (flash/varlen attention) and a per-token example index (Mamba-2 style kernels). Computed on
     the host (give it the collator's tensor) and copied to `device` without waiting."""
-    from trainer.attention import _to
+    from trainer.attention import _to, bounds
 
     device = torch.device(device) if device is not None else position_ids.device
     pos = position_ids.cpu()
-    starts = (pos[0] == 0).nonzero().flatten()
-    ends = torch.cat([starts[1:], torch.tensor([pos.shape[1]])])
-    cu = torch.cat([starts, ends[-1:]]).to(torch.int32)
-    longest = int((ends - starts).max())
+    edges = bounds(pos)
+    cu = torch.tensor(edges, dtype=torch.int32)
+    longest = max(b - a for a, b in zip(edges[:-1], edges[1:]))
     return {"seq_idx": _to((torch.cumsum((pos == 0).int(), dim=1) - 1).to(torch.int32), device),
             "cu_seq_lens_q": _to(cu, device), "cu_seq_lens_k": _to(cu, device),
             "max_length_q": longest, "max_length_k": longest}
