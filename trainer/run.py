@@ -109,8 +109,6 @@ class Run:
         self.stop = StopRequest(self.dist.local_rank)
         self.gradient_checkpointing = cfg.training.gradient_checkpointing  # the memory plan may turn it on
         self.started = time.perf_counter()
-        self.trackers = None
-        self.finished = False
 
     # ------------------------------------------------------------------------------------
 

@@ -35,6 +35,11 @@ from trainer.run import Run, step_batches
 class Trainer(Run):
     """The loop over a built Run: resume, step, log, evaluate, checkpoint, save final/."""
 
+    def __init__(self, cfg: TrainerConfig, dist: Optional[D.Dist] = None):
+        super().__init__(cfg, dist)
+        self.trackers = None  # trainer/tracking.py's, opened by train() on rank 0
+        self.finished = False  # final/ saved: the trackers close the run as finished
+
     # ---- resume ----------------------------------------------------------------------------
 
     def resume(self) -> dict[str, Any]:
@@ -107,7 +112,7 @@ class Trainer(Run):
             params = {"world_size": d.world_size, "model_class": self.arch, "precision": self.precision.describe(),
                       "parameters": total, "trainable_parameters": trainable, "packing": self.probe.packing,
                       "total_steps": p.total_steps, "training_examples": len(self.data.train),
-                      **{f"memory_plan.{k}": v for k, v in (memplan.as_dict(self.memory) or {}).items()
+                      **{f"memory_plan.{k}": v for k, v in memplan.as_dict(self.memory).items()
                          if not isinstance(v, (dict, list))}}
             self.trackers = tracking.Trackers(cfg, params, step, self.log)
         pad_id = self.tokenizer.pad_token_id
@@ -116,7 +121,7 @@ class Trainer(Run):
         started = time.perf_counter()
         startup_seconds = started - self.started  # load, probes, fingerprint, data, resume
         step_seconds: list[float] = []  # the first steps' wall times, for the report (bench/scale.py)
-        step_clock = eta_clock = started
+        step_clock = started  # when the last step ended
         train_seconds = state["train_seconds"]  # training time so far, evaluation excluded
         clock = time.perf_counter()
         # Non-finite steps, counted on the device (read at logging and save steps, the only syncs).
@@ -173,11 +178,10 @@ class Trainer(Run):
             if first_step_seconds is None:
                 first_step_seconds = time.perf_counter() - started
             now = time.perf_counter()
-            eta.add(now - eta_clock)
-            eta_clock = now
+            eta.add(now - step_clock)
             if len(step_seconds) < 100:
                 step_seconds.append(round(now - step_clock, 4))
-                step_clock = now
+            step_clock = now
             last = step == p.total_steps
             # Preemption anywhere (SIGTERM, or the launcher's stop file): every rank saves this step.
             stopping = stop_vote.result()
