@@ -263,6 +263,9 @@ class TrainingConfig:
 
 
 REPORT_TO = ("tensorboard", "mlflow", "wandb")
+# The environment variables naming each tracker's credential file: the stack sets them (paths only) where
+# it mounts the Secret, and trainer/tracking.py reads the files.
+CREDENTIAL_FILES = {"mlflow": "MLFLOW_TRACKING_TOKEN_FILE", "wandb": "WANDB_API_KEY_FILE"}
 
 
 @dataclass(frozen=True)

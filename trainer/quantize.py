@@ -246,11 +246,9 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict
             reloaded, rtok = load_quantized(tmp, dtype=kept_dtype)
             after = measure(reloaded, rtok, tmp, evalset, q.max_new_tokens)
         except Exception as exc:
-            detail = str(exc).split(". Fix:")[0] if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-            raise UserError(f"quantize: the {q.bits}-bit {q.algorithm.upper()} model of {arch} does not reload and run "
-                            f"with Intel Neural Compressor ({detail.splitlines()[0][:300]}); nothing was written to "
-                            f"{out} and {cfg.final_dir} is unaffected. Fix: quantize.enabled: false, or another "
-                            "quantize.algorithm") from None
+            raise _not_run(exc, f"{q.bits}-bit {q.algorithm.upper()} model of {arch}",
+                           "reload and run with Intel Neural Compressor", out, cfg,
+                           "quantize.enabled: false, or another quantize.algorithm") from None
     except UserError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -258,11 +256,7 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict
     tmp.rename(out)
     section = _section(q, group, len(calibration), before, after, evalset, out, format="inc",
                        engine="Intel Neural Compressor (trainer.measure.load_quantized)", breakdown=parts.report())
-    update_report(cfg.report_path, "quantize", section)
-    from trainer.report import regenerate
-
-    log(regenerate(cfg.output_dir))
-    return section
+    return _publish(cfg, section, log)
 
 
 def _run_served(cfg: TrainerConfig, model, tokenizer, kept_dtype: torch.dtype, plan: quantsize.Breakdown,
@@ -296,10 +290,8 @@ def _run_served(cfg: TrainerConfig, model, tokenizer, kept_dtype: torch.dtype, p
                 after = measure(reloaded, rtok, tmp, evalset, q.max_new_tokens)
                 del reloaded
         except Exception as exc:
-            detail = str(exc).split(". Fix:")[0] if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-            raise UserError(f"quantize: the {q.bits}-bit {q.format} model of {arch} does not load and run in {engine} "
-                            f"({detail.splitlines()[0][:300]}); nothing was written to {out} and {cfg.final_dir} is "
-                            "unaffected. Fix: another quantize.format, or quantize.enabled: false") from None
+            raise _not_run(exc, f"{q.bits}-bit {q.format} model of {arch}", f"load and run in {engine}", out, cfg,
+                           "another quantize.format, or quantize.enabled: false") from None
     except UserError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -314,9 +306,21 @@ def _run_served(cfg: TrainerConfig, model, tokenizer, kept_dtype: torch.dtype, p
         f"{section['tokens_per_second_before']:.1f} -> {section['tokens_per_second_after']:.1f} tokens/s, "
         f"{before['size_bytes'] / 1e6:.2f} -> {after['size_bytes'] / 1e6:.2f} MB; serve: "
         + "; ".join(section["serve"].values()))
-    update_report(cfg.report_path, "quantize", section)
+    return _publish(cfg, section, log)
+
+
+def _not_run(exc: Exception, what: str, failed: str, out: Path, cfg: TrainerConfig, fix: str) -> UserError:
+    """A written model that its engine could not load or run: an error, never a report."""
+    detail = str(exc).split(". Fix:")[0] if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+    return UserError(f"quantize: the {what} does not {failed} ({detail.splitlines()[0][:300]}); nothing was "
+                     f"written to {out} and {cfg.final_dir} is unaffected. Fix: {fix}")
+
+
+def _publish(cfg: TrainerConfig, section: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """report.json's quantize section, then report.md and the charts again."""
     from trainer.report import regenerate
 
+    update_report(cfg.report_path, "quantize", section)
     log(regenerate(cfg.output_dir))
     return section
 

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import urlparse
 
-from trainer.config import TrainerConfig
+from trainer.config import CREDENTIAL_FILES, TrainerConfig
 from trainer.errors import UserError
 
-# Paths of the credentials (files mounted from the stack's Secret); the values never pass through env.
-CREDENTIAL_FILES = {"mlflow": "MLFLOW_TRACKING_TOKEN_FILE", "wandb": "WANDB_API_KEY_FILE"}
+# Where each client looks for its credential, set in this process only from the file CREDENTIAL_FILES
+# names (the pod spec holds paths, never the values).
 CREDENTIAL_ENV = {"mlflow": "MLFLOW_TRACKING_TOKEN", "wandb": "WANDB_API_KEY"}
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow-skinny", "wandb": "wandb"}
 CONNECT_TIMEOUT_S = 10.0
@@ -72,9 +72,8 @@ def check(cfg: TrainerConfig) -> None:
 
     tr = cfg.tracking
     for name in cfg.training.trackers:
-        module = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}[name]
-        if importlib.util.find_spec(module) is None:
-            raise _refuse(name, f"the {module} package is not installed in this environment",
+        if importlib.util.find_spec(name) is None:  # each tracker's module has its report_to name
+            raise _refuse(name, f"the {name} package is not installed in this environment",
                           f"pip install {PACKAGES[name]} (the trainer images have it), or remove {name}")
         if name == "tensorboard":
             target = Path(cfg.output_dir) / "tensorboard"
@@ -109,7 +108,8 @@ class Trackers:
     def __init__(self, cfg: TrainerConfig, params: dict[str, Any], start_step: int, log: Callable[[str], None]):
         self.cfg = cfg
         self.log = log
-        self.sinks: list[tuple[str, Callable[[dict[str, Any], int], None], Callable[[bool], None]]] = []
+        # (tracker, where it writes, log a row at a step, close as finished or not)
+        self.sinks: list[tuple[str, str, Callable[[dict[str, Any], int], None], Callable[[bool], None]]] = []
         self.ids = self._ids()
         self.run_name = cfg.tracking.run_name or f"{Path(cfg.output_dir).name}-{self.ids['run'][:8]}"
         params = {**_flat("", cfg.to_dict(), {}), **params, "run_name": self.run_name}
@@ -155,8 +155,7 @@ class Trackers:
                 writer.add_scalar(key, value, step)
             writer.flush()
 
-        self.sinks.append(("tensorboard", log, lambda ok: writer.close()))
-        self.where_tensorboard = str(logdir)
+        self.sinks.append(("tensorboard", str(logdir), log, lambda ok: writer.close()))
 
     def _open_mlflow(self, params: dict[str, Any], start_step: int) -> None:
         import mlflow
@@ -197,8 +196,8 @@ class Trackers:
         def close(ok: bool) -> None:
             client.set_terminated(run_id, status="FINISHED" if ok else "KILLED")
 
-        self.sinks.append(("mlflow", log, close))
-        self.where_mlflow = f"{tr.mlflow_tracking_uri} experiment {tr.mlflow_experiment!r} run {run_id}"
+        self.sinks.append(("mlflow", f"{tr.mlflow_tracking_uri} experiment {tr.mlflow_experiment!r} run {run_id}",
+                           log, close))
 
     def _open_wandb(self, params: dict[str, Any], start_step: int) -> None:
         import wandb
@@ -216,23 +215,23 @@ class Trackers:
         def log(row: dict[str, Any], step: int) -> None:
             run.log(_scalars(row), step=step)
 
-        self.sinks.append(("wandb", log, lambda ok: run.finish(exit_code=0 if ok else 1)))
-        self.where_wandb = f"project {tr.wandb_project} run {run_id} ({tr.wandb_mode})"
+        self.sinks.append(("wandb", f"project {tr.wandb_project} run {run_id} ({tr.wandb_mode})", log,
+                           lambda ok: run.finish(exit_code=0 if ok else 1)))
 
     # ---- use ------------------------------------------------------------------------------
 
     def describe(self) -> list[str]:
-        return [f"{name} -> {getattr(self, 'where_' + name)}" for name, _, _ in self.sinks]
+        return [f"{name} -> {where}" for name, where, _, _ in self.sinks]
 
     def log_row(self, row: dict[str, Any]) -> None:
-        for name, log, _ in self.sinks:
+        for name, _, log, _ in self.sinks:
             try:
                 log(row, int(row["step"]))
             except Exception as exc:  # a tracker that fails mid-run must not end hours of training
                 self.log(f"warning: {name} did not take step {row['step']}: {type(exc).__name__}: {exc}")
 
     def close(self, ok: bool = True) -> None:
-        for name, _, close in self.sinks:
+        for name, _, _, close in self.sinks:
             try:
                 close(ok)
             except Exception as exc:

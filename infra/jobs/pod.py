@@ -13,6 +13,7 @@ from infra.common import APP_UID, Names, container_security_context, pod_securit
 from infra.config import (CONFIG_MOUNT, DATA_MOUNT, TOKEN_KEY, TOKEN_MOUNT, TRACKER_SECRETS, TRACKING_MOUNT,
                           StackConfig)
 from infra.trainer_config import config_map_name
+from trainer.config import CREDENTIAL_FILES
 
 CONTAINER = "pytorch"  # the Training Operator requires this name; Trainer v2's torch runtime uses "node"
 
@@ -53,7 +54,7 @@ def env(cfg: StackConfig) -> list[dict]:
     for key in cfg.tracker_secrets:
         # Paths, not values: the trainer reads the credential from the mounted file (trainer/tracking.py).
         tracker, item = TRACKER_SECRETS[key]
-        values[{"mlflow": "MLFLOW_TRACKING_TOKEN_FILE", "wandb": "WANDB_API_KEY_FILE"}[tracker]] = f"{TRACKING_MOUNT}/{item}"
+        values[CREDENTIAL_FILES[tracker]] = f"{TRACKING_MOUNT}/{item}"
     if cfg.intel_runtime:
         values.update(INTEL_ENV)
     values.update(dict(cfg.extra_env))
