@@ -16,8 +16,8 @@ import pulumi
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-REFERENCE = ROOT.parent / "shared" / "reference" / "kubeflow-training-operator"
-TRAINER_V2 = ROOT.parent / "shared" / "reference" / "kubeflow-trainer-v2"
+REFERENCE = ROOT / "reference" / "kubeflow-training-operator"
+TRAINER_V2 = ROOT / "reference" / "kubeflow-trainer-v2"
 KUBERNETES_VERSION = "1.30.0"
 SECRET_SIG = "4dabf18193072939515e22adb298388d"  # pulumi's marker for a secret value in mock inputs
 
@@ -169,7 +169,7 @@ _DNS1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 
 def validate_pytorchjob(job: dict) -> None:
-    """The operator's CRD schema plus the webhook rules in shared/reference/.../NOTES.md."""
+    """The operator's CRD schema plus the webhook rules in reference/.../NOTES.md."""
     jsonschema.validate(job, pytorchjob_schema())
     import re
 

@@ -3,7 +3,7 @@ the operator and kubelet would start it.
 
 - The container's own command and environment, from the rendered PyTorchJob (or TrainJob).
 - The PET_* variables the operator (v1) or the torch runtime plugin (v2) injects for that spec
-  (../shared/reference/*/NOTES.md).
+  (reference/*/NOTES.md).
 - The pod's mounts at the pod's paths: a private mount namespace per pod (`unshare -m`, root) binds a
   directory standing for the shared claim at /data, the ConfigMap's file at /etc/llm-finetune and a
   pod-local /tmp; where mounting is impossible, the paths are mapped instead (the config is
