@@ -17,7 +17,6 @@ after a new one is complete, and never the last complete one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -29,48 +28,22 @@ from typing import Callable, Optional
 
 import torch
 
+from trainer import atomic
 from trainer.errors import UserError
 
 MARKER = "COMPLETE"
 STATE = "state.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
-_CHUNK = 1 << 20
 
 
 class NonFiniteState(RuntimeError):
     """The weights or optimizer state hold NaN/inf: not saved, the previous checkpoint stays."""
 
 
-def fsync_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name, fsync, rename: a reader sees the old file or the new one, whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+# One implementation of atomic writes and hashes (trainer/atomic.py); the names stay for their callers.
+fsync_write = atomic.write_bytes
+_fsync_dir = atomic.fsync_dir
+sha256 = atomic.sha256_file
 
 
 def io_threads() -> int:

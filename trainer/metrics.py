@@ -76,12 +76,9 @@ class MetricsWriter:
 
 
 def rewrite(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from trainer.atomic import write_text
+
+    write_text(path, text)
 
 
 def read_metrics(path: Path, log=None) -> list[dict[str, Any]]:

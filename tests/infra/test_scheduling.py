@@ -38,7 +38,7 @@ def test_a_queued_job_is_labelled_and_created_suspended(api):
     # Kueue unsuspends an admitted job; `pulumi up` must not undo that (nor replace the TrainJob for it).
     field = "spec.runPolicy.suspend" if api == "training-operator-v1" else "spec.suspend"
     assert declared.options.ignore_changes == [field]
-    assert f"get workloads" in rendered.outputs["commands"]["watchAdmission"]
+    assert "get workloads" in rendered.outputs["commands"]["watchAdmission"]
     assert f"-e '^{APIS[api].lower()}-{job['metadata']['name']}-'" in rendered.outputs["commands"]["watchAdmission"]
 
 

@@ -1,7 +1,6 @@
 """At size: a LoRA run's frozen base in the compute dtype, the adapters in fp32; final/ still the
 exact fp32 merge; quantization one layer at a time equal to quantizing an fp32 copy of the model."""
 
-import shutil
 
 import pytest
 import torch

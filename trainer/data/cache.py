@@ -124,12 +124,7 @@ class Split:
         return ids, np.where(mask.astype(bool), ids, -100)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+from trainer.atomic import sha256_file  # noqa: E402 - one implementation, re-exported for the data module
 
 
 def fingerprint(parts: dict[str, Any]) -> str:
