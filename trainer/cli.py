@@ -108,7 +108,7 @@ def prepare(cfg, export: Optional[str], max_examples: Optional[int]) -> None:
     log = Logger(d.is_main)
     try:
         token = modeling.read_token()
-        path = modeling.resolve(cfg.model, token, d)
+        path = modeling.resolve(cfg.model, token, d, data.cache_root(cfg), log)
         tokenizer = modeling.load_tokenizer(path)
         prepared = data.for_config(cfg, tokenizer, path, token, d, log, export=export, export_max=max_examples)
     finally:
@@ -137,7 +137,9 @@ def plan(cfg, processes: int, workers: int, memory: Optional[str]) -> str:
     problem = world_problem(cfg, workers * processes)
     if problem:
         raise UserError(problem)
-    path = modeling.resolve(cfg.model, modeling.read_token(), distributed.Dist(0, 0, 1, 1, None, None))
+    from trainer.data import cache_root
+
+    path = modeling.resolve(cfg.model, modeling.read_token(), distributed.Dist(0, 0, 1, 1, None, None), cache_root(cfg))
     shape = memplan.read_shape(path)
     precision = distributed.choose_precision(cfg.model.dtype, False)
     setting = memplan.setting_for(cfg, shape, workers * processes, processes, precision.mixed)

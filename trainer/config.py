@@ -62,7 +62,11 @@ class _Where:
 @dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = ""
-    """Hub id (e.g. meta-llama/Llama-2-7b-hf) or a local model directory."""
+    """Hub id (e.g. meta-llama/Llama-2-7b-hf), a local model directory, or a GGUF file: a local .gguf
+    path or owner/repo/file.gguf on the hub (dequantized once into a model directory in the cache)."""
+    gguf_file: Optional[str] = None
+    """A GGUF file inside name_or_path (a directory or hub repo), as transformers' gguf_file; the
+    fine-tune starts from its dequantized weights (what llama.cpp and Ollama run)."""
     dtype: Literal["auto", "bf16", "fp32", "pure-bf16"] = "auto"
     """Training precision. bf16: bf16 compute (autocast; FSDP's mixed-precision policy) with fp32 master
     weights and fp32 optimizer state, as the Hugging Face Trainer's bf16=True. auto: bf16 where the
@@ -78,6 +82,10 @@ class ModelConfig:
     def validate(self, check) -> None:
         check(bool(self.name_or_path.strip()), ("name_or_path",),
               "is required: a hub id such as meta-llama/Llama-2-7b-hf or a local model directory")
+        check(self.gguf_file is None or self.gguf_file.lower().endswith(".gguf"), ("gguf_file",),
+              f"must name a .gguf file, got {self.gguf_file!r}")
+        check(self.gguf_file is None or not self.name_or_path.lower().endswith(".gguf"), ("gguf_file",),
+              "is set, but name_or_path already names a .gguf file. Fix: one of the two")
 
 
 @dataclass(frozen=True)
@@ -212,6 +220,10 @@ class TrainingConfig:
     save_total_limit: int = 2
     eval_steps: Optional[int] = None
     """Evaluate every N steps (validation loss in metrics.jsonl); always once at the end."""
+    eval_on_start: bool = True
+    """Evaluate the base model before the first step (a metrics.jsonl row at step 0, as the Hugging Face
+    Trainer's eval_on_start) and answer quantize.sample_prompts held-out prompts with it, so the report
+    shows what the fine-tune gained: validation loss before -> after, answers before and after."""
     seed: int = 42
     gradient_checkpointing: bool = False
     ddp_backend: Optional[Literal["gloo", "nccl", "ccl"]] = None
@@ -339,6 +351,10 @@ class QuantizeConfig:
     max_new_tokens: int = 32
     allow_larger: bool = False
     """Write the quantized model even when it is not smaller than final/ (refused by default)."""
+    also: tuple[str, ...] = ()
+    """More served formats written after `format`, each into quantized-<format>/ (e.g. [gguf:q8_0]: a
+    GGUF file for llama.cpp and Ollama beside the compressed-tensors model for vLLM), each measured in its
+    engine; final/ is measured once. GGUF formats store their own bits (q8_0: 8, q4_k_m: 4)."""
 
     def validate(self, check) -> None:
         check(self.bits in QUANT_BITS, ("bits",), f"unsupported bits {self.bits}; use 4 or 8")
@@ -358,6 +374,15 @@ class QuantizeConfig:
         if self.format.startswith("gguf:"):
             wants = 8 if self.format == "gguf:q8_0" else 4
             check(self.bits == wants, ("bits",), f"{self.format} stores {wants}-bit weights. Fix: quantize.bits: {wants}")
+        for extra in self.also:
+            near = difflib.get_close_matches(extra, QUANT_FORMATS, n=1)
+            check(extra in QUANT_FORMATS and extra != "inc", ("also",),
+                  f"unsupported format {extra!r}{f' (did you mean {near[0]!r}?)' if near and near[0] != extra else ''}"
+                  f"; use served formats: {', '.join(f for f in QUANT_FORMATS if f != 'inc')}")
+            check(extra != self.format, ("also",), f"repeats quantize.format {extra}")
+            check(self.algorithm in ("rtn", "autoround"), ("also",),
+                  f"needs quantize.algorithm rtn or autoround (AutoRound writes the served formats), not {self.algorithm}")
+        check(len(set(self.also)) == len(self.also), ("also",), "names a format twice")
         check(self.iters >= 0, ("iters",), "must be >= 0 (0: round to nearest)")
         check(self.group_size == -1 or self.group_size >= 8, ("group_size",), "must be -1 (per channel) or >= 8")
         check(self.calibration_samples >= 1, ("calibration_samples",), "must be >= 1")
@@ -425,6 +450,12 @@ class TrainerConfig:
     @property
     def quantized_dir(self) -> Path:
         return self.out / "quantized"
+
+    def quantized_dir_for(self, fmt: str) -> Path:
+        """quantized/ for quantize.format; quantized-<format>/ (gguf-q8_0) for each of quantize.also."""
+        if fmt == self.quantize.format:
+            return self.quantized_dir
+        return self.out / ("quantized-" + fmt.replace(":", "-"))
 
     @property
     def metrics_path(self) -> Path:

@@ -29,7 +29,9 @@ def load_model(cfg: TrainerConfig, which: str):
     if which == "base":
         from trainer import distributed as D
 
-        path = resolve(cfg.model, read_token(), D.Dist(0, 0, 1, 1, None, torch.device("cpu")))
+        from trainer.data import cache_root
+
+        path = resolve(cfg.model, read_token(), D.Dist(0, 0, 1, 1, None, torch.device("cpu")), cache_root(cfg))
         model, tok = load_dir(path)
         return model, tok, Path(path), "base"
     p = Path(which)
@@ -52,7 +54,9 @@ def _from_checkpoint(cfg: TrainerConfig, path: Path):
     problem = Checkpointer(path.parent, 1, single, lambda m: None).problem(path)
     if problem:
         raise UserError(f"--model {path}: {problem}")
-    base = modeling.resolve(cfg.model, modeling.read_token(), single)
+    from trainer.data import cache_root
+
+    base = modeling.resolve(cfg.model, modeling.read_token(), single, cache_root(cfg))
     # A LoRA checkpoint's base in its saved dtype (no fp32 copy of a 7B model), merged exactly in fp32
     # layer by layer; a full fine-tune's checkpoint holds fp32 weights.
     dtype = modeling.save_dtype("auto", base) if cfg.lora.enabled else torch.float32

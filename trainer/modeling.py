@@ -25,9 +25,23 @@ def read_token() -> Optional[str]:
     return os.environ.get("HF_TOKEN") or None
 
 
-def resolve(cfg: ModelConfig, token: Optional[str], d) -> str:
+def resolve(cfg: ModelConfig, token: Optional[str], d, cache_root: Optional[Path] = None,
+            log=lambda m: None) -> str:
     """A local directory holding the model. On the hub, rank 0 downloads (into HF_HOME on the
-    shared volume) while the others wait, then everyone loads from the cache."""
+    shared volume) while the others wait, then everyone loads from the cache. A GGUF file (local or on
+    the hub) is dequantized once by rank 0 into a model directory under `cache_root` (trainer/gguf.py)."""
+    from trainer import gguf
+
+    if cfg.gguf_file is not None or gguf.is_gguf(cfg.name_or_path):
+        if cache_root is None:
+            raise RuntimeError("resolve: a GGUF model needs the cache root (trainer.data.cache_root(cfg))")
+        from trainer.distributed import main_first
+
+        def dequantized() -> str:
+            path = gguf.resolve_file(cfg.name_or_path, cfg.gguf_file, cfg.revision, token, d.is_main)
+            return gguf.as_model_dir(path, gguf_dtype(cfg), Path(cache_root), log if d.is_main else lambda m: None)
+
+        return main_first(d, dequantized)
     local = Path(cfg.name_or_path).expanduser()
     if local.is_dir():
         if not (local / "config.json").exists():
@@ -57,6 +71,13 @@ def resolve(cfg: ModelConfig, token: Optional[str], d) -> str:
     from trainer.distributed import main_first
 
     return main_first(d, fetch)
+
+
+def gguf_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The dtype a GGUF model is dequantized into: bf16 when the config trains in bf16 by name (half the
+    memory and disk of fp32), else fp32. A function of the config alone, so training, evaluation and a
+    checkpoint's reload all read the same base on any machine."""
+    return torch.bfloat16 if cfg.dtype in ("bf16", "pure-bf16") else torch.float32
 
 
 def load_tokenizer(path: str):

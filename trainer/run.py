@@ -129,7 +129,7 @@ class Run:
 
             D.on_main(d, lambda: tracking.check(cfg))
         token = modeling.read_token()
-        path = modeling.resolve(cfg.model, token, d)
+        path = modeling.resolve(cfg.model, token, d, data_module.cache_root(cfg), self.log)
         self.tokenizer = modeling.load_tokenizer(path)
         self.model_path = path
         self.log(f"world {d.world_size} (backend {d.backend or 'none'}, device {d.device.type}, "
@@ -153,6 +153,10 @@ class Run:
 
             sizes = preflight(cfg.quantize, path, self.save_dtype)
             self.log(f"quantize after training: {sizes.explain()}")
+            for fmt in cfg.quantize.also:
+                from trainer.quantize import also_config
+
+                preflight(also_config(cfg.quantize, fmt), path, self.save_dtype)
         # What the weights are held in: a LoRA run's frozen base in the compute dtype (bf16 under mixed
         # precision: half of fp32's memory), what the optimizer updates in fp32.
         self.file_dtype = modeling.save_dtype("auto", path)
