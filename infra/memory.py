@@ -25,6 +25,17 @@ def model_config(name_or_path: str, revision: Optional[str] = None) -> tuple[Opt
     """(config.json, where from), or (None, why not): a local directory, or the hub's file (public
     models; a gated model's config needs the token, which preview does not read)."""
     local = Path(name_or_path).expanduser()
+    if name_or_path.lower().endswith(".gguf"):
+        if not local.is_file():
+            return None, (f"{name_or_path} is not readable here (a GGUF file on the volume or the hub: the trainer "
+                          "plans from its metadata at start-up)")
+        from trainer import gguf
+        from trainer.errors import UserError
+
+        try:
+            return gguf.config_dict(local), f"{local} (GGUF metadata)"
+        except UserError as exc:
+            return None, str(exc)
     if (local / "config.json").exists():
         try:
             return json.loads((local / "config.json").read_text()), str(local / "config.json")

@@ -137,10 +137,16 @@ def plan(cfg, processes: int, workers: int, memory: Optional[str]) -> str:
     problem = world_problem(cfg, workers * processes)
     if problem:
         raise UserError(problem)
+    from trainer import gguf
     from trainer.data import cache_root
 
-    path = modeling.resolve(cfg.model, modeling.read_token(), distributed.Dist(0, 0, 1, 1, None, None), cache_root(cfg))
-    shape = memplan.read_shape(path)
+    single = distributed.Dist(0, 0, 1, 1, None, None)
+    source = gguf.resolve_file(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.revision, modeling.read_token(),
+                               True)
+    if source is not None:  # the shape from the file's metadata; nothing dequantized
+        shape = memplan.Shape.from_config(gguf.config_dict(source))
+    else:
+        shape = memplan.read_shape(modeling.resolve(cfg.model, modeling.read_token(), single, cache_root(cfg)))
     precision = distributed.choose_precision(cfg.model.dtype, False)
     setting = memplan.setting_for(cfg, shape, workers * processes, processes, precision.mixed)
     runtime = memplan.DEFAULT_RUNTIME + memplan.workspace(setting.compute_bytes)

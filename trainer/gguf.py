@@ -68,6 +68,15 @@ def check_architecture(path: Path) -> str:
     return arch
 
 
+def config_dict(path: Path) -> dict:
+    """The model's config as transformers reads it from the GGUF file's metadata (no tensor is
+    read): what the memory plan needs at preview and in `python -m trainer plan`."""
+    from transformers import AutoConfig
+
+    check_architecture(path)
+    return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
+
+
 def cache_key(path: Path, dtype: torch.dtype) -> str:
     from trainer.atomic import sha256_file
 

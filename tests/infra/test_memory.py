@@ -80,3 +80,15 @@ def test_preview_without_a_readable_config_plans_nothing(tmp_path):
     raw = {**stack_config(ROOT / "Pulumi.medical-meadow.yaml"), "hfToken": "hf_x"}
     out = render(raw).outputs["memoryPlan"]
     assert out.startswith("not planned at preview") and "the trainer plans before loading" in out
+
+
+def test_a_gguf_model_is_rendered_and_planned_from_its_metadata(tmp_path, smollm2_gguf):
+    """A GGUF file as the stack's model: planned at preview from the file's metadata (no tensor read);
+    on the volume or the hub, rendered for the trainer (which dequantizes it once) and not planned here."""
+    raw = {**_stack(tmp_path, "16Gi"), "model": str(smollm2_gguf), "modelDtype": "fp32"}
+    rendered = render(raw)
+    assert rendered.outputs["memoryPlan"].startswith("fits: ")
+    cfg = config.parse(raw, token_is_secret=None)
+    assert cfg.trainer.model.name_or_path == str(smollm2_gguf)
+    on_volume = render({**raw, "model": "/data/models/smollm2.Q4_1.gguf"})
+    assert "GGUF file on the volume or the hub" in on_volume.outputs["memoryPlan"]
