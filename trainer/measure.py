@@ -64,7 +64,8 @@ def latency_ms_per_token(model, prompt_ids: list[int], new_tokens: int, repeats:
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, new_tokens: int) -> str:
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True).input_ids
-    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False,
+    ids = ids.to(next(model.parameters()).device)
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, use_cache=True,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -100,7 +101,8 @@ def read_metrics(path: Path, log=None) -> list[dict[str, Any]]:
 
 
 def update_report(path: Path, section: str, values: dict[str, Any]) -> dict[str, Any]:
-    """Read-modify-write one section of report.json (training, evaluation, quantize)."""
+    """Read-modify-write one section of report.json (training, evaluation, quantize); a dotted name
+    (quantize_also.gguf:q8_0) is a section inside a section."""
     path = Path(path)
     report: dict[str, Any] = {}
     if path.exists():
@@ -108,7 +110,11 @@ def update_report(path: Path, section: str, values: dict[str, Any]) -> dict[str,
             report = json.loads(path.read_text())
         except json.JSONDecodeError:
             report = {}
-    report[section] = values
+    outer, dot, inner = section.partition(".")
+    if dot:
+        report.setdefault(outer, {})[inner] = values
+    else:
+        report[section] = values
     rewrite(path, json.dumps(report, indent=2))
     return report
 
@@ -169,3 +175,18 @@ def progress_text(rows: list[dict[str, Any]], total_steps: int, state: str = "tr
     lines.append(f"tokens/s {last.get('tokens_per_second', 0):.0f}; updated "
                  f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
     return "\n".join(lines) + "\n"
+
+
+def perplexity(loss: Optional[float]) -> Optional[float]:
+    return None if loss is None else math.exp(min(loss, 50.0))
+
+
+def gain_line(before: Optional[float], after: Optional[float]) -> str:
+    """'validation loss 2.31 -> 1.62 (perplexity 10.1 -> 5.1)': the run's headline."""
+    if after is None:
+        return "no validation data: nothing measured"
+    if before is None:
+        return f"validation loss {after:.4f} (perplexity {perplexity(after):.2f}); not measured before training"
+    return (f"validation loss {before:.4f} -> {after:.4f} ({after / before - 1:+.1%}), perplexity "
+            f"{perplexity(before):.2f} -> {perplexity(after):.2f}")
+

@@ -12,6 +12,7 @@ and quantized/ is then left as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import shutil
 from pathlib import Path
@@ -190,11 +191,37 @@ def _plan(cfg: TrainerConfig, log: Callable[[str], None]) -> None:
 
 
 def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
-    """Quantize final/ into quantized/, measure both, write report.json, report.md and the chart."""
+    """quantize.format into quantized/, then each of quantize.also into quantized-<format>/; final/
+    is measured once and every format in its own engine. Returns the main format's section."""
+    log = log or Logger(True)
+    for fmt in cfg.quantize.also:  # every engine and converter checked before the first one runs
+        check_engine(also_config(cfg.quantize, fmt))
+        export.check_model(fmt, str(cfg.final_dir))
+    section = run_format(cfg, log)
+    before = {"size_bytes": section["size_bytes_before"], "perplexity": section["perplexity_before"],
+              "eval_loss": section["eval_loss_before"], "latency_ms_per_token": section["latency_ms_before"],
+              "samples": [s["before"] for s in section["samples"]], "eval_examples": section["eval_examples"],
+              "path": str(cfg.final_dir)}
+    for fmt in cfg.quantize.also:
+        extra = dataclasses.replace(cfg, quantize=also_config(cfg.quantize, fmt))
+        run_format(extra, log, before=before, out=cfg.quantized_dir_for(fmt), key=f"quantize_also.{fmt}")
+    return section
+
+
+def also_config(q: QuantizeConfig, fmt: str) -> QuantizeConfig:
+    """The settings of a format of quantize.also: the main ones with that format (and the bits it stores)."""
+    bits = {"gguf:q8_0": 8, "gguf:q4_k_m": 4}.get(fmt, q.bits)
+    return dataclasses.replace(q, format=fmt, bits=bits, also=())
+
+
+def run_format(cfg: TrainerConfig, log: Callable[[str], None], before: Optional[dict[str, Any]] = None,
+               out: Optional[Path] = None, key: str = "quantize") -> dict[str, Any]:
+    """Quantize final/ into `out` (quantized/) in quantize.format, measure both (final/ only when
+    `before` does not hold its measurement already), write report.json[key], report.md and the chart."""
     from neural_compressor.torch.quantization import save
 
-    log = log or Logger(True)
     q = cfg.quantize
+    out = out or cfg.quantized_dir
     check_engine(q)
     export.check_model(q.format, str(cfg.final_dir))
     if q.format == "inc":
@@ -206,10 +233,11 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict
     plan = quantsize.estimate(model, q.bits, q.group_size, kept_dtype, q.algorithm)
     _check(q, plan, f"the model at {cfg.final_dir}")
     evalset = EvalSet(cfg, tokenizer, str(cfg.final_dir), limit=q.eval_samples or None)
-    log(f"quantize: measuring the fine-tuned model on {evalset.limit} validation examples")
-    before = measure(model, tokenizer, cfg.final_dir, evalset, q.max_new_tokens)
+    if before is None:
+        log(f"quantize: measuring the fine-tuned model on {evalset.limit} validation examples")
+        before = measure(model, tokenizer, cfg.final_dir, evalset, q.max_new_tokens)
     if q.format != "inc":
-        return _run_served(cfg, model, tokenizer, kept_dtype, plan, evalset, before, log)
+        return _run_served(cfg, model, tokenizer, kept_dtype, plan, evalset, before, log, out, key)
     calibration = evalset.calibration(q.calibration_samples) if q.algorithm != "rtn" else []
     log(f"quantize: {q.algorithm.upper()} {q.bits}-bit, {q.scheme}, group size {q.group_size}"
         + (f", {len(calibration)} calibration examples" if calibration else ""))
@@ -225,7 +253,6 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict
     parts = quantsize.measure(qmodel, q.bits, group, kept_dtype, plan.unquantized_bytes)
     _check(q, parts, f"the model at {cfg.final_dir}")
     log(f"quantize: {parts.explain()}")
-    out = cfg.quantized_dir
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save(qmodel, str(tmp), format="huggingface")
@@ -256,17 +283,17 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict
     tmp.rename(out)
     section = _section(q, group, len(calibration), before, after, evalset, out, format="inc",
                        engine="Intel Neural Compressor (trainer.measure.load_quantized)", breakdown=parts.report())
-    return _publish(cfg, section, log)
+    return _publish(cfg, section, log, key)
 
 
 def _run_served(cfg: TrainerConfig, model, tokenizer, kept_dtype: torch.dtype, plan: quantsize.Breakdown,
-                evalset: EvalSet, before: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+                evalset: EvalSet, before: dict[str, Any], log: Callable[[str], None], out: Path,
+                key: str) -> dict[str, Any]:
     """AutoRound into a served format; measured after loading it in that format's engine."""
     q = cfg.quantize
     arch = type(model).__name__
     group = quantsize.effective_group_size(model, q.group_size)
     calibration = evalset.calibration(q.calibration_samples)
-    out = cfg.quantized_dir
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     original = dir_size(cfg.final_dir)
@@ -299,14 +326,17 @@ def _run_served(cfg: TrainerConfig, model, tokenizer, kept_dtype: torch.dtype, p
     tmp.rename(out)
     served_path = out / Path(served).name if export.is_gguf(q.format) else out
     name = f"{Path(cfg.output_dir).name}-quantized"
+    where = {"final": quantsize.stored(cfg.final_dir), "quantized": quantsize.stored(served_path)}
+    log(f"quantize: where the bytes went: final/ {where['final']['explanation']}; {q.format}: "
+        f"{where['quantized']['explanation']}")
     section = _section(q, group, len(calibration), before, after, evalset, served_path, format=q.format,
-                       engine=engine, iters=0 if q.algorithm == "rtn" else q.iters, breakdown=plan.report(),
-                       serve=export.serve_commands(q.format, served_path, name))
+                       engine=engine, iters=q.iters if q.algorithm == "autoround" else 0, breakdown=plan.report(),
+                       serve=export.serve_commands(q.format, served_path, name), stored=where)
     log(f"quantize: {q.format} in {engine}: perplexity {before['perplexity']:.3f} -> {after['perplexity']:.3f}, "
         f"{section['tokens_per_second_before']:.1f} -> {section['tokens_per_second_after']:.1f} tokens/s, "
         f"{before['size_bytes'] / 1e6:.2f} -> {after['size_bytes'] / 1e6:.2f} MB; serve: "
         + "; ".join(section["serve"].values()))
-    return _publish(cfg, section, log)
+    return _publish(cfg, section, log, key)
 
 
 def _not_run(exc: Exception, what: str, failed: str, out: Path, cfg: TrainerConfig, fix: str) -> UserError:
@@ -316,11 +346,13 @@ def _not_run(exc: Exception, what: str, failed: str, out: Path, cfg: TrainerConf
                      f"written to {out} and {cfg.final_dir} is unaffected. Fix: {fix}")
 
 
-def _publish(cfg: TrainerConfig, section: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
-    """report.json's quantize section, then report.md and the charts again."""
+def _publish(cfg: TrainerConfig, section: dict[str, Any], log: Callable[[str], None],
+             key: str = "quantize") -> dict[str, Any]:
+    """report.json's quantize section (`key`: quantize, or quantize_also.<format>), then report.md and
+    the charts again."""
     from trainer.report import regenerate
 
-    update_report(cfg.report_path, "quantize", section)
+    update_report(cfg.report_path, key, section)
     log(regenerate(cfg.output_dir))
     return section
 

@@ -252,3 +252,68 @@ def saved_dtype(model_dir: str) -> Optional[torch.dtype]:
                 if dtype is not None:
                     count[dtype] = count.get(dtype, 0) + math.prod(piece.get_shape())
     return max(count, key=count.get) if count else None
+
+
+# ---- what the written files hold: measured, per served format -------------------------------------
+
+_STORED_QUANT = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "qweight",
+                 "qzeros", "scales", "g_idx")
+
+
+def _stored_part(name: str, gguf: bool) -> str:
+    if gguf:
+        if name.startswith("token_embd"):
+            return "embeddings"
+        if name.startswith("output."):
+            return "head"
+        return "norms and biases" if "norm" in name or name.endswith(".bias") else "layers"
+    if "embed_tokens" in name or name.endswith("wte.weight"):
+        return "embeddings"
+    if name.startswith("lm_head"):
+        return "head"
+    if name.rsplit(".", 1)[-1] in _STORED_QUANT:
+        return "layers"
+    return "norms and biases" if "norm" in name or name.endswith(".bias") else "layers"
+
+
+def stored(path) -> dict:
+    """Where the bytes of a written model went, read from its files (a model directory of safetensors,
+    or a .gguf file): per part (embeddings, head, layers, norms and biases) the bytes and the storage
+    types, and whether the head is tied to the embedding (stored once) or written on its own. Real
+    models spend much of their size here: SmolLM2's 49,152 x 576 embedding is a fifth of its
+    parameters, so whether a format quantizes it and keeps the head tied decides how much it shrinks."""
+    from pathlib import Path
+
+    path = Path(path)
+    parts: dict[str, dict] = {}
+
+    def add(part: str, kind: str, size: int) -> None:
+        entry = parts.setdefault(part, {"bytes": 0, "stored_as": set()})
+        entry["bytes"] += int(size)
+        entry["stored_as"].add(kind)
+
+    if path.suffix == ".gguf":
+        from gguf import GGUFReader
+
+        for t in GGUFReader(str(path)).tensors:
+            add(_stored_part(t.name, True), t.tensor_type.name.lower(), t.n_bytes)
+    else:
+        from safetensors import safe_open
+
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    piece = f.get_slice(key)
+                    kind = piece.get_dtype().lower()
+                    count = math.prod(piece.get_shape()) if piece.get_shape() else 1
+                    width = {"f32": 4, "f16": 2, "bf16": 2, "i32": 4, "i64": 8, "i8": 1, "u8": 1, "f64": 8}.get(kind, 4)
+                    add(_stored_part(key, False), kind, count * width)
+    total = sum(p["bytes"] for p in parts.values())
+    out = {name: {"bytes": p["bytes"], "stored_as": ", ".join(sorted(p["stored_as"])),
+                  "share": round(p["bytes"] / max(1, total), 4)} for name, p in parts.items()}
+    tied = "head" not in parts
+    summary = "; ".join(f"{name} {p['bytes'] / 1e6:.1f} MB as {p['stored_as']} ({p['share']:.0%})"
+                        for name, p in sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))
+    return {"parts": out, "bytes": total, "head_tied": tied,
+            "explanation": summary + ("; the head is tied to the embedding (stored once)" if tied
+                                      else "; the head is stored on its own")}

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from trainer.errors import UserError
-from trainer.metrics import read_metrics, rewrite
+from trainer.metrics import gain_line, read_metrics, rewrite
 
 
 def _mb(n: Optional[float]) -> str:
@@ -104,8 +104,83 @@ def summary_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def gain(report: dict[str, Any]) -> Optional[str]:
+    """The fine-tune's headline: validation loss and perplexity before -> after (None if not measured)."""
+    t = report.get("training") or {}
+    if t.get("eval_loss") is None:
+        return None
+    return gain_line(t.get("eval_loss_before"), t["eval_loss"])
+
+
+def sample_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per held-out prompt: the reference and the base, fine-tuned and quantized answers, as far as
+    they were generated (the base and fine-tuned ones by the trainer, the quantized ones by the
+    quantize stage in the engine that serves the format)."""
+    t, q = report.get("training") or {}, report.get("quantize") or {}
+    rows = [dict(r) for r in t.get("samples") or []]
+    quantized = q.get("samples") or []
+    if not rows:  # a run without the trainer's samples (FSDP, older reports): the quantize stage's
+        rows = [{"prompt": s["prompt"], "reference": s["reference"], "base": None, "fine_tuned": s["before"]}
+                for s in quantized]
+    for row, s in zip(rows, quantized):
+        if row["prompt"] == s["prompt"]:
+            row["quantized"] = s["after"]
+            row["fine_tuned"] = row.get("fine_tuned") or s["before"]
+    for fmt, section in (report.get("quantize_also") or {}).items():
+        for row, s in zip(rows, section.get("samples") or []):
+            if row["prompt"] == s["prompt"]:
+                row.setdefault("also", {})[f"{fmt} in {section.get('engine')}"] = s["after"]
+    return rows
+
+
+def stored_table(report: dict[str, Any]) -> Optional[str]:
+    """Per written model: the bytes of the embeddings, the head, the layers and the norms, and how each is
+    stored (trainer/quantsize.stored)."""
+    sections = [report["quantize"]] if report.get("quantize") else []
+    sections += list((report.get("quantize_also") or {}).values())
+    rows = []
+    for i, q in enumerate(sections):
+        if not q.get("stored"):
+            continue
+        if i == 0 or not rows:
+            rows.append(("final/", q["stored"]["final"]))
+        rows.append((q.get("format", "inc"), q["stored"]["quantized"]))
+    if not rows:
+        return None
+    names = ("embeddings", "head", "layers", "norms and biases")
+    lines = ["| model | " + " | ".join(names) + " | total | head |", "|---" * (len(names) + 3) + "|"]
+    for label, s in rows:
+        cells = [f"{s['parts'][n]['bytes'] / 1e6:.1f} MB {s['parts'][n]['stored_as']}" if n in s["parts"] else "-"
+                 for n in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {s['bytes'] / 1e6:.1f} MB | "
+                     f"{'tied' if s['head_tied'] else 'own'} |")
+    return "\n".join(lines)
+
+
+def formats_table(report: dict[str, Any]) -> Optional[str]:
+    """quantize and quantize_also side by side: size, perplexity and generation speed per format."""
+    sections = [report["quantize"]] if report.get("quantize") else []
+    sections += list((report.get("quantize_also") or {}).values())
+    if len(sections) < 2:
+        return None
+    first = sections[0]
+    lines = ["| model | engine | size | perplexity | tokens/s |", "|---|---|---|---|---|",
+             f"| fine-tuned (final/) | transformers | {_mb(first['size_bytes_before'])} | "
+             f"{_num(first['perplexity_before'])} | {_num(first['tokens_per_second_before'], 3)} |"]
+    for q in sections:
+        lines.append(f"| {q.get('format', 'inc')} ({q['bits']}-bit) | {q.get('engine', 'INC')} | "
+                     f"{_mb(q['size_bytes_after'])} ({q['size_bytes_after'] / q['size_bytes_before']:.2f}x) | "
+                     f"{_num(q['perplexity_after'])} ({q['perplexity_after'] / q['perplexity_before'] - 1:+.1%}) | "
+                     f"{_num(q['tokens_per_second_after'], 3)} |")
+    return "\n".join(lines)
+
+
 def write_markdown(out: Path, report: dict[str, Any], images: list[Path]) -> Path:
-    parts = [f"# Fine-tuning report: {out}", "", summary_table(report), ""]
+    parts = [f"# Fine-tuning report: {out}", ""]
+    headline = gain(report)
+    if headline:
+        parts += [f"**What the fine-tune gained**: {headline}.", ""]
+    parts += [summary_table(report), ""]
     for img in images:
         parts += [f"![{img.stem}]({img.name})", ""]
     q = report.get("quantize")
@@ -116,13 +191,25 @@ def write_markdown(out: Path, report: dict[str, Any], images: list[Path]) -> Pat
         for name, p in b["parts"].items():
             parts.append(f"| {name} | {p['parameters']:,} | {p['dtype']} | {p['bytes']:,} |")
         parts += ["", b["explanation"] + ".", ""]
-    if q and q.get("samples"):
-        parts += ["## Sample generations (validation prompts)", ""]
-        for i, s in enumerate(q["samples"], 1):
+    stored = stored_table(report)
+    if stored:
+        parts += ["## Where the bytes went, per format (read from the written files)", "", stored, ""]
+    formats = formats_table(report)
+    if formats:
+        parts += ["## Every quantized format, measured in the engine that serves it", "", formats, ""]
+    rows = sample_rows(report)
+    if rows:
+        engine = f" ({q.get('format', 'inc')} in {q.get('engine', 'its engine')})" if q else ""
+        parts += ["## Held-out prompts answered greedily: base, fine-tuned, quantized", ""]
+        for i, s in enumerate(rows, 1):
             parts += [f"### Prompt {i}", "```", s["prompt"].strip(), "```",
-                      f"- **reference**: {s['reference'].strip()}",
-                      f"- **fine-tuned**: {s['before']}",
-                      f"- **quantized**: {s['after']}", ""]
+                      f"- **reference**: {s['reference'].strip()}"]
+            for key, label in (("base", "base model"), ("fine_tuned", "fine-tuned"), ("quantized", f"quantized{engine}")):
+                if s.get(key) is not None:
+                    parts.append(f"- **{label}**: {s[key]}")
+            for label, answer in (s.get("also") or {}).items():
+                parts.append(f"- **quantized ({label})**: {answer}")
+            parts.append("")
     target = out / "report.md"
     rewrite(target, "\n".join(parts))
     return target

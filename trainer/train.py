@@ -21,14 +21,14 @@ from typing import Any, Optional
 import torch
 
 from trainer import distributed as D
-from trainer import identity, modeling, probes
+from trainer import identity, modeling, probes, samples
 from trainer.checkpoint import NonFiniteState
 from trainer.config import TrainerConfig
 from trainer.data import collate
 from trainer.data.batches import BatchOrder
 from trainer.errors import UserError
-from trainer.metrics import (PROGRESS_FILE, Eta, Progress, duration, fmt, plain_logs, progress_text, read_metrics,
-                             rewrite, update_report)
+from trainer.metrics import (PROGRESS_FILE, Eta, Progress, duration, gain_line, perplexity, plain_logs,
+                             progress_text, read_metrics, rewrite, update_report)
 from trainer.run import Run, step_batches
 
 
@@ -43,7 +43,8 @@ class Trainer(Run):
     # ---- resume ----------------------------------------------------------------------------
 
     def resume(self) -> dict[str, Any]:
-        fresh = {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "skipped_steps": 0}
+        fresh = {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "skipped_steps": 0, "base_eval_loss": None,
+                 "base_samples": []}
         choice = self.t.resume_from_checkpoint
         if choice is None:
             D.on_main(self.dist, self._archive_previous)
@@ -83,6 +84,7 @@ class Trainer(Run):
         out = self.cfg.out
         names = ("checkpoints", "final", "adapter", "quantized", "metrics.jsonl", "report.json", "report.md",
                  "loss_curve.png", "quantization.png", "progress.txt", "tracking.json", "tensorboard", "wandb")
+        names += tuple(sorted(p.name for p in out.glob("quantized-*")))  # quantize.also's formats
         present = [n for n in names if (out / n).exists() and not ((out / n).is_dir() and not any((out / n).iterdir()))]
         if not present:
             return
@@ -130,6 +132,8 @@ class Trainer(Run):
         skipped_before = state["skipped_steps"]
         measured_space = False
         last_eval = last_eval_step = None
+        if step == 0:
+            state.update(self._eval_on_start())
         self.model.train()
         self.stop.training_started()
         timing = d.device.type == "cpu"  # host clocks time CPU work exactly; on a GPU they would need syncs
@@ -246,6 +250,8 @@ class Trainer(Run):
                                           {"step": step, "epoch": epoch, "tokens_seen": tokens_seen,
                                            "world_size": d.world_size, "train_seconds": train_seconds,
                                            "skipped_steps": skipped, "identity": self.identity,
+                                           "base_eval_loss": state["base_eval_loss"],
+                                           "base_samples": state["base_samples"],
                                            "schedule": identity.schedule(cfg)})
                 except NonFiniteState as exc:
                     self._diverged(step, run, skipped, str(exc))
@@ -267,7 +273,10 @@ class Trainer(Run):
         eval_loss = last_eval if last_eval_step == step else (self.evaluate() if len(self.data.val) else None)
         from trainer import memplan
 
+        before = state["base_eval_loss"]
         summary = {"steps": step, "train_seconds": train_seconds, "first_step_seconds": first_step_seconds,
+                   "eval_loss_before": before, "eval_perplexity_before": _ppl(before),
+                   "samples": samples.table(self._sample_prompts(), state["base_samples"], self._answers()),
                    "startup_seconds": round(startup_seconds, 2), "step_seconds": step_seconds,
                    "memory_plan": memplan.as_dict(self.memory),
                    "peak_device_memory_gib": (round(torch.cuda.max_memory_allocated(d.device) / 2**30, 3)
@@ -284,9 +293,40 @@ class Trainer(Run):
                                                          "validation_records": self.data.val_stats.records,
                                                          "invalid_skipped": self.data.invalid(),
                                                          "invalid_records": self.data.invalid_named()}}
-        self.log(f"done: {step} steps in {train_seconds:.1f}s, eval_loss {fmt(eval_loss)}, "
-                 f"perplexity {fmt(summary['eval_perplexity'])}")
+        self.log(f"done: {step} steps in {train_seconds:.1f}s, {gain_line(before, eval_loss)}")
         return summary
+
+    # ---- what the fine-tune gained ---------------------------------------------------------
+
+    def _sample_prompts(self) -> list[tuple[str, str]]:
+        return [tuple(p) for p in self.data.prompts[: self.cfg.quantize.sample_prompts]]
+
+    def _answers(self) -> list[str]:
+        """The model's greedy answers to the held-out sample prompts (rank 0; every rank gets them).
+        Under FSDP the weights are sharded and generation is left to the quantize stage (final/)."""
+        prompts = [p for p, _ in self._sample_prompts()]
+        if not prompts or (self.t.fsdp and self.dist.enabled):
+            return []
+        return D.on_main(self.dist, lambda: samples.answers(
+            self.base, self.tokenizer, prompts, self.cfg.quantize.max_new_tokens,
+            self.precision.autocast(self.dist.device)))
+
+    def _eval_on_start(self) -> dict[str, Any]:
+        """The base model's validation loss (a metrics.jsonl row at step 0) and its sample answers,
+        before the first step; kept in the checkpoints, so a resumed run still reports them."""
+        if not self.t.eval_on_start or len(self.data.val) == 0:
+            return {}
+        started = time.perf_counter()
+        loss = self.evaluate()
+        answers = self._answers()
+        row = {"step": 0, "epoch": 0.0, "eval_loss": loss, "eval_perplexity": _ppl(loss), "num_input_tokens_seen": 0}
+        self.metrics.write(row)
+        if self.trackers is not None:
+            self.trackers.log_row(row)
+        self.log(f"base model before training: validation loss {loss:.4f} (perplexity {_ppl(loss):.2f}) on "
+                 f"{len(self.data.val)} examples, {len(answers)} sample answers, "
+                 f"{time.perf_counter() - started:.1f}s")
+        return {"base_eval_loss": loss, "base_samples": answers}
 
     def _diverged(self, step: int, run: int, skipped: int, detail: str = "") -> None:
         newest = self.ckpt.complete()
@@ -375,8 +415,7 @@ class Trainer(Run):
             self.lock.release()
 
 
-def _ppl(loss: Optional[float]) -> Optional[float]:
-    return None if loss is None else math.exp(min(loss, 50.0))
+_ppl = perplexity
 
 
 def finetune(cfg: TrainerConfig, dist: Optional[D.Dist] = None) -> dict[str, Any]:
@@ -405,6 +444,8 @@ def finetune(cfg: TrainerConfig, dist: Optional[D.Dist] = None) -> dict[str, Any
             from trainer import quantize
 
             quantize.run(cfg, log=trainer.log)
+        trainer.log(f"fine-tune of {cfg.model.name_or_path}: "
+                    f"{gain_line(summary.get('eval_loss_before'), summary.get('eval_loss'))}")
     finally:
         trainer.close()
         if dist is None:
