@@ -23,7 +23,7 @@ def test_demo_fine_tunes_a_real_model_that_gets_better(tmp_path, smollm2, smollm
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / gguf.cache_key(smollm2_gguf, torch.float32)).symlink_to(smollm2)
     rendezvous = "etcd" if shutil.which("etcd") else "c10d"
-    result = subprocess.run([sys.executable, "-m", "trainer.demo", "--out", str(tmp_path), "--steps", "12",
+    result = subprocess.run([sys.executable, "-m", "trainer.demo", "--out", str(tmp_path), "--steps", "16",
                              "--rendezvous", rendezvous], capture_output=True, text=True, env=env(), cwd=ROOT,
                             timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -36,7 +36,7 @@ def test_demo_fine_tunes_a_real_model_that_gets_better(tmp_path, smollm2, smollm
     report = json.loads((out / "report.json").read_text())
     t, q = report["training"], report["quantize"]
 
-    # It learnt: the held-out loss (functions never trained on) falls by at least 10% in 12 steps.
+    # It learnt: the held-out loss (functions never trained on) falls by at least 10% in 16 steps.
     assert t["eval_loss"] <= 0.9 * t["eval_loss_before"], (t["eval_loss_before"], t["eval_loss"])
     rows = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert rows["step"] == 0 and rows["eval_loss"] == t["eval_loss_before"]  # eval_on_start's row
@@ -50,7 +50,7 @@ def test_demo_fine_tunes_a_real_model_that_gets_better(tmp_path, smollm2, smollm
     # Quantized means smaller on a real model (tied 49k x 576 embedding included), at a measured cost.
     assert q["format"] == "compressed-tensors" and q["engine"] == "transformers"
     assert q["size_bytes_after"] < 0.4 * q["size_bytes_before"]
-    assert q["perplexity_after"] / q["perplexity_before"] < 1.5  # 4-bit RTN on 135M parameters: see bench/real.py
+    assert q["algorithm"] == "opt-rtn" and q["perplexity_after"] / q["perplexity_before"] <= 1.10  # 4-bit: +10% at most
     g = report["quantize_also"]["gguf:q8_0"]
     assert g["engine"] == "llama.cpp" and g["size_bytes_after"] < 0.3 * g["size_bytes_before"]  # fp32 -> q8_0
     assert g["perplexity_after"] / g["perplexity_before"] < 1.01

@@ -440,9 +440,13 @@ def finetune(cfg: TrainerConfig, dist: Optional[D.Dist] = None) -> dict[str, Any
         if dist is None:
             trainer.dist.close()
         if dist is None and is_main and cfg.quantize.enabled:
-            # Other ranks have exited cleanly; rank 0 quantizes alone (a single-process stage).
+            # Other ranks have exited cleanly; rank 0 quantizes alone (a single-process stage), so it takes
+            # the cores the pod's processes shared (training split them: 1 thread each with 2 on 2 cores).
             from trainer import quantize
 
+            if trainer.dist.device.type == "cpu" and not cfg.training.cpu_threads:
+                torch.set_num_threads(D.default_threads(1))
+                trainer.log(f"quantize: {torch.get_num_threads()} threads (the training processes' cores)")
             quantize.run(cfg, log=trainer.log)
         trainer.log(f"fine-tune of {cfg.model.name_or_path}: "
                     f"{gain_line(summary.get('eval_loss_before'), summary.get('eval_loss'))}")
