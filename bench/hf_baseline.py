@@ -71,7 +71,7 @@ def concatenate(exs, block: int):
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--config", required=True)
-    p.add_argument("--mode", choices=("padded", "concat", "flatten"), required=True)
+    p.add_argument("--mode", choices=("padded", "concat", "flatten", "trl"), required=True)
     p.add_argument("--attn", default="sdpa", help="attn_implementation (flash_attention_2 where installed)")
     p.add_argument("--out", required=True)
     p.add_argument("--order", choices=("ours", "hf"), default="ours")
@@ -91,6 +91,9 @@ def main() -> int:
         if batches:
             rows = [rows[j] for b in batches for j in b]
         collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    elif args.mode == "trl":  # TRL's SFTTrainer with packing, on our tokenized examples and labels
+        rows = [{"input_ids": i.tolist(), "labels": l.tolist()} for i, l in exs]
+        collator = None
     elif args.mode == "flatten":  # padding-free: a batch's examples in one row, position ids restarting
         rows = [{"input_ids": i.tolist(), "labels": l.tolist()} for i, l in exs]
         collator = DataCollatorWithFlattening(return_position_ids=True)
@@ -135,20 +138,33 @@ def main() -> int:
                 self.first_step = now - self.start
 
     clock = Clock()
-    targs = TrainingArguments(
-        output_dir=str(Path(args.out) / "hf"), per_device_train_batch_size=t.per_device_train_batch_size,
+    if args.mode == "trl":
+        from trl import SFTConfig, SFTTrainer
+
+        arguments, trainer_class = SFTConfig, SFTTrainer
+        # A packed row holds max_length tokens, several examples: as many rows per step as carry the tokens
+        # of our per_device_train_batch_size examples, so both see about the same tokens per step.
+        mean = sum(len(i) for i, _ in exs) / max(1, len(exs))
+        rows_per_step = max(1, round(t.per_device_train_batch_size * mean / cfg.data.max_seq_length))
+        extra = {"packing": True, "max_length": cfg.data.max_seq_length, "dataset_num_proc": None}
+    else:
+        arguments, trainer_class, extra = TrainingArguments, Trainer, {}
+    targs = arguments(
+        output_dir=str(Path(args.out) / "hf"),
+        per_device_train_batch_size=rows_per_step if args.mode == "trl" else t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps, learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_steps or t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps, save_strategy="no", eval_strategy="no", report_to="none", seed=t.seed,
         ddp_backend=("nccl" if cuda else "gloo") if world > 1 else None, use_cpu=not cuda, bf16=bf16, dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch_fused",
         remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
-        train_sampling_strategy="sequential" if batches else "random",
+        train_sampling_strategy="sequential" if batches else "random", **extra,
         # training.fsdp: the Trainer's own FSDP2 (through accelerate), each decoder layer sharded as ours does.
         **({"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 2, "reshard_after_forward": True,
                                                             "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
            if t.fsdp and world > 1 else {}))
-    trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collator, callbacks=[clock])
+    kwargs = {"processing_class": tok} if args.mode == "trl" else {"data_collator": collator}
+    trainer = trainer_class(model=model, args=targs, train_dataset=dataset, callbacks=[clock], **kwargs)
     # Tokens computed per epoch, padding included: the padded collator pads each batch to its longest row.
     order = "ours" if batches else "hf"
     if batches is None and args.mode == "padded":  # the Trainer's order: this rank's batches, as many on every rank

@@ -12,7 +12,9 @@ and schedule, 8 examples per process per step, 2 processes (torchrun, gloo, fp32
 
 - ours        `torchrun -m trainer finetune`: packed, variable-length attention, loss on labelled positions;
 - hf_padded   the Hugging Face Trainer + PEFT, DataCollatorForSeq2Seq, on our batches (bench/hf_baseline.py);
-- hf_flatten  the same Trainer with DataCollatorWithFlattening (padding-free, its own sampler order).
+- hf_flatten  the same Trainer with DataCollatorWithFlattening (padding-free, its own sampler order);
+- trl_packed  TRL's SFTTrainer with packing (best-fit decreasing into max_length rows), on our tokenized
+              examples and labels.
 
 Per recipe: held-out loss of the merged model (one evaluator for all: trainer.measure.perplexity on the
 held-out file), training seconds (the loop), process seconds, real tokens per second and peak RSS of
@@ -101,7 +103,7 @@ def main() -> int:
     p.add_argument("--work", default=str(ROOT / "bench" / "work" / "real"))
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--recipes", default="ours,hf_padded,hf_flatten")
+    p.add_argument("--recipes", default="ours,hf_padded,hf_flatten,trl_packed")
     p.add_argument("--output", default=str(ROOT / "bench" / "results" / "real-cpu.json"))
     args = p.parse_args()
     scale, run = _bench_module("scale"), _bench_module("run")
@@ -130,8 +132,9 @@ def main() -> int:
         if recipe == "ours":
             cmd = local.torchrun(args.nproc, "-m", "trainer", "finetune", "--config", str(cfg_path))
         else:
+            mode = "trl" if recipe == "trl_packed" else recipe.split("_")[1]
             cmd = local.torchrun(args.nproc, str(ROOT / "bench" / "hf_baseline.py"), "--config", str(cfg_path),
-                                 "--mode", recipe.split("_")[1], "--out", str(out))
+                                 "--mode", mode, "--out", str(out))
         print(f"==> {recipe}", flush=True)
         measured = scale.run(cmd, work / f"{recipe}.log", env={"LLM_FINETUNE_LOG_FORMAT": "plain"}, timeout=5400)
         if measured["rc"] != 0:
@@ -161,8 +164,10 @@ def main() -> int:
             "held_out_loss_ours_minus_hf_padded": round(ours["held_out_loss"] - hf["held_out_loss"], 4),
             "train_seconds_ours_over_hf_padded": round(ours["train_seconds"] / hf["train_seconds"], 3),
             "peak_rss_ours_over_hf_padded": round(ours["peak_rss_gib"] / hf["peak_rss_gib"], 3),
-            **({"train_seconds_ours_over_hf_flatten": round(ours["train_seconds"] / rec["hf_flatten"]["train_seconds"], 3)}
-               if "hf_flatten" in rec else {})}
+            **{f"train_seconds_ours_over_{k}": round(ours["train_seconds"] / rec[k]["train_seconds"], 3)
+               for k in ("hf_flatten", "trl_packed") if k in rec},
+            **{f"held_out_loss_ours_minus_{k}": round(ours["held_out_loss"] - rec[k]["held_out_loss"], 4)
+               for k in ("hf_flatten", "trl_packed") if k in rec}}
         results["quantized"] = [{"format": q["format"], "bits": q["bits"], "engine": q["engine"],
                                  "size_mb": round(q["size_bytes_after"] / 1e6, 1),
                                  "size_ratio": round(q["size_bytes_after"] / q["size_bytes_before"], 3),
