@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell cat $(LOCK) constraints.txt models.lock | sh
 # (no -march=native), library only; ~4 minutes on 2 cores, once: pip keeps the built wheel in its cache.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: setup lock etcd test test-fast demo bench bench-real bench-attention bench-data bench-scale bench-checkpoint bench-gpu llama-cpp clean
+.PHONY: setup lock etcd lint test test-fast demo bench bench-real bench-attention bench-data bench-scale bench-checkpoint bench-gpu llama-cpp clean
 
 # Idempotent: re-runs only when the lock changes. torch first, from the exact pin (the CPU wheel on
 # disk), so nothing resolves a newer (CUDA) build; then the lock file: every package at the exact
@@ -50,7 +50,11 @@ etcd:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server; \
 	  else echo "etcd not found: sudo apt-get install etcd-server (the etcd tests skip without it)"; fi; }
 
-test: setup etcd
+# Lint (ruff, settings in pyproject.toml): part of `make test`, so CI fails on a finding.
+lint: setup
+	$(PY) -m ruff check trainer infra bench tests __main__.py
+
+test: setup etcd lint
 	$(PY) -m pytest -q
 
 # The suite without the tests marked slow (the real-model tier, whole pipelines): a few minutes.

@@ -255,9 +255,9 @@ class Trainer(Run):
                                            "schedule": identity.schedule(cfg)})
                 except NonFiniteState as exc:
                     self._diverged(step, run, skipped, str(exc))
-                timing = self.ckpt.timing
-                self.log(f"saved checkpoint {path} ({timing.get('bytes', 0) / 1e9:.2f} GB: written in "
-                         f"{timing.get('write_seconds', 0):.1f} s, SHA-256 in {timing.get('hash_seconds', 0):.1f} s)")
+                saved = self.ckpt.timing  # not `timing` (the loop's bool: whether host clocks time the compute)
+                self.log(f"saved checkpoint {path} ({saved.get('bytes', 0) / 1e9:.2f} GB: written in "
+                         f"{saved.get('write_seconds', 0):.1f} s, SHA-256 in {saved.get('hash_seconds', 0):.1f} s)")
                 if not measured_space:  # the estimate replaced by the size of a real checkpoint
                     measured_space = True
                     size = D.on_main(d, lambda: self.ckpt.bytes_on_disk(path))

@@ -12,7 +12,7 @@ from trainer.train import finetune
 
 
 def _metrics(out):
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -155,3 +155,24 @@ def test_a_small_learning_rate_moves_bf16_weights_as_it_moves_fp32_weights(tmp_p
     assert changed["fp32"] > 0.5, changed
     assert changed["bf16"] >= 0.9 * changed["fp32"], changed
     assert changed["pure-bf16"] < 0.5 * changed["fp32"], changed
+
+
+def test_compute_timing_is_not_switched_by_a_checkpoint(tmp_path, tiny_model, flashcards_file, monkeypatch):
+    """The loop times forward and backward with host clocks on CPUs only (`timing`); saving a checkpoint
+    once rebound that name to the checkpointer's timing dict, so the choice flipped with the dict's
+    contents (an empty one stopped the timing: compute_seconds None on a CPU; a full one started it on a
+    GPU, where host clocks need syncs)."""
+    from trainer.checkpoint import Checkpointer
+
+    original = Checkpointer.save
+
+    def save_with_empty_timing(self, *args, **kwargs):
+        path = original(self, *args, **kwargs)
+        self.timing = {}
+        return path
+
+    monkeypatch.setattr(Checkpointer, "save", save_with_empty_timing)
+    out = tmp_path / "out"
+    summary = finetune(load_config(write_config(tmp_path / "c.yaml", tiny_model, flashcards_file, out,
+                                                training={"max_steps": 6, "save_steps": 2, "logging_steps": 2})))
+    assert summary["compute_seconds"] is not None and summary["compute_seconds"] > 0
