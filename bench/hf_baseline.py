@@ -62,7 +62,7 @@ def our_order(split, cfg, world: int) -> Optional[list[list[int]]]:
 def concatenate(exs, block: int):
     """group_texts: one stream of tokens (labels carried along, prompt masks kept), cut into blocks."""
     ids = np.concatenate([i for i, _ in exs])
-    labels = np.concatenate([l for _, l in exs])
+    labels = np.concatenate([lab for _, lab in exs])
     n = (len(ids) // block) * block
     return [{"input_ids": ids[i:i + block].tolist(), "labels": labels[i:i + block].tolist(), "attention_mask": [1] * block}
             for i in range(0, n, block)]
@@ -87,15 +87,15 @@ def main() -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     batches = our_order(split, cfg, world) if args.mode == "padded" and args.order == "ours" else None
     if args.mode == "padded":
-        rows = [{"input_ids": i.tolist(), "labels": l.tolist(), "attention_mask": [1] * len(i)} for i, l in exs]
+        rows = [{"input_ids": i.tolist(), "labels": lab.tolist(), "attention_mask": [1] * len(i)} for i, lab in exs]
         if batches:
             rows = [rows[j] for b in batches for j in b]
         collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
     elif args.mode == "trl":  # TRL's SFTTrainer with packing, on our tokenized examples and labels
-        rows = [{"input_ids": i.tolist(), "labels": l.tolist()} for i, l in exs]
+        rows = [{"input_ids": i.tolist(), "labels": lab.tolist()} for i, lab in exs]
         collator = None
     elif args.mode == "flatten":  # padding-free: a batch's examples in one row, position ids restarting
-        rows = [{"input_ids": i.tolist(), "labels": l.tolist()} for i, l in exs]
+        rows = [{"input_ids": i.tolist(), "labels": lab.tolist()} for i, lab in exs]
         collator = DataCollatorWithFlattening(return_position_ids=True)
     else:
         rows = concatenate(exs, cfg.data.max_seq_length)
@@ -156,7 +156,8 @@ def main() -> int:
         max_steps=t.max_steps, learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_steps or t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps, save_strategy="no", eval_strategy="no", report_to="none", seed=t.seed,
-        ddp_backend=("nccl" if cuda else "gloo") if world > 1 else None, use_cpu=not cuda, bf16=bf16, dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch_fused",
+        ddp_backend=("nccl" if cuda else "gloo") if world > 1 else None, use_cpu=not cuda, bf16=bf16,
+        dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch_fused",
         remove_unused_columns=False, include_num_input_tokens_seen="non_padding",
         train_sampling_strategy="sequential" if batches else "random", **extra,
         # training.fsdp: the Trainer's own FSDP2 (through accelerate), each decoder layer sharded as ours does.

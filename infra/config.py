@@ -377,8 +377,8 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
     for i, t in enumerate(res.get("tolerations") or []):
         if not isinstance(t, Mapping) or t.get("operator", "Equal") not in ("Equal", "Exists") \
                 or t.get("effect") not in (None, "", "NoSchedule", "PreferNoSchedule", "NoExecute"):
-            ctx.fail("resources.tolerations", f"entry {i} {t!r} is not a toleration: "
-                                               "{key, operator: Equal|Exists, value, effect: NoSchedule|PreferNoSchedule|NoExecute}")
+            ctx.fail("resources.tolerations", f"entry {i} {t!r} is not a toleration: {{key, operator: "
+                                               "Equal|Exists, value, effect: NoSchedule|PreferNoSchedule|NoExecute}")
         tolerations.append(Toleration(t.get("key"), t.get("operator", "Equal"), t.get("value"), t.get("effect") or None))
 
     storage = ctx.mapping("storage")

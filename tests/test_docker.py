@@ -42,7 +42,8 @@ def test_two_images():
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_every_copied_file_exists_and_is_not_ignored(dockerfile):
-    ignored = {l.strip() for l in (ROOT / ".dockerignore").read_text().splitlines() if l.strip() and not l.startswith("#")}
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    ignored = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
     for op, rest in instructions(dockerfile):
         if op == "COPY":
             parts = [p for p in shlex.split(rest) if not p.startswith("--")]

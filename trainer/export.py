@@ -146,7 +146,7 @@ def keep_unquantized_dtype(folder: Path, dtype: torch.dtype) -> int:
             for key in f.keys():
                 tensor = f.get_tensor(key)
                 if (tensor.is_floating_point() and tensor.dtype != dtype and tensor.element_size() > torch.empty(
-                        (), dtype=dtype).element_size() and not key.rsplit(".", 1)[-1] in _QUANTIZED_PARTS):
+                        (), dtype=dtype).element_size() and key.rsplit(".", 1)[-1] not in _QUANTIZED_PARTS):
                     tensor = tensor.to(dtype)
                     narrowed += 1
                 tensors[key] = tensor

@@ -12,7 +12,7 @@ from tests.integration.procs import etcd_server, start, stop, torchrun, wait
 
 
 def _loss_fell(out):
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r]
     return train[-1]["loss"] < train[0]["loss"] * 0.9, train
 
@@ -111,7 +111,7 @@ def test_two_nodes_rendezvous_over_etcd_v2(tmp_path, tiny_model, flashcards_file
         finally:
             for proc in agents:
                 stop(proc)
-    combined = "".join(l.read_text() for l in logs)
+    combined = "".join(log.read_text() for log in logs)
     assert "world 2 (backend gloo" in combined
     assert (out / "final" / "config.json").exists()
 
@@ -146,5 +146,5 @@ def test_killed_worker_is_survived_by_resuming(tmp_path, tiny_model, flashcards_
     resumed = int(text.split("resumed from checkpoint step ")[1].split()[0])
     assert resumed >= 10
     assert (out / "final" / "config.json").exists()
-    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 150  # continued, one row per logging step

@@ -37,7 +37,8 @@ GOOD = json.dumps({"instruction": "i", "input": "", "output": "o"}) + "\n"
     ("malformed-line", GOOD + '{"instruction": "x", "output"\n', {}, "data.jsonl:2: malformed JSON line"),
     ("empty", "", {}, "has no records"),
     ("columns", json.dumps({"question": "q", "answer": "a"}) + "\n", {}, "columns answer, question. Expected one of"),
-    ("lora-target", GOOD * 50, {"lora": {"enabled": True, "target_modules": ["c_attn"]}}, "lora.target_modules ['c_attn'] not found"),
+    ("lora-target", GOOD * 50, {"lora": {"enabled": True, "target_modules": ["c_attn"]}},
+     "lora.target_modules ['c_attn'] not found"),
     ("seq-len", GOOD * 50, {"data": {"max_seq_length": 16}}, "data.max_seq_length=16 is too small"),
     ("unknown-key", GOOD * 50, {"training": {"max_step": 5}}, "did you mean 'max_steps'"),
     # One process is a world of one: FSDP is refused there, never silently ignored.

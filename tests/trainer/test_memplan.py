@@ -193,7 +193,7 @@ def test_a_run_that_cannot_fit_is_refused_before_loading(tmp_path, flashcards_fi
     with memory_cgroup(int(0.9 * GIB)) as cg:
         result, _ = _finetune(cfg, cg)
     assert result.returncode == 2, result.stderr[-2000:]
-    lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "memory plan:" in lines[0] and "does not fit" in lines[0], result.stderr[-2000:]
     assert lines[0].count("Fix:") == 1 and "lora.enabled: true" in lines[0] and "resources.memory" in lines[0]
     assert "Loading weights" not in result.stderr and "Traceback" not in result.stderr

@@ -17,8 +17,9 @@ def test_prepare_validates_tokenizes_reports_and_the_run_uses_its_cache(tmp_path
     assert result.returncode == 0, result.stderr
     err = result.stderr
     assert "format instruction (detected from the columns)" in err
-    assert re.search(r"data: 600 records \(instruction\) -> 570 training examples, \d+ tokens \(\d+ trained\), \d+ truncated "
-                     r"to max_seq_length, 0 dropped, invalid skipped: 0 training, 0 validation; lengths p50 \d+, p90 \d+, p99 \d+, max 256", err), err
+    assert re.search(r"data: 600 records \(instruction\) -> 570 training examples, \d+ tokens \(\d+ trained\), \d+ "
+                     r"truncated to max_seq_length, 0 dropped, invalid skipped: 0 training, 0 validation; lengths p50 "
+                     r"\d+, p90 \d+, p99 \d+, max 256", err), err
     assert "validation: 30 examples" in err and "written" in err
     assert not (tmp_path / "out" / "checkpoints").exists()  # nothing trained
     train = run("finetune", "--config", str(cfg))

@@ -73,7 +73,7 @@ def collate(examples: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int, pack
     real = int(sum(lengths))
     if packing:
         ids = np.concatenate([i for i, _ in examples])
-        labels = np.concatenate([l for _, l in examples])
+        labels = np.concatenate([lab for _, lab in examples])
         positions = np.concatenate([np.arange(n) for n in lengths])
         return {"input_ids": torch.from_numpy(ids.astype(np.int64))[None],
                 "labels": torch.from_numpy(labels.astype(np.int64))[None],
@@ -82,9 +82,9 @@ def collate(examples: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int, pack
     ids = np.full((len(examples), width), pad_id, dtype=np.int64)
     labels = np.full((len(examples), width), IGNORE, dtype=np.int64)
     positions = np.empty((len(examples), width), dtype=np.int64)
-    for row, ((i, l), n) in enumerate(zip(examples, lengths)):
+    for row, ((i, lab), n) in enumerate(zip(examples, lengths)):
         ids[row, :n] = i
-        labels[row, :n] = l
+        labels[row, :n] = lab
         positions[row, :n] = np.arange(n)
         positions[row, n:] = np.arange(width - n)
     return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
