@@ -221,9 +221,10 @@ class TrainingConfig:
     eval_steps: Optional[int] = None
     """Evaluate every N steps (validation loss in metrics.jsonl); always once at the end."""
     eval_on_start: bool = True
-    """Evaluate the base model before the first step (a metrics.jsonl row at step 0, as the Hugging Face
-    Trainer's eval_on_start) and answer quantize.sample_prompts held-out prompts with it, so the report
-    shows what the fine-tune gained: validation loss before -> after, answers before and after."""
+    """Evaluate the base model before the first step (as the Hugging Face Trainer's eval_on_start) and answer
+    quantize.sample_prompts held-out prompts with it, so the report shows what the fine-tune gained:
+    validation loss before -> after (report.json training.eval_loss_before; the loss curve's step 0),
+    answers before and after."""
     seed: int = 42
     gradient_checkpointing: bool = False
     ddp_backend: Optional[Literal["gloo", "nccl", "ccl"]] = None

@@ -32,12 +32,16 @@ def plot_loss(out: Path) -> Optional[Path]:
     import matplotlib.pyplot as plt
 
     rows = read_metrics(path)
+    report = out / "report.json"
+    base = (json.loads(report.read_text()).get("training") or {}).get("eval_loss_before") if report.exists() else None
     timed = all("train_seconds" in r for r in rows) and rows
     fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(12 if timed else 7, 4), squeeze=False)
     for ax, x, label in ((axes[0][0], "step", "optimizer step"),
                          *(((axes[0][1], "train_seconds", "training time (s, evaluation excluded)"),) if timed else ())):
         train = [(r[x], r["loss"]) for r in rows if "loss" in r]
         evals = [(r[x], r["eval_loss"]) for r in rows if "eval_loss" in r]
+        if base is not None:  # the base model's, measured before the first step (training.eval_on_start)
+            evals = [(0, base)] + evals
         if train:
             ax.plot(*zip(*train), label="train loss", color="tab:blue")
         if evals:

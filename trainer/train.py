@@ -312,17 +312,15 @@ class Trainer(Run):
             self.precision.autocast(self.dist.device)))
 
     def _eval_on_start(self) -> dict[str, Any]:
-        """The base model's validation loss (a metrics.jsonl row at step 0) and its sample answers,
-        before the first step; kept in the checkpoints, so a resumed run still reports them."""
+        """The base model's validation loss and its sample answers, before the first step; kept in the
+        checkpoints, so a resumed run still reports them. Not a metrics.jsonl row: every row there is a
+        logging step with its training loss (the contract trackers and tools read); report.json has it
+        (training.eval_loss_before) and the loss curve plots it at step 0."""
         if not self.t.eval_on_start or len(self.data.val) == 0:
             return {}
         started = time.perf_counter()
         loss = self.evaluate()
         answers = self._answers()
-        row = {"step": 0, "epoch": 0.0, "eval_loss": loss, "eval_perplexity": _ppl(loss), "num_input_tokens_seen": 0}
-        self.metrics.write(row)
-        if self.trackers is not None:
-            self.trackers.log_row(row)
         self.log(f"base model before training: validation loss {loss:.4f} (perplexity {_ppl(loss):.2f}) on "
                  f"{len(self.data.val)} examples, {len(answers)} sample answers, "
                  f"{time.perf_counter() - started:.1f}s")
