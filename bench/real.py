@@ -86,6 +86,24 @@ def parameter_count(model: Path) -> int:
     return total
 
 
+def optimized_rtn(out: Path, cfg_path: Path, work: Path) -> dict:
+    """4-bit compressed-tensors once more, with AutoRound's optimized RTN in groups of 16 (the demo's
+    setting), on a copy of ours' output directory: its quantize section."""
+    scale = _bench_module("scale")
+    copy = work / "ours-opt-rtn"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints", "quantized*"))
+    cmd = [sys.executable, "-m", "trainer", "quantize", "--config", str(cfg_path), "--set", f"output_dir={copy}",
+           "--set", "quantize.algorithm=opt-rtn", "--set", "quantize.group_size=16", "--set", "quantize.also=[]"]
+    print("==> ours, 4-bit compressed-tensors with opt-rtn in groups of 16", flush=True)
+    measured = scale.run(cmd, work / "ours-opt-rtn.log", env={"LLM_FINETUNE_LOG_FORMAT": "plain"}, timeout=3600)
+    if measured["rc"] != 0:
+        raise SystemExit(f"opt-rtn quantize failed (exit {measured['rc']}); see {measured['log']}")
+    section = json.loads((copy / "report.json").read_text())["quantize"]
+    section["format"] = "compressed-tensors, opt-rtn g16"
+    return section
+
+
 def matmul_gflops(threads: int) -> float:
     """This machine's fp32 matmul rate with `threads` threads (the physical limit the tokens/s face)."""
     torch.set_num_threads(threads)
@@ -155,6 +173,8 @@ def main() -> int:
         row["mfu"] = round(row["tokens_per_second"] * 4 * params / 1e9 / limit, 3)
         results["recipes"][recipe] = row
         print(json.dumps({recipe: row}), flush=True)
+        if recipe == "ours":
+            quantized.append(optimized_rtn(out, cfg_path, work))
     base_cfg = write_config(model, train, held_out, work / "base", args, quantize=False)
     results["base_held_out_loss"] = run.eval_loss(model, base_cfg, held_out)
     rec = results["recipes"]
