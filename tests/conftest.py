@@ -16,7 +16,7 @@ os.environ["LLM_FINETUNE_LOG_FORMAT"] = "plain"
 
 
 # Device-aware tests: LLM_FINETUNE_DEVICE=cuda runs the tests that take the `device` fixture on the GPU
-# (and the CUDA-only ones, marked `cuda`, which skip without one); the default is the CPU.
+# (and the CUDA-only ones, which skip without one: needs_gpus below); the default is the CPU.
 DEVICE = os.environ.setdefault("LLM_FINETUNE_DEVICE", "cpu")  # inherited by every process a test starts
 
 

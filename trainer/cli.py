@@ -33,7 +33,8 @@ def parser() -> argparse.ArgumentParser:
                                    "statistics; optionally export a cleaned subset"),
                        ("evaluate", "perplexity, size, latency and sample generations of final/ (and quantized/), "
                                     "the base model or a checkpoint, on the validation data or a file"),
-                       ("quantize", "quantize final/ with Intel Neural Compressor into quantized/ and report")):
+                       ("quantize", "quantize final/ into quantize.format (AutoRound; INC for format inc) in quantized/, "
+                                    "each of quantize.also beside it, measured in its engine, and report")):
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("--config", required=True, metavar="FILE", help="trainer config YAML (the stack renders it)")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help=SET_HELP)

@@ -151,7 +151,7 @@ class Supervisor:
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_sigterm)
-        base = os.environ.get("PET_RDZV_ID") or os.environ.get("LLM_FINETUNE_RUN", "llm-finetune")
+        base = os.environ.get("PET_RDZV_ID") or "llm-finetune"
         # Trainer v2's torch runtime injects a static rendezvous (PET_MASTER_ADDR/PORT, PET_NODE_RANK).
         backend = os.environ.get("PET_RDZV_BACKEND") or ("static" if os.environ.get("PET_MASTER_ADDR") else "c10d")
         endpoint = os.environ.get("PET_RDZV_ENDPOINT", "")

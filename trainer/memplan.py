@@ -51,8 +51,6 @@ def workspace(compute_bytes: int, cuda: bool = False) -> int:
 # (fitted on Llama layers with torch.autograd.graph.saved_tensors_hooks; see bench/README.md).
 _ACT = {("lora", False): (25, 6), ("full", False): (36, 8), ("lora", True): (3, 0), ("full", True): (6, 0)}
 _LOSS_BYTES_PER_LOGIT = 10  # bf16 logits + their fp32 copy + its gradient
-_ATTENTION_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "c_attn", "query_key_value",
-                          "dense", "out_proj", "Wqkv", "c_proj"}
 
 
 _SUFFIX = {"Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40, "Pi": 2 ** 50, "Ei": 2 ** 60,

@@ -1,4 +1,5 @@
-"""The fine-tuning loop: load, prepare data, wrap, train with checkpoints, evaluate, save.
+"""The fine-tuning loop over a fine-tune built by trainer/run.py: measure the base, resume, step, log,
+evaluate, checkpoint, save final/ (then quantize, on rank 0).
 
     torchrun --nproc-per-node 2 -m trainer finetune --config config.yaml
 

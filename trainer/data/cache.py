@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from trainer.errors import UserError
+from trainer.atomic import sha256_file  # one implementation; the data module reads it from here too
 
 VERSION = 2  # bump when the encoding changes: old caches are then not reused
 MARKER = "COMPLETE"
@@ -124,7 +124,6 @@ class Split:
         return ids, np.where(mask.astype(bool), ids, -100)
 
 
-from trainer.atomic import sha256_file  # noqa: E402 - one implementation, re-exported for the data module
 
 
 def fingerprint(parts: dict[str, Any]) -> str:
@@ -201,6 +200,3 @@ def load(final: Path) -> tuple[Split, Split, dict]:
     val = Split(final / "val", meta["parts"]["val"])
     return train, val, meta
 
-
-def refuse_partial(final: Path) -> None:
-    raise UserError(f"the tokenized data cache {final} is incomplete; remove it (it is rebuilt)")
