@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import platform
 import shutil
@@ -85,7 +86,7 @@ def parameter_count(model: Path) -> int:
     for path in model.glob("*.safetensors"):
         with safe_open(str(path), "pt") as f:
             for key in f.keys():
-                total += f.get_slice(key).get_shape().__len__() and int(torch.Size(f.get_slice(key).get_shape()).numel())
+                total += math.prod(f.get_slice(key).get_shape())
     return total
 
 
