@@ -65,7 +65,7 @@ def prepare(out: Path, steps: int) -> tuple[Path, TrainerConfig]:
 def summary(report: dict[str, Any], seconds: float, cfg: TrainerConfig) -> str:
     """What the demo prints at the end: where things are, what was gained, what quantization cost, and
     the held-out questions answered by each model."""
-    from trainer.report import gain, sample_rows
+    from trainer.report import gain, quantized_sections, sample_rows
 
     t, q = report["training"], report["quantize"]
     lines = [f"==> done in {seconds:.0f}s",
@@ -78,7 +78,7 @@ def summary(report: dict[str, Any], seconds: float, cfg: TrainerConfig) -> str:
               "",
               f"    training           {t['steps']} steps on {t['world_size']} processes, {t['train_seconds']:.0f}s",
               f"    what it gained     {gain(report)}"]
-    for section in [q, *(report.get("quantize_also") or {}).values()]:
+    for section in quantized_sections(report):
         lines.append(f"    quantized          {section['format']} ({section['bits']}-bit) in {section['engine']}: "
                      f"{section['size_bytes_before'] / 1e6:.1f} MB -> {section['size_bytes_after'] / 1e6:.1f} MB, "
                      f"perplexity {section['perplexity_before']:.3f} -> {section['perplexity_after']:.3f} "

@@ -137,11 +137,15 @@ def sample_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def quantized_sections(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The quantize section and each of quantize_also's, in the order they were written."""
+    return ([report["quantize"]] if report.get("quantize") else []) + list((report.get("quantize_also") or {}).values())
+
+
 def stored_table(report: dict[str, Any]) -> Optional[str]:
     """Per written model: the bytes of the embeddings, the head, the layers and the norms, and how each is
     stored (trainer/quantsize.stored)."""
-    sections = [report["quantize"]] if report.get("quantize") else []
-    sections += list((report.get("quantize_also") or {}).values())
+    sections = quantized_sections(report)
     rows = []
     for i, q in enumerate(sections):
         if not q.get("stored"):
@@ -163,8 +167,7 @@ def stored_table(report: dict[str, Any]) -> Optional[str]:
 
 def formats_table(report: dict[str, Any]) -> Optional[str]:
     """quantize and quantize_also side by side: size, perplexity and generation speed per format."""
-    sections = [report["quantize"]] if report.get("quantize") else []
-    sections += list((report.get("quantize_also") or {}).values())
+    sections = quantized_sections(report)
     if len(sections) < 2:
         return None
     first = sections[0]
