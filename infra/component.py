@@ -142,21 +142,12 @@ class FineTuneJob(pulumi.ComponentResource):
 
         api = for_api(cfg.job_api)
         job = api.manifest(cfg)
-        job_with_claim = _with_claim(job, claim_name)
+        job_with_claim = self._linked(_with_claim(job, claim_name))
         job_spec = job_with_claim["spec"]
-        # Dependencies flow through outputs: the job references the ConfigMap and Secret by their
-        # created names, so it is submitted only after they exist.
-        for volumes in pod_volumes(job_with_claim):
-            for volume in volumes:
-                if "configMap" in volume:
-                    volume["configMap"] = {"name": self.config_map.metadata.apply(lambda m: m["name"])}
-                created = {"hf-token": self.secret, "tracking": self.tracking_secret}.get(volume["name"])
-                if "secret" in volume and created is not None:
-                    volume["secret"] = {**volume["secret"],
-                                        "secretName": created.metadata.apply(lambda m: m["name"])}
         self.runtime = None
         runtime = trainjob.runtime_manifest(cfg) if job["kind"] == "TrainJob" else None
         if runtime is not None:
+            runtime = self._linked(_with_claim(runtime, claim_name))
             # The TrainJob names it, so it must exist first: its name flows from the created object.
             self.runtime = k8s.apiextensions.CustomResource(
                 f"{name}-runtime", api_version=runtime["apiVersion"], kind=runtime["kind"],
@@ -189,6 +180,19 @@ class FineTuneJob(pulumi.ComponentResource):
         }
         self.register_outputs(self.outputs)
 
+    def _linked(self, manifest: dict) -> dict:
+        """Dependencies flow through outputs: the pod volumes name the ConfigMap and Secrets by their
+        created names, so the job (or runtime) is submitted only after they exist."""
+        for volumes in pod_volumes(manifest):
+            for volume in volumes:
+                if "configMap" in volume:
+                    volume["configMap"] = {"name": self.config_map.metadata.apply(lambda m: m["name"])}
+                created = {"hf-token": self.secret, "tracking": self.tracking_secret}.get(volume["name"])
+                if "secret" in volume and created is not None:
+                    volume["secret"] = {**volume["secret"],
+                                        "secretName": created.metadata.apply(lambda m: m["name"])}
+        return manifest
+
 
 def claim_options(cfg: StackConfig, parent: pulumi.Resource, name: str = "llm-finetune") -> pulumi.ResourceOptions:
     """retainOnDestroy: `pulumi destroy` leaves the claim (and the model on it) in the cluster, and a later
@@ -211,7 +215,7 @@ def _with_claim(manifest: dict, claim_name) -> dict:
     import copy
 
     manifest = copy.deepcopy(manifest)
-    if manifest["kind"] in ("PyTorchJob", "TrainJob"):
+    if manifest["kind"] in ("PyTorchJob", "TrainJob", "TrainingRuntime"):
         volume_lists = pod_volumes(manifest)
     elif manifest["kind"] == "Job":
         volume_lists = [manifest["spec"]["template"]["spec"]["volumes"]]

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from infra import quantity
 from trainer.config import (ConfigError, DataConfig, LoraConfig, QuantizeConfig, TrainerConfig,
                             TrackingConfig, TrainingConfig, key_lines, world_problem)
 
@@ -173,6 +174,10 @@ class StackConfig:
     """Kueue LocalQueue ('' : not queued): the kueue.x-k8s.io/queue-name label of the training job."""
     priority_class: str
     """PriorityClass of the worker pods ('' : the cluster's default)."""
+    workload_priority_class: str
+    """Kueue WorkloadPriorityClass ('' : none): the kueue.x-k8s.io/priority-class label of the job."""
+    active_deadline_seconds: int
+    """Seconds the job may run before its operator stops it (0: no deadline)."""
     tracker_secrets: tuple[str, ...]
     """Stack secrets holding tracker credentials (keys of TRACKER_SECRETS) that are set."""
     trainer: TrainerConfig = field(repr=False)
@@ -256,7 +261,11 @@ class _Ctx:
         if not isinstance(value, str) or not _QUANTITY.match(value.strip()):
             self.fail(key, f"{value!r} is not a Kubernetes quantity; write it like 16Gi, 512Mi, 8 or 500m "
                            "(binary suffixes Ki Mi Gi Ti, no space)")
-        return value.strip()
+        try:
+            # The form the API's Go clients write back (Kueue's update of a queued job): "2000m" -> "2".
+            return quantity.canonical(value)
+        except quantity.QuantityError as e:
+            self.fail(key, str(e))
 
     def mapping(self, key: str) -> Mapping[str, Any]:
         value = self.get(key)
@@ -436,7 +445,8 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
         ctx.fail("training", problem.replace("training.fsdp: false", "pulumi config set --path training.fsdp false")
                  .replace("(python -m trainer.launch --nproc-per-node 2 ..., or workers/procsPerWorker in the stack)",
                           "(pulumi config set workers 2, or procsPerWorker 2)"))
-    queue, priority = _scheduling(ctx, job_api, trainer_runtime)
+    queue, priority, workload_priority = _scheduling(ctx, job_api, trainer_runtime)
+    deadline = ctx.integer("activeDeadlineSeconds", 0)
     _trackers(ctx, trainer_cfg, tracker_secrets)
     if gpus == 0 and trainer_cfg.training.ddp_backend == "nccl":
         ctx.fail("training", "ddp_backend nccl needs GPUs; set resources.gpus or use gloo/ccl")
@@ -462,18 +472,35 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
         clean_pod_policy=clean, ttl_seconds_after_finished=ttl, has_token=has_token,
         job_api=job_api, trainer_runtime=trainer_runtime, run_id=run_id, run_hash=run_hash, grace_seconds=grace,
         launch_attempts=attempts, etcd_storage=etcd_storage, queue_name=queue, priority_class=priority,
+        workload_priority_class=workload_priority, active_deadline_seconds=deadline,
         tracker_secrets=tracker_secrets, trainer=trainer_cfg,
     )
 
 
-def _scheduling(ctx: _Ctx, job_api: str, trainer_runtime: str) -> tuple[str, str]:
-    """queueName (Kueue) and priorityClassName, validated as what they become: a label value and the
-    name of a PriorityClass object."""
+def _scheduling(ctx: _Ctx, job_api: str, trainer_runtime: str) -> tuple[str, str, str]:
+    """queueName (Kueue), priorityClassName and workloadPriorityClass, validated as what they become:
+    label values and the names of a PriorityClass and a WorkloadPriorityClass object."""
     queue = str(ctx.get("queueName") or "")
     if queue and (len(queue) > 63 or not _LABEL_VALUE.match(queue)):
         ctx.fail("queueName", f"{queue!r} is not a label value (Kueue reads the kueue.x-k8s.io/queue-name label): "
                               "at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or "
                               "digit. Fix: pulumi config set queueName <your LocalQueue> (kubectl get localqueues)")
+    if queue and job_api == "trainer-v2" and trainer_runtime != TORCH_RUNTIME:
+        ctx.fail("queueName", f"a queued TrainJob on your trainerRuntime {trainer_runtime!r} would carry the stack's pod "
+                              "settings as runtimePatches, which Kueue's start of the job may fail to reproduce (CEL "
+                              "'field is immutable': kubeflow/trainer#3888), leaving it suspended. Fix: pulumi config "
+                              "rm trainerRuntime (the stack's own runtime, built like torch-distributed, carries the "
+                              "pod), or pulumi config rm queueName")
+    workload_priority = str(ctx.get("workloadPriorityClass") or "")
+    if workload_priority:
+        # A label value (kueue.x-k8s.io/priority-class) that names a cluster-scoped object: both rules.
+        if len(workload_priority) > 63 or not _DNS1123_SUBDOMAIN.match(workload_priority):
+            ctx.fail("workloadPriorityClass", f"{workload_priority!r} is not a WorkloadPriorityClass name (lower-case "
+                                              "letters, digits, '-' and '.', at most 63). Fix: pulumi config set "
+                                              "workloadPriorityClass <name> (kubectl get workloadpriorityclasses)")
+        if not queue:
+            ctx.fail("workloadPriorityClass", "only Kueue reads it, and the job is not queued. Fix: pulumi config set "
+                                              "queueName <your LocalQueue>, or pulumi config rm workloadPriorityClass")
     priority = str(ctx.get("priorityClassName") or "")
     if priority:
         if len(priority) > 253 or not _DNS1123_SUBDOMAIN.match(priority):
@@ -489,7 +516,7 @@ def _scheduling(ctx: _Ctx, job_api: str, trainer_runtime: str) -> tuple[str, str
                                           "one the stack can copy. Fix: set priorityClassName in that runtime's "
                                           "pod template and pulumi config rm priorityClassName, or pulumi config "
                                           f"rm trainerRuntime")
-    return queue, priority
+    return queue, priority, workload_priority
 
 
 def _trackers(ctx: _Ctx, cfg: TrainerConfig, secrets: tuple[str, ...]) -> None:

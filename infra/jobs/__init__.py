@@ -21,8 +21,11 @@ def pod_volumes(manifest: dict) -> list[list[dict]]:
     """The volume lists of the worker pods a job manifest declares (to point them at created objects)."""
     if manifest["kind"] == "PyTorchJob":
         return [r["template"]["spec"]["volumes"] for r in manifest["spec"]["pytorchReplicaSpecs"].values()]
-    if manifest["kind"] == "TrainJob":
+    if manifest["kind"] == "TrainJob":  # its own runtime's pod, or the stack's patch of a user's runtime
         return [rj["template"]["spec"]["template"]["spec"]["volumes"]
-                for patch in manifest["spec"]["runtimePatches"]
+                for patch in manifest["spec"].get("runtimePatches", [])
                 for rj in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]]
+    if manifest["kind"] == "TrainingRuntime":
+        return [rj["template"]["spec"]["template"]["spec"]["volumes"]
+                for rj in manifest["spec"]["template"]["spec"]["replicatedJobs"]]
     raise ValueError(manifest["kind"])

@@ -73,6 +73,9 @@ def queue_run_policy(cfg: StackConfig) -> dict:
     if cfg.priority_class:
         # Also what the operator's gang scheduling (PodGroup) reads.
         policy["schedulingPolicy"] = {"priorityClass": cfg.priority_class}
+    if cfg.active_deadline_seconds:
+        # Counted from the job's start; at the deadline the operator deletes the pods (SIGTERM, grace period).
+        policy["activeDeadlineSeconds"] = cfg.active_deadline_seconds
     return policy
 
 

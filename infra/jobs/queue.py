@@ -12,13 +12,18 @@ from __future__ import annotations
 from infra.config import StackConfig
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Kueue's WorkloadPriorityClass (pkg/controller/constants: WorkloadPriorityClassLabel), read by both job integrations
+# before the pods' PriorityClass (jobframework.ExtractPriority).
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 
 
 def queued(cfg: StackConfig, meta: dict) -> dict:
-    """The Kueue queue label on the job object only: the data-access pod, etcd and the volume-prep job
+    """The Kueue labels on the job object only: the data-access pod, etcd and the volume-prep job
     are not training workloads and are never queued."""
     if cfg.queue_name:
         meta["labels"] = {**meta["labels"], QUEUE_LABEL: cfg.queue_name}
+    if cfg.workload_priority_class:
+        meta["labels"] = {**meta["labels"], PRIORITY_LABEL: cfg.workload_priority_class}
     return meta
 
 

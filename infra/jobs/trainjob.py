@@ -1,19 +1,35 @@
-"""Kubeflow Trainer v2: a TrainJob on the `torch-distributed` runtime running the same pod.
+"""Kubeflow Trainer v2: a TrainJob on a torch runtime running the same pod.
 
 The runtime's torch plugin injects the static rendezvous (PET_NNODES, PET_NPROC_PER_NODE,
 PET_NODE_RANK, PET_MASTER_ADDR = `<job>-node-0-0.<job>`, PET_MASTER_PORT = 29500), so torchrun — under
-the same launcher as on v1 — meets on node 0 with no etcd. Everything pod-level the runtime does not
-know (the shared volume, the config and token mounts, /dev/shm, node selection, the restricted
-security contexts, the grace period) arrives through `runtimePatches` on the `node` replicated job.
-The TrainJob's `spec.trainer` is immutable: any change replaces the TrainJob.
+the same launcher as on v1 — meets on node 0 with no etcd.
+
+Everything pod-level the TrainJob's `spec.trainer` cannot say (the shared volume, the config and token
+mounts, /dev/shm, node selection, the restricted security contexts, the grace period, the priority
+class) lives in a namespaced TrainingRuntime the stack renders, built like the `torch-distributed`
+ClusterTrainingRuntime; the TrainJob carries no `runtimePatches`. Why: Trainer v2.3's CRD makes
+`spec.trainer` and the runtimePatches pod fields immutable by CEL (`self == oldSelf`), and Kueue starts a
+queued TrainJob with a full Update of the object it decoded into Go types; whatever does not come back
+byte-equal (a defaulted or normalized container in a patch) fails its rule and the job stays suspended
+while its Workload shows admitted (kubeflow/trainer#3888, #3890; kueue#11931). Kueue's own patch (manager
+`kueue.x-k8s.io/manager`: node selectors, tolerations, scheduling gates) is the only one left, and
+`spec.trainer` holds only values that re-encode as written (canonical quantities: infra/quantity.py;
+no empty strings, lists or maps). The runtime is named after a hash of its spec, so a changed pod is a
+new runtime and a new TrainJob, never an in-place change to an object a running JobSet was built from.
+
+A cluster runtime of the user's own (`trainerRuntime`) is used as it is, with the pod-level settings in
+a runtime patch of the stack's; a queued job is refused there (config.py), since that patch is what Kueue's
+update may not reproduce.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import hashlib
+import json
+from typing import Any, Optional
 
 from infra.common import Names, labels, metadata
-from infra.config import StackConfig
+from infra.config import TORCH_RUNTIME, StackConfig
 from infra.jobs import pod, queue
 
 API_VERSION = "trainer.kubeflow.org/v1alpha1"
@@ -21,43 +37,56 @@ KIND = "TrainJob"
 CONTAINER = "node"  # the torch-distributed runtime's replicated job and container
 RESERVED_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
 PATCH_MANAGER = "llm-finetune.pulumi.com/stack"
-REPLACED_BY = ("spec",)  # runtimeRef, trainer and the pod-level patches are immutable
+REPLACED_BY = ("spec",)  # runtimeRef, trainer, activeDeadlineSeconds and the pod-level patches are immutable
+ANCESTOR_LABEL = "trainer.kubeflow.org/trainjob-ancestor-step"  # which replicated job gets spec.trainer
+
+
+def own_runtime(cfg: StackConfig) -> bool:
+    return cfg.trainer_runtime == TORCH_RUNTIME
+
+
+def trainer(cfg: StackConfig) -> dict:
+    """spec.trainer: what the torch plugin puts on the `node` container."""
+    container = pod.container(cfg, name=CONTAINER)
+    return {
+        "image": cfg.image,
+        "command": container["command"],
+        # Never a reserved name (the plugin sets them) and never the token (a mounted file).
+        "env": [e for e in container["env"] if e["name"] not in RESERVED_ENV],
+        "numNodes": cfg.workers,
+        # Explicit: without a GPU and without this the plugin starts one process per CPU.
+        "numProcPerNode": cfg.procs_per_worker,
+        "resourcesPerNode": container["resources"],
+    }
+
+
+def node_pod(cfg: StackConfig) -> dict:
+    """The `node` pod template the stack adds to the runtime: everything but what spec.trainer sets."""
+    container = pod.container(cfg, name=CONTAINER)
+    spec = pod.pod_spec(cfg)
+    spec["containers"] = [{"name": CONTAINER, "image": cfg.image, "imagePullPolicy": container["imagePullPolicy"],
+                           "volumeMounts": container["volumeMounts"],
+                           "securityContext": container["securityContext"]}]
+    return {"metadata": {"labels": labels(cfg.job_name, "worker")}, "spec": spec}
 
 
 def manifest(cfg: StackConfig) -> dict:
-    container = pod.container(cfg, name=CONTAINER)
-    pod_spec = pod.pod_spec(cfg)
-    patch_pod = {
-        "securityContext": pod_spec["securityContext"],
-        "terminationGracePeriodSeconds": pod_spec["terminationGracePeriodSeconds"],
-        "volumes": pod_spec["volumes"],
-        "containers": [{"name": CONTAINER, "volumeMounts": container["volumeMounts"],
-                        "securityContext": container["securityContext"]}],
-        **pod.placement(cfg),
-    }
-    spec = {
-        "runtimeRef": runtime_ref(cfg),
-        "trainer": {
-            "image": cfg.image,
-            "command": container["command"],
-            # Never a reserved name (the plugin sets them) and never the token (a mounted file).
-            "env": [e for e in container["env"] if e["name"] not in RESERVED_ENV],
-            "numNodes": cfg.workers,
-            # Explicit: without a GPU and without this the plugin starts one process per CPU.
-            "numProcPerNode": cfg.procs_per_worker,
-            "resourcesPerNode": container["resources"],
-        },
-        "runtimePatches": [{
+    spec: dict[str, Any] = {"runtimeRef": runtime_ref(cfg), "trainer": trainer(cfg)}
+    if not own_runtime(cfg):
+        node = node_pod(cfg)
+        patch_pod = {k: v for k, v in node["spec"].items() if k in (
+            "securityContext", "terminationGracePeriodSeconds", "volumes", "nodeSelector", "tolerations")}
+        patch_pod["containers"] = [{k: v for k, v in node["spec"]["containers"][0].items()
+                                    if k in ("name", "volumeMounts", "securityContext")}]
+        spec["runtimePatches"] = [{
             "manager": PATCH_MANAGER,
             "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
                 "name": CONTAINER,
-                "template": {"spec": {"template": {
-                    "metadata": {"labels": labels(cfg.job_name, "worker")},
-                    "spec": patch_pod,
-                }}},
+                "template": {"spec": {"template": {"metadata": node["metadata"], "spec": patch_pod}}},
             }]}}},
-        }],
-    }
+        }]
+    if cfg.active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = cfg.active_deadline_seconds
     if cfg.queue_name:
         spec["suspend"] = True  # Kueue (pkg/controller/jobs/trainjob) unsuspends it on admission
     return {
@@ -73,41 +102,44 @@ IGNORED_AFTER_CREATE = ("spec.suspend",)  # Kueue's to change: a later `pulumi u
 
 
 def runtime_ref(cfg: StackConfig) -> dict:
-    if cfg.priority_class:
-        return {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime", "name": Names(cfg.job_name).runtime}
+    if own_runtime(cfg):
+        return {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime", "name": runtime_name(cfg)}
     return {"name": cfg.trainer_runtime}
 
 
+def runtime_spec(cfg: StackConfig) -> dict:
+    return {
+        "mlPolicy": {"numNodes": 1, "torch": {}},
+        "template": {"spec": {"replicatedJobs": [{
+            "name": CONTAINER,
+            "template": {"metadata": {"labels": {ANCESTOR_LABEL: "trainer"}},
+                         "spec": {"template": node_pod(cfg)}},
+        }]}},
+    }
+
+
+def runtime_name(cfg: StackConfig) -> str:
+    """`<job>-runtime-<hash of its spec>`: a changed pod is a new runtime (runtimes are immutable by
+    design) and, through runtimeRef, a new TrainJob."""
+    digest = hashlib.sha256(json.dumps(runtime_spec(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{Names(cfg.job_name).runtime}-{digest}"
+
+
 def runtime_manifest(cfg: StackConfig) -> Optional[dict]:
-    """With priorityClassName: a namespaced TrainingRuntime built like the `torch-distributed`
-    ClusterTrainingRuntime (one replicated job `node`, container `node`, the torch plugin) whose pod
-    template carries the priority class. Why a runtime of our own: the v2.3 TrainJob's runtimePatches
-    have no priorityClassName, the Trainer copies the runtime's pod template into the JobSet (so the
-    kube-scheduler sees the class), and Kueue's TrainJob integration reads the priority from the
-    pod sets it builds from the runtime (jobframework.ExtractPriority), so queued jobs get the same
-    priority for admission and preemption. Everything else arrives from the TrainJob as without it."""
-    if not cfg.priority_class:
+    """The stack's TrainingRuntime, built like the `torch-distributed` ClusterTrainingRuntime (one
+    replicated job `node`, container `node`, the torch plugin) with the whole pod template. The Trainer
+    copies it into the JobSet (so the kube-scheduler sees the priority class), and Kueue's TrainJob
+    integration reads the pod sets, priority included, from it (jobframework.ExtractPriority)."""
+    if not own_runtime(cfg):
         return None
-    name = Names(cfg.job_name).runtime
     return {
         "apiVersion": API_VERSION,
         "kind": "TrainingRuntime",
-        "metadata": metadata(name, cfg.namespace, cfg.job_name, "training-runtime",
+        "metadata": metadata(runtime_name(cfg), cfg.namespace, cfg.job_name, "training-runtime",
                              labels={**labels(cfg.job_name, "training-runtime"),
+                                     # The Kubeflow SDK's TrainerClient needs it to read the runtime.
                                      "trainer.kubeflow.org/framework": "torch"}),
-        "spec": {
-            "mlPolicy": {"numNodes": 1, "torch": {}},
-            "template": {"spec": {"replicatedJobs": [{
-                "name": CONTAINER,
-                "template": {
-                    "metadata": {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}},
-                    "spec": {"template": {"spec": {
-                        "priorityClassName": cfg.priority_class,
-                        "containers": [{"name": CONTAINER, "image": cfg.image}],
-                    }}},
-                },
-            }]}},
-        },
+        "spec": runtime_spec(cfg),
     }
 
 

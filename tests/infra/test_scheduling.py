@@ -50,7 +50,7 @@ def test_without_a_queue_nothing_of_kueue_is_rendered(api):
     assert "suspend" not in job["spec"] and "suspend" not in job["spec"].get("runPolicy", {})
     assert not declared.options.ignore_changes
     assert "watchAdmission" not in rendered.outputs["commands"]
-    assert not rendered.of_kind("TrainingRuntime")
+    assert not [r.name for r in rendered.resources if "kueue.x-k8s.io" in json.dumps(r.inputs)]
 
 
 def test_pytorchjob_priority_in_the_pod_template_and_the_run_policy():
@@ -90,11 +90,42 @@ def test_trainjob_priority_through_a_training_runtime_of_the_stack():
     ({"priorityClassName": "system-node-critical"}, "priorityClassName", "cluster's own components"),
     ({"jobApi": "trainer-v2", "trainerRuntime": "torch-xeon", "priorityClassName": "low"}, "priorityClassName",
      "set priorityClassName in that runtime"),
+    ({"jobApi": "trainer-v2", "trainerRuntime": "torch-xeon", "queueName": "team-a"}, "queueName",
+     "field is immutable.*pulumi config rm trainerRuntime"),
+    ({"queueName": "team-a", "workloadPriorityClass": "Batch_Low"}, "workloadPriorityClass",
+     "not a WorkloadPriorityClass name"),
+    ({"workloadPriorityClass": "batch-low"}, "workloadPriorityClass", "the job is not queued"),
+    ({"activeDeadlineSeconds": -5}, "activeDeadlineSeconds", "must be >= 0, got -5"),
 ])
 def test_bad_queue_or_priority_is_refused_at_preview(raw, key, words):
     with pytest.raises(StackConfigError, match=words) as err:
         parse({**DS, **raw})
     assert f"'llm-finetune:{key}'" in str(err.value) and str(err.value).count("Fix:") == 1
+
+
+@pytest.mark.parametrize("api", sorted(APIS))
+def test_workload_priority_class_is_the_jobs_kueue_label(api):
+    rendered = render({**DS, "jobApi": api, "queueName": "team-a", "workloadPriorityClass": "batch-low"})
+    validate_all(rendered)
+    declared, job = _job(rendered, api)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "batch-low"
+    # Kueue's priority only: the pods keep the cluster's default scheduling priority.
+    assert all(spec.get("priorityClassName") is None for spec in pod_specs(rendered).values())
+    others = [r.name for r in rendered.resources if r is not declared and "priority-class" in json.dumps(r.inputs)]
+    assert others == []
+
+
+@pytest.mark.parametrize("api", sorted(APIS))
+def test_active_deadline_reaches_the_jobs_operator(api):
+    rendered = render({**DS, "jobApi": api, "activeDeadlineSeconds": 86400})
+    validate_all(rendered)
+    declared, job = _job(rendered, api)
+    where = job["spec"]["runPolicy"] if api == "training-operator-v1" else job["spec"]
+    assert where["activeDeadlineSeconds"] == 86400
+    _, without = _job(render({**DS, "jobApi": api}), api)
+    assert "activeDeadlineSeconds" not in json.dumps(without)
+    # Immutable on a TrainJob (CEL): a new deadline is a new job, as any spec change.
+    assert declared.options.replace_on_changes == ["spec"] if api == "trainer-v2" else True
 
 
 def test_trackers_get_their_settings_and_credentials_as_files():

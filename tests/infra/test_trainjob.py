@@ -6,8 +6,8 @@ import json
 import pytest
 
 from infra.config import StackConfigError, parse
-from tests.infra.harness import (ROOT, assert_pod_security, effective_trainjob_pod, pod_specs, render, stack_config,
-                                 validate_all, validate_trainjob)
+from tests.infra.harness import (ROOT, assert_pod_security, effective_trainjob_pod, pod_specs, render, runtimes,
+                                 stack_config, validate_all, validate_trainjob)
 
 V2 = {"jobApi": "trainer-v2", "dataset": {"name": "org/data"}, "storage": {"className": "nfs-rwx"}}
 TOKEN = "hf_TrainJobTokenNeverInEnv0123456789"
@@ -62,7 +62,7 @@ def test_the_pod_has_every_mount_the_pytorchjob_pod_has():
     v1 = render({**{k: v for k, v in V2.items() if k != "jobApi"}, "hfToken": TOKEN})
     v2 = render({**V2, "hfToken": TOKEN})
     worker = v1.one("PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
-    node = effective_trainjob_pod(v2.one("TrainJob"))
+    node = effective_trainjob_pod(v2.one("TrainJob"), runtimes(v2))
     c1, c2 = worker["containers"][0], next(c for c in node["containers"] if c["name"] == "node")
     assert c1["volumeMounts"] == c2["volumeMounts"]
     assert [v["name"] for v in worker["volumes"]] == [v["name"] for v in node["volumes"]]
@@ -105,15 +105,16 @@ def test_reserved_torchrun_variables_are_refused():
 
 
 def test_validators_are_not_vacuous():
-    job = _job(render(V2))
+    job = _job(render({**V2, "trainerRuntime": "torch-distributed-xeon"}))  # with the stack's runtime patch
     validate_trainjob(job)
     for mutate, words in (
         (lambda j: j["spec"]["trainer"].__setitem__("numProcsPerNode", 2), "numProcsPerNode"),
         (lambda j: j["spec"]["trainer"]["env"].append({"name": "PET_NODE_RANK", "value": "0"}), "reserves"),
         (lambda j: j["metadata"].__setitem__("name", "Bad_Name"), "RFC 1035"),
         (lambda j: j["spec"]["trainer"].pop("numProcPerNode"), "numProcPerNode"),
-        (lambda j: j["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
-         .__setitem__("name", "trainer"), "replicated job 'trainer'"),
+        (lambda j: (j["spec"].__setitem__("runtimeRef", {"name": "torch-distributed"}),
+                    j["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+                    .__setitem__("name", "trainer")), "replicated job 'trainer'"),
     ):
         broken = json.loads(json.dumps(job))
         mutate(broken)
