@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from trainer import distributed as D
-from trainer import identity, modeling, probes, samples
+from trainer import identity, kubeflow_status, modeling, probes, samples
 from trainer.checkpoint import NonFiniteState
 from trainer.config import TrainerConfig
 from trainer.data import collate
@@ -118,6 +118,10 @@ class Trainer(Run):
                       **{f"memory_plan.{k}": v for k, v in memplan.as_dict(self.memory).items()
                          if not isinstance(v, (dict, list))}}
             self.trackers = tracking.Trackers(cfg, params, step, self.log)
+        # On a TrainJob with the TrainJobStatus gate: progress in `kubectl get trainjob` (trainer/kubeflow_status.py).
+        status = kubeflow_status.from_env(self.log) if d.is_main else None
+        if status is not None:
+            self.log(f"TrainJob status: reporting progress to {status.url} (at most every {kubeflow_status.MIN_INTERVAL:.0f} s)")
         pad_id = self.tokenizer.pad_token_id
         window = {"loss": 0.0, "tokens": 0, "real": 0, "start": time.perf_counter()}
         first_step_seconds = None
@@ -223,6 +227,8 @@ class Trainer(Run):
                         self.trackers.log_row(row)
                     recent_rows = (recent_rows + [row])[-5:]
                     rewrite(cfg.out / PROGRESS_FILE, progress_text(recent_rows, p.total_steps))
+                    if status is not None:
+                        status.update(step, p.total_steps, row["eta_seconds"], {**row, "eval_loss": last_eval})
                 if d.is_main and plain_logs():
                     self.log(f"step {step}/{p.total_steps} loss {row['loss']:.4f} lr {row['learning_rate']:.3g} "
                              f"grad_norm {row['grad_norm']:.3g} tokens/s {row['tokens_per_second']:.0f}"
@@ -272,6 +278,10 @@ class Trainer(Run):
             rewrite(cfg.out / PROGRESS_FILE, progress_text(recent_rows, p.total_steps, state="trained"))
         train_seconds += time.perf_counter() - clock
         eval_loss = last_eval if last_eval_step == step else (self.evaluate() if len(self.data.val) else None)
+        if status is not None:  # the last update always goes out (bounded wait)
+            status.update(step, p.total_steps, 0.0, {**(recent_rows[-1] if recent_rows else {}), "eval_loss": eval_loss},
+                          final=True)
+            status.close()
         from trainer import memplan
 
         before = state["base_eval_loss"]
