@@ -272,7 +272,11 @@ def effective_trainjob_pod(job: dict, runtimes: Any = ()) -> dict:
 
 
 def validate_all(rendered: Rendered) -> None:
+    from tests.infra import cel
+
     for r in rendered.resources:
+        if r.kind in cel.CRDS:  # the CRD's CEL rules too (tests/infra/cel.py)
+            assert cel.validate(r.kind, r.manifest()) == [], r.name
         if r.kind == "PyTorchJob":
             validate_pytorchjob(r.manifest())
         elif r.kind == "TrainJob":
