@@ -53,6 +53,7 @@ etcd:
 # Lint (ruff, settings in pyproject.toml): part of `make test`, so CI fails on a finding.
 lint: setup
 	$(PY) -m ruff check trainer infra bench tests __main__.py
+	$(PY) -m mypy
 
 test: setup etcd lint
 	$(PY) -m pytest -q

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, cast
 
 import pulumi
 import pulumi_kubernetes as k8s
@@ -85,7 +85,7 @@ class FineTuneJob(pulumi.ComponentResource):
         spec = dict(pvc["spec"])
         if storage_class is not None:
             spec["storageClassName"] = storage_class.metadata.apply(lambda m: m["name"])
-        self.claim = k8s.core.v1.PersistentVolumeClaim(f"{name}-data", metadata=pvc["metadata"], spec=spec,
+        self.claim = k8s.core.v1.PersistentVolumeClaim(f"{name}-data", metadata=pvc["metadata"], spec=cast(Any, spec),
                                                        opts=claim_options(cfg, self, name))
         claim_name = self.claim.metadata.apply(lambda m: m["name"])
 
@@ -152,8 +152,7 @@ class FineTuneJob(pulumi.ComponentResource):
             self.runtime = k8s.apiextensions.CustomResource(
                 f"{name}-runtime", api_version=runtime["apiVersion"], kind=runtime["kind"],
                 metadata=runtime["metadata"], spec=runtime["spec"], opts=child)
-            job_spec["runtimeRef"] = {**job_spec["runtimeRef"],
-                                      "name": self.runtime.metadata.apply(lambda m: m["name"])}
+            job_spec["runtimeRef"] = {**job_spec["runtimeRef"], "name": _created_name(self.runtime)}
         depends = list(self.etcd) + after_prep  # etcd up, volume prepared; no output links them
         # A changed pod template, elastic policy or process count replaces the job (the operator would
         # ignore it); same name, so the old one goes first.
@@ -167,7 +166,7 @@ class FineTuneJob(pulumi.ComponentResource):
                 ignore_changes=list(api.IGNORED_AFTER_CREATE) if cfg.queue_name else None))
 
         self.outputs = {
-            "jobName": self.job.metadata.apply(lambda m: m["name"]),
+            "jobName": _created_name(self.job),
             "namespace": cfg.namespace,
             "volumeClaim": claim_name,
             "dataAccessPod": self.data_access.metadata.apply(lambda m: m["name"]),
@@ -192,6 +191,11 @@ class FineTuneJob(pulumi.ComponentResource):
                     volume["secret"] = {**volume["secret"],
                                         "secretName": created.metadata.apply(lambda m: m["name"])}
         return manifest
+
+
+def _created_name(resource: pulumi.CustomResource) -> pulumi.Output:
+    """metadata.name as the cluster has it (a CustomResource's outputs are untyped)."""
+    return cast(Any, resource).metadata.apply(lambda m: m["name"])
 
 
 def claim_options(cfg: StackConfig, parent: pulumi.Resource, name: str = "llm-finetune") -> pulumi.ResourceOptions:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import yaml
+from pulumi import RunError  # printed without a traceback
 
 from infra import quantity
 from trainer.config import (ConfigError, DataConfig, LoraConfig, QuantizeConfig, TrainerConfig,
@@ -27,13 +28,8 @@ from trainer.config import (ConfigError, DataConfig, LoraConfig, QuantizeConfig,
 PROJECT = "llm-finetune"
 ROOT = Path(__file__).resolve().parent.parent
 
-try:  # pulumi.RunError prints without a traceback; the pure parser also works without pulumi.
-    from pulumi import RunError as _Base
-except ImportError:  # pragma: no cover - pulumi is a hard dependency of the program
-    _Base = Exception
 
-
-class StackConfigError(_Base):
+class StackConfigError(RunError):
     """Bad stack config: names the key, where it is set and the fix."""
 
 

@@ -3,13 +3,15 @@ training.reportTo tensorboard, it also serves the job's TensorBoard events (to `
 
 from __future__ import annotations
 
+from typing import Any
+
 from infra.common import APP_UID, Names, container_security_context, metadata, pod_security_context
 from infra.config import DATA_MOUNT, StackConfig
 
 
 def data_access_pod_manifest(cfg: StackConfig) -> dict:
     names = Names(cfg.job_name)
-    pod = {
+    pod: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": metadata(names.data_access, cfg.namespace, cfg.job_name, "data-access"),

@@ -11,7 +11,7 @@ from infra.config import StackConfig
 def storage_class_manifest(cfg: StackConfig) -> Optional[dict]:
     """A StorageClass only when the stack asks for one (storage.createClass)."""
     s = cfg.storage
-    if not s.create_class:
+    if not s.create_class or not s.class_name:
         return None
     return {
         "apiVersion": "storage.k8s.io/v1",

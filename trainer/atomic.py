@@ -30,7 +30,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_with(path: Path, writer: Callable[[Path], None]) -> None:
+def write_with(path: Path, writer: Callable[[Path], object]) -> None:
     """`writer(tmp)` writes the new content at a temporary path; it then replaces `path` whole."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")

@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Optional
 
+from trainer import envvars
 from trainer.errors import UserError
 from trainer.preemption import Preempted
 
@@ -141,11 +142,13 @@ def plan(cfg, processes: int, workers: int, memory: Optional[str]) -> str:
     from trainer import gguf
     from trainer.data import cache_root
 
-    single = distributed.Dist(0, 0, 1, 1, None, None)
-    source = gguf.resolve_file(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.revision, modeling.read_token(),
-                               True)
-    if source is not None:  # the shape from the file's metadata; nothing dequantized
-        shape = memplan.Shape.from_config(gguf.config_dict(source))
+    import torch
+
+    single = distributed.Dist(0, 0, 1, 1, None, torch.device("cpu"))
+    gguf_path = gguf.resolve_file(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.revision,
+                                  modeling.read_token(), True)
+    if gguf_path is not None:  # the shape from the file's metadata; nothing dequantized
+        shape = memplan.Shape.from_config(gguf.config_dict(gguf_path))
     else:
         shape = memplan.read_shape(modeling.resolve(cfg.model, modeling.read_token(), single, cache_root(cfg)))
     precision = distributed.choose_precision(cfg.model.dtype, False)
@@ -216,7 +219,7 @@ def stop_torchrun_agent() -> None:
 
     if not os.environ.get("TORCHELASTIC_RUN_ID"):
         return
-    marker = os.environ.get("LLM_FINETUNE_INPUT_ERROR_FILE")
+    marker = os.environ.get(envvars.INPUT_ERROR_FILE)
     if marker:  # tells the pod's launcher to exit 2 (a permanent failure), not to retry
         try:
             open(marker, "a").close()

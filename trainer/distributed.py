@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from trainer import envvars
+
 
 def ccl_available() -> bool:
     return importlib.util.find_spec("oneccl_bindings_for_pytorch") is not None
@@ -221,7 +223,7 @@ def on_main(d: "Dist", fn):
 def use_cuda() -> bool:
     """CUDA when there is a GPU, unless LLM_FINETUNE_DEVICE=cpu (the test suite's default, so a GPU
     machine runs it as CI does; LLM_FINETUNE_DEVICE=cuda runs it on the GPU and insists on one)."""
-    wanted = os.environ.get("LLM_FINETUNE_DEVICE", "").strip().lower()
+    wanted = os.environ.get(envvars.DEVICE, "").strip().lower()
     if wanted == "cpu":
         return False
     if wanted.startswith("cuda") and not torch.cuda.is_available():

@@ -82,7 +82,7 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None, which: 
     model, tokenizer, path, label = load_model(cfg, which)
     evalset = EvalSet(cfg, tokenizer, str(path or cfg.model.name_or_path), data_file, log=log)
     log(f"evaluate: {label} on {evalset.limit} examples of {evalset.source}")
-    results = {label: measure(model, tokenizer, path, evalset, cfg.quantize.max_new_tokens)}
+    results: dict[str, Any] = {label: measure(model, tokenizer, path, evalset, cfg.quantize.max_new_tokens)}
     if which == "final" and (cfg.quantized_dir / "config.json").exists():
         from trainer.measure import load_quantized
 

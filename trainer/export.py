@@ -14,9 +14,10 @@ quantized/ with the commands that serve it.
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -103,9 +104,10 @@ def quantize_and_save(model, tokenizer, q: QuantizeConfig, group_size: int, cali
         shutil.move(str(found[0]), path)
         (target / "Modelfile").write_text(f"FROM ./{path.name}\n")
     else:
-        (config,) = [p.parent for p in staging.rglob("config.json")][:1] or [None]
-        if config is None:
+        configs = [p.parent for p in staging.rglob("config.json")]
+        if not configs:
             raise UserError(f"quantize: AutoRound wrote no model directory for {q.format}")
+        config = configs[0]
         for item in config.iterdir():
             shutil.move(str(item), target / item.name)
         narrowed = keep_unquantized_dtype(target, kept)
@@ -134,7 +136,6 @@ def keep_unquantized_dtype(folder: Path, dtype: torch.dtype) -> int:
     import json
 
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from trainer.atomic import write_with
 
@@ -151,7 +152,7 @@ def keep_unquantized_dtype(folder: Path, dtype: torch.dtype) -> int:
                     narrowed += 1
                 tensors[key] = tensor
         if narrowed:
-            write_with(path, lambda tmp, t=tensors, m=metadata: save_file(t, str(tmp), metadata=m))
+            write_with(path, functools.partial(_save_safetensors, tensors, metadata))
             changed += narrowed
     config = folder / "config.json"
     if changed and config.exists():
@@ -171,3 +172,9 @@ def serve_commands(fmt: str, path: Path, name: str) -> dict[str, str]:
                 "llama-server": f"llama-server -m {gguf} --port 8080"}
     return {"transformers": f"AutoModelForCausalLM.from_pretrained('{name}')",
             "vllm": f"vllm serve ./{name}"}
+
+
+def _save_safetensors(tensors: dict[str, Any], metadata: Optional[dict[str, str]], tmp: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp), metadata=metadata)

@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from trainer import envvars
+
 EXIT_INPUT_ERROR = 2
 EXIT_GAVE_UP = 1
 EXIT_PREEMPTED = 143
@@ -79,13 +81,13 @@ def rendezvous_id(base: str, backend: str, endpoint: str, deadline: float) -> st
 class Supervisor:
     def __init__(self, argv: list[str]):
         self.argv = argv
-        tmp = Path(os.environ.get("LLM_FINETUNE_RUN_DIR", "/tmp"))
+        tmp = Path(os.environ.get(envvars.RUN_DIR, "/tmp"))
         tmp.mkdir(parents=True, exist_ok=True)
         self.stop_file = tmp / "llm-finetune-stop"
         self.input_error = tmp / "llm-finetune-input-error"
         for stale in tmp.glob("llm-finetune-*"):  # left by this pod's previous attempt
             stale.unlink()
-        self.grace = float(os.environ.get("LLM_FINETUNE_GRACE_SECONDS", "30"))
+        self.grace = float(os.environ.get(envvars.GRACE_SECONDS, "30"))
         self.local_procs = int(os.environ.get("PET_NPROC_PER_NODE", "1") or 1)
         self.child: Optional[subprocess.Popen] = None
         self.preempted = False
@@ -155,12 +157,12 @@ class Supervisor:
         # Trainer v2's torch runtime injects a static rendezvous (PET_MASTER_ADDR/PORT, PET_NODE_RANK).
         backend = os.environ.get("PET_RDZV_BACKEND") or ("static" if os.environ.get("PET_MASTER_ADDR") else "c10d")
         endpoint = os.environ.get("PET_RDZV_ENDPOINT", "")
-        attempts = 1 if self.local_nproc else max(1, int(os.environ.get("LLM_FINETUNE_LAUNCH_ATTEMPTS", "3")))
+        attempts = 1 if self.local_nproc else max(1, int(os.environ.get(envvars.LAUNCH_ATTEMPTS, "3")))
         if self.local_nproc:  # the trainer sets its threads per process itself (torchrun warns when unset)
             os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // self.local_nproc)))
         env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-               "LLM_FINETUNE_STOP_FILE": str(self.stop_file),
-               "LLM_FINETUNE_INPUT_ERROR_FILE": str(self.input_error)}
+               envvars.STOP_FILE: str(self.stop_file),
+               envvars.INPUT_ERROR_FILE: str(self.input_error)}
         for attempt in range(1, attempts + 1):
             try:
                 rdzv = base if self.local_nproc else rendezvous_id(base, backend, endpoint, deadline=time.monotonic() + 600)

@@ -248,7 +248,7 @@ class GGUFModel:
 
     def _complete(self, prompt, new_tokens: int) -> tuple[str, int]:
         self.llm.reset()
-        out = self.llm.create_completion(prompt, max_tokens=new_tokens, temperature=0.0, top_k=1)
+        out: Any = self.llm.create_completion(prompt, max_tokens=new_tokens, temperature=0.0, top_k=1)
         return out["choices"][0]["text"], int(out["usage"]["completion_tokens"])
 
     def latency_ms_per_token(self, prompt_ids: list[int], new_tokens: int, repeats: int = 3) -> float:

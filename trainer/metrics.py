@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from trainer import envvars
+
 
 def plain_logs() -> bool:
     """Plain log lines in pods (the stack sets LLM_FINETUNE_LOG_FORMAT=plain) or without a TTY."""
-    return os.environ.get("LLM_FINETUNE_LOG_FORMAT") == "plain" or not sys.stderr.isatty()
+    return os.environ.get(envvars.LOG_FORMAT) == "plain" or not sys.stderr.isatty()
 
 
 class Logger:

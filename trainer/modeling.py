@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, cast
 
 import torch
 
+from trainer import envvars
 from trainer.config import LoraConfig, ModelConfig
 from trainer.errors import UserError
 
 
 def read_token() -> Optional[str]:
     """HF_TOKEN_PATH (the Secret mounted by the stack) first, then HF_TOKEN; never logged."""
-    path = os.environ.get("HF_TOKEN_PATH")
+    path = os.environ.get(envvars.TOKEN_PATH)
     if path:
         try:
             token = Path(path).read_text().strip()
@@ -39,6 +40,7 @@ def resolve(cfg: ModelConfig, token: Optional[str], d, cache_root: Optional[Path
 
         def dequantized() -> str:
             path = gguf.resolve_file(cfg.name_or_path, cfg.gguf_file, cfg.revision, token, d.is_main)
+            assert path is not None  # a GGUF source, checked above
             return gguf.as_model_dir(path, gguf_dtype(cfg), Path(cache_root), log if d.is_main else lambda m: None)
 
         return main_first(d, dequantized)
@@ -114,7 +116,7 @@ def load_model(path: str, dtype: torch.dtype, attn: str, device: torch.device):
     # No KV cache in training; it also matters for packing: transformers looks for packed sequences
     # (position_ids restarting at 0) only when there is no cache.
     model.config.use_cache = False
-    return model.to(device)
+    return cast(Any, model).to(device)
 
 
 def import_model_class(path) -> None:
@@ -147,7 +149,7 @@ def projection_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module
     """Every Linear or transformers Conv1D (GPT-2's fused projections) of the model, output head aside."""
     from transformers.pytorch_utils import Conv1D
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = cast(Any, model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head]
 
 
@@ -249,7 +251,7 @@ def merge_lora(model, dtype: torch.dtype):
     for module in model.modules():
         if isinstance(module, LoraLayer):
             base = module.get_base_layer()
-            held = base.weight.data
+            held = cast(torch.Tensor, base.weight).data
             base.weight.data = held.float()
             module.merge()
             merged = base.weight.data.to(dtype)
@@ -301,7 +303,7 @@ def save_final(model, tokenizer, final_dir: Path, adapter_dir: Optional[Path], d
     model.to(dtype).save_pretrained(str(tmp), safe_serialization=True)  # cast in place, tensor by tensor
     tokenizer.save_pretrained(str(tmp))
     for name in SOURCE_TOKENIZER_FILES if base_dir else ():
-        source = Path(base_dir) / name
+        source = Path(str(base_dir)) / name
         if source.is_file() and not (tmp / name).exists():
             shutil.copy2(source, tmp / name)
     # Swap in whole: a reader never sees a half-written final/.

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from trainer import envvars
+
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: what Kubernetes reports for a terminated container
 EXIT_RESTART = 75  # EX_TEMPFAIL: another pod was preempted; torchrun restarts this worker group
 
@@ -35,7 +37,7 @@ class StopRequest:
         self.local_rank = local_rank
         self.signalled = False
         self.in_loop = False
-        path = os.environ.get("LLM_FINETUNE_STOP_FILE")
+        path = os.environ.get(envvars.STOP_FILE)
         self.file = Path(path) if path else None
         try:
             signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -64,6 +66,7 @@ class StopRequest:
     def finish(self, reason: Optional[str], step: int) -> Preempted:
         """After the agreed save: the exception that ends this worker, with the right exit code."""
         if reason == "file":
+            assert self.file is not None  # "file" is the reason only when the launcher named one
             # The launcher waits for every local rank's marker, then stops torchrun, which ends us.
             _touch(self.file.with_name(f"{self.file.name}.saved.{self.local_rank}"))
             deadline = time.monotonic() + 600

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional, cast
 
 import torch
 
@@ -46,7 +46,7 @@ def layer_shape(module: torch.nn.Module) -> tuple[int, int]:
     """(inputs, outputs) of an nn.Linear or a transformers Conv1D (GPT-2; weight stored [in, out])."""
     if isinstance(module, torch.nn.Linear):
         return module.in_features, module.out_features
-    rows, cols = module.weight.shape
+    rows, cols = cast(torch.Tensor, module.weight).shape
     return rows, cols
 
 
@@ -158,7 +158,7 @@ def _owner(model: torch.nn.Module, key: str) -> tuple[str, torch.nn.Module]:
 
 
 def _kept_part(model: torch.nn.Module, module: torch.nn.Module, tensor: torch.Tensor) -> str:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = cast(Any, model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and module is head:
         return "lm_head"
     if isinstance(module, torch.nn.Embedding):
@@ -251,7 +251,7 @@ def saved_dtype(model_dir: str) -> Optional[torch.dtype]:
                 dtype = names.get(piece.get_dtype())
                 if dtype is not None:
                     count[dtype] = count.get(dtype, 0) + math.prod(piece.get_shape())
-    return max(count, key=count.get) if count else None
+    return max(count, key=lambda k: count[k]) if count else None
 
 
 # ---- what the written files hold: measured, per served format -------------------------------------

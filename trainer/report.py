@@ -146,7 +146,7 @@ def stored_table(report: dict[str, Any]) -> Optional[str]:
     """Per written model: the bytes of the embeddings, the head, the layers and the norms, and how each is
     stored (trainer/quantsize.stored)."""
     sections = quantized_sections(report)
-    rows = []
+    rows: list[Any] = []
     for i, q in enumerate(sections):
         if not q.get("stored"):
             continue

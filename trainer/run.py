@@ -9,7 +9,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, cast
 
 import numpy as np
 import torch
@@ -70,6 +70,7 @@ def step_batches(p: Plan, cfg: TrainerConfig, step: int, rank: int, world: int) 
         if r == rank:
             mine = [p.batches[int(b)] for b in ids]
         total += int(p.label_counts[ids].sum())
+    assert mine is not None  # rank < world
     return epoch, mine, total
 
 
@@ -123,7 +124,7 @@ class Run:
             raise UserError(problem)
         # One writer per output_dir, before anything in it is read or written.
         self.lock = OutputLock(cfg.out, log=self.log) if d.is_main else None
-        D.on_main(d, lambda: self.lock.acquire())
+        D.on_main(d, lambda: cast(OutputLock, self.lock).acquire())
         if t.trackers:  # a tracker that cannot be reached is refused now, not at step N
             from trainer import tracking
 
@@ -282,7 +283,8 @@ class Run:
         return int(total * width * (1.4 if self.cfg.quantize.enabled else 1.0)) + adapter
 
     def _optimizer(self, model) -> torch.optim.Optimizer:
-        decay, no_decay = [], []
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for p in model.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 else decay).append(p)

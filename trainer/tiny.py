@@ -13,7 +13,7 @@ import json
 import random
 import sys
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 # Medical-flavoured vocabulary so the synthetic flashcards look like the seed data and are learnable:
 # answers follow from the question by fixed rules the model can pick up in a few hundred steps.
@@ -65,7 +65,7 @@ def finance_alpaca(n: int, seed: int = 0) -> list[dict[str, str]]:
 def conversations(fmt: str, n: int, seed: int = 0) -> list[dict]:
     """Flashcard facts as multi-turn conversations (messages or ShareGPT) or prompt-completion pairs."""
     cards = flashcards(n * 2, seed=seed, long_tail=False)
-    out = []
+    out: list[dict[str, Any]] = []
     for i in range(n):
         a, b = cards[2 * i], cards[2 * i + 1]
         turns = [("user", a["input"]), ("assistant", a["output"]), ("user", b["input"]), ("assistant", b["output"])]

@@ -83,7 +83,7 @@ def check(cfg: TrainerConfig) -> None:
                 raise _refuse(name, f"{target} cannot be created ({exc.strerror})", "check output_dir") from None
         elif name == "mlflow":
             _credential(name)
-            _reachable(name, tr.mlflow_tracking_uri, "tracking.mlflow_tracking_uri")
+            _reachable(name, tr.mlflow_tracking_uri or "", "tracking.mlflow_tracking_uri")
         elif name == "wandb" and tr.wandb_mode == "online":
             key = _credential(name) or os.environ.get("WANDB_API_KEY")
             if not key:
@@ -164,7 +164,7 @@ class Trackers:
         token = _credential("mlflow")
         if token:
             os.environ[CREDENTIAL_ENV["mlflow"]] = token  # this process only; never in the pod spec
-        if tr.mlflow_tracking_uri.startswith("file:"):
+        if (tr.mlflow_tracking_uri or "").startswith("file:"):
             # MLflow 3 refuses its file store unless asked for explicitly; the config asked.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             self.log("tracking: MLflow file store (MLFLOW_ALLOW_FILE_STORE=true for this run)")

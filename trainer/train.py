@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 
@@ -38,13 +38,13 @@ class Trainer(Run):
 
     def __init__(self, cfg: TrainerConfig, dist: Optional[D.Dist] = None):
         super().__init__(cfg, dist)
-        self.trackers = None  # trainer/tracking.py's, opened by train() on rank 0
+        self.trackers: Any = None  # trainer/tracking.py's Trackers, opened by train() on rank 0
         self.finished = False  # final/ saved: the trackers close the run as finished
 
     # ---- resume ----------------------------------------------------------------------------
 
     def resume(self) -> dict[str, Any]:
-        fresh = {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "skipped_steps": 0, "base_eval_loss": None,
+        fresh: dict[str, Any] = {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "skipped_steps": 0, "base_eval_loss": None,
                  "base_samples": []}
         choice = self.t.resume_from_checkpoint
         if choice is None:
@@ -83,7 +83,7 @@ class Trainer(Run):
     def _archive_previous(self) -> None:
         """A fresh start in an output_dir holding another run's results moves them aside, whole."""
         out = self.cfg.out
-        names = ("checkpoints", "final", "adapter", "quantized", "metrics.jsonl", "report.json", "report.md",
+        names: tuple[str, ...] = ("checkpoints", "final", "adapter", "quantized", "metrics.jsonl", "report.json", "report.md",
                  "loss_curve.png", "quantization.png", "progress.txt", "tracking.json", "tensorboard", "wandb")
         names += tuple(sorted(p.name for p in out.glob("quantized-*")))  # quantize.also's formats
         present = [n for n in names if (out / n).exists() and not ((out / n).is_dir() and not any((out / n).iterdir()))]
@@ -175,7 +175,7 @@ class Trainer(Run):
             # The gradients are all-reduced, so every rank sees the same norm and takes the same branch.
             bad = (~torch.isfinite(grad_norm)).float()
             if self.skip_on_device:
-                self.optimizer.found_inf = bad  # fused AdamW skips the update on the device
+                setattr(self.optimizer, "found_inf", bad)  # fused AdamW skips the update on the device
                 self.optimizer.step()
             elif not bool(bad):
                 self.optimizer.step()
@@ -356,7 +356,7 @@ class Trainer(Run):
         batches = [order[b] for b in range(len(order))]
         mine = batches[d.rank::d.world_size]
         rounds = math.ceil(len(batches) / d.world_size)
-        loss, count = 0.0, 0
+        loss, count = 0.0, 0.0
         for i in range(rounds):
             # Every rank runs the same number of forwards (FSDP's collectives need it); extra ones weigh 0.
             batch = mine[i] if i < len(mine) else batches[0]
@@ -402,7 +402,7 @@ class Trainer(Run):
         elif d.is_main:
             model = D.unwrap(self.base)
             if hasattr(model, "_orig_mod"):
-                model = model._orig_mod
+                model = cast(torch.nn.Module, model._orig_mod)
             if not exact:
                 trained = {n: q.detach().float().clone() for n, q in model.named_parameters() if q.requires_grad}
                 model = None

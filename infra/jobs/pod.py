@@ -13,6 +13,7 @@ from infra.common import APP_UID, Names, container_security_context, pod_securit
 from infra.config import (CONFIG_MOUNT, DATA_MOUNT, TOKEN_KEY, TOKEN_MOUNT, TRACKER_SECRETS, TRACKING_MOUNT,
                           StackConfig)
 from infra.trainer_config import config_map_name
+from trainer import envvars
 from trainer.config import CREDENTIAL_FILES
 
 CONTAINER = "pytorch"  # the Training Operator requires this name; Trainer v2's torch runtime uses "node"
@@ -43,14 +44,14 @@ def env(cfg: StackConfig) -> list[dict]:
         "HF_HOME": f"{DATA_MOUNT}/cache/huggingface",  # downloads land on the shared volume, once
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "PYTHONUNBUFFERED": "1",
-        "LLM_FINETUNE_LOG_FORMAT": "plain",  # plain log lines in pods, a progress bar locally
+        envvars.LOG_FORMAT: "plain",  # plain log lines in pods, a progress bar locally
         # The launcher: how long a preempted pod has to save, and how often torchrun is started again.
-        "LLM_FINETUNE_GRACE_SECONDS": str(cfg.grace_seconds),
-        "LLM_FINETUNE_LAUNCH_ATTEMPTS": str(cfg.launch_attempts),
+        envvars.GRACE_SECONDS: str(cfg.grace_seconds),
+        envvars.LAUNCH_ATTEMPTS: str(cfg.launch_attempts),
     }
     if cfg.has_token:
         # huggingface_hub reads the token from this file; the value is never in the pod spec.
-        values["HF_TOKEN_PATH"] = f"{TOKEN_MOUNT}/{TOKEN_KEY}"
+        values[envvars.TOKEN_PATH] = f"{TOKEN_MOUNT}/{TOKEN_KEY}"
     for key in cfg.tracker_secrets:
         # Paths, not values: the trainer reads the credential from the mounted file (trainer/tracking.py).
         tracker, item = TRACKER_SECRETS[key]
@@ -74,13 +75,13 @@ def resources(cfg: StackConfig) -> dict:
 def volumes(cfg: StackConfig) -> tuple[list[dict], list[dict]]:
     """(pod volumes, container mounts): the shared claim, the trainer config, the token, /dev/shm, /tmp."""
     names = Names(cfg.job_name)
-    mounts = [
+    mounts: list[dict[str, Any]] = [
         {"name": "data", "mountPath": DATA_MOUNT},
         {"name": "trainer-config", "mountPath": CONFIG_MOUNT, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
-    vols = [
+    vols: list[dict[str, Any]] = [
         {"name": "data", "persistentVolumeClaim": {"claimName": names.claim}},
         {"name": "trainer-config", "configMap": {"name": config_map_name(cfg)}},
         # The container runtime's 64 MiB /dev/shm breaks collectives and data loading.

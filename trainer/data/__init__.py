@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import numpy as np
 
@@ -95,7 +95,7 @@ def _content(cfg: DataConfig, train: Source, val: Optional[Source]) -> str:
         if isinstance(src, HubDataset):
             parts.append(f"hub:{src.name}:{src.fingerprint()}")
         else:
-            parts.append(f"file:{C.sha256_file(Path(src.path))}")
+            parts.append(f"file:{C.sha256_file(Path(getattr(src, 'path')))}")
     return C.fingerprint({"content": parts})[:16]
 
 
@@ -148,7 +148,7 @@ def build_part(job: Job, tokenizer=None) -> dict:
             src.count()
     held = _held_out(job.n_train, cfg) if val_src is None else set()
     encoder = Encoder(tok, cfg)
-    out = {"stats": {}, "prompts": [], "error": None, "exported": []}
+    out: dict[str, Any] = {"stats": {}, "prompts": [], "error": None, "exported": []}
     writers = {"train": C.PartWriter(Path(job.build) / "train", job.part),
                "val": C.PartWriter(Path(job.build) / "val", job.part)}
     stats = {"train": C.Stats(), "val": C.Stats()}
@@ -177,7 +177,7 @@ def build_part(job: Job, tokenizer=None) -> dict:
                 if split == "val" and len(out["prompts"]) < PROMPTS_KEPT:
                     out["prompts"].append((item.index, *render_prompt(sample, tok, cfg)))
                 if job.export and split == "train" and len(out["exported"]) < (job.export_max or 1 << 62):
-                    out["exported"].append(export_record(sample, job.fmt, cfg, item.record))
+                    out["exported"].append(export_record(sample, job.fmt, cfg, cast(dict, item.record)))
             pending.clear()
 
         for item in src.read(lo, hi):
@@ -187,7 +187,7 @@ def build_part(job: Job, tokenizer=None) -> dict:
             sample = None
             if problem is None:
                 try:
-                    sample = normalize(item.record, job.fmt, cfg, coerce=coerce)
+                    sample = normalize(cast(dict, item.record), job.fmt, cfg, coerce=coerce)  # read: no error
                 except Invalid as bad:
                     problem = f"field {bad.field!r} {bad.message}"
             if problem is not None:
@@ -233,7 +233,9 @@ def prepare(cfg: DataConfig, tokenizer, model_path: str, token: Optional[str] = 
     """Tokenized train and validation splits of `cfg`, from the cache or built into it (collective)."""
     from trainer import distributed as D
 
-    d = dist or D.Dist(0, 0, 1, 1, None, None)
+    import torch
+
+    d = dist or D.Dist(0, 0, 1, 1, None, torch.device("cpu"))
     root = Path(cache_root or "cache")
     # Rank 0 first: it downloads a hub dataset into the shared cache and reads the files' content.
     train_src, val_src = D.main_first(d, lambda: open_sources(cfg, token))

@@ -12,7 +12,7 @@ same learning rate, make far fewer updates per epoch (bench/ measured it).
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -25,7 +25,7 @@ class BatchOrder:
     fit `token_budget` tokens (at least one), so every micro-batch carries about the same work.
     Memory: one index per example."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, lengths: np.ndarray = None, token_budget: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int, lengths: Optional[np.ndarray] = None, token_budget: int = 0):
         self.perm = np.random.default_rng(seed).permutation(n)
         if token_budget and n:
             starts, used = [0], 0
@@ -56,7 +56,7 @@ def epoch_order(num_batches: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng(seed * 1000003 + epoch).permutation(num_batches)
 
 
-def shard(order: Sequence[int], rank: int, world: int) -> np.ndarray:
+def shard(order: Sequence[int] | np.ndarray, rank: int, world: int) -> np.ndarray:
     """This rank's batches; every rank gets the same count (the remainder is dropped)."""
     per_rank = len(order) // world
     return np.asarray(order[rank * per_rank:(rank + 1) * per_rank]) if world > 1 else np.asarray(order)

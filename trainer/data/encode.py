@@ -83,11 +83,11 @@ class Encoder:
                 out[i].append(self._finish(self.bos + ids, self.eos, prompt_trained=True))
         if chats:
             if self.template:
-                for (i, s) in chats:
-                    out[i].extend(self._templated(s))
+                for (i, chat) in chats:
+                    out[i].extend(self._templated(chat))
             else:
-                for (i, s) in chats:
-                    out[i].append(self._llama2(s))
+                for (i, chat) in chats:
+                    out[i].append(self._llama2(chat))
         return out
 
     def _ids(self, texts: list[str]) -> list[list[int]]:

@@ -245,7 +245,8 @@ def _looks_like_json_lines(text: str) -> bool:
 
 def _bad_bytes(raw: bytes) -> list[tuple[int, int, int]]:
     """(line, column, byte) of every byte that is not UTF-8, in order."""
-    out, start = [], 0
+    out: list[tuple[int, int, int]] = []
+    start = 0
     while True:
         try:
             raw[start:].decode("utf-8")
@@ -448,11 +449,13 @@ def open_sources(cfg: DataConfig, token: Optional[str]) -> tuple[Source, Optiona
     if cfg.file:
         train: Source = open_file(cfg.file, cfg.field, cfg.file_wait_seconds, cfg.file_settle_seconds)
     else:
+        assert cfg.dataset, "data.file or data.dataset: trainer/config.py refuses a config with neither"
         train = HubDataset(cfg.dataset, cfg.dataset_config, cfg.split, token)
     val: Optional[Source] = None
     if cfg.validation_file:
         val = open_file(cfg.validation_file, cfg.field, cfg.file_wait_seconds, cfg.file_settle_seconds)
     elif cfg.validation_split:
+        assert cfg.dataset, "data.validation_split names a split of data.dataset (trainer/config.py)"
         val = HubDataset(cfg.dataset, cfg.dataset_config, cfg.validation_split, token)
     return train, val
 
