@@ -10,13 +10,13 @@ from __future__ import annotations
 import http.server
 import json
 import re
-import threading
 import urllib.parse
 
 import pytest
 from kubernetes.client import Configuration
 
 from tests.infra.harness import effective_trainjob_pod, render, runtimes
+from tests.local_http import serving
 
 NS, JOB = "ml", "tj"
 GPUS = {"image": "ghcr.io/x/trainer-cuda:1.0", "procsPerWorker": 4, "workers": 3,
@@ -102,16 +102,7 @@ class FakeApiServer:
                 pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(10)
 
 
 def _client(server: FakeApiServer):
@@ -125,7 +116,7 @@ def _client(server: FakeApiServer):
 @pytest.mark.parametrize("raw", [{}, GPUS], ids=["cpu", "gpus"])
 def test_the_sdk_lists_shows_and_reads_logs_of_our_trainjob(raw):
     cluster = _cluster(raw)
-    with FakeApiServer(cluster) as server:
+    with serving(FakeApiServer(cluster)) as server:
         client = _client(server)
         (listed,) = client.list_jobs()
         job = client.get_job(JOB)
@@ -148,6 +139,6 @@ def test_without_the_framework_label_the_sdk_cannot_read_the_runtime():
     """The label is what the SDK needs (not decoration): without it get_job fails."""
     cluster = _cluster({})
     del cluster["runtime"]["metadata"]["labels"]["trainer.kubeflow.org/framework"]
-    with FakeApiServer(cluster) as server:
+    with serving(FakeApiServer(cluster)) as server:
         with pytest.raises(RuntimeError):
             _client(server).get_job(JOB)

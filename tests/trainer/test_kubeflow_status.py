@@ -9,7 +9,6 @@ import http.server
 import json
 import socket
 import ssl
-import threading
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from tests.conftest import write_config
 from tests.infra import cel
+from tests.local_http import serving
 from trainer import kubeflow_status
 from trainer.config import load_config
 from trainer.train import finetune
@@ -120,16 +120,7 @@ class StatusServer:
         context.load_cert_chain(cert, key)
         self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self.url = f"https://127.0.0.1:{self.httpd.server_address[1]}{PATH}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(10)
 
 
 def _env(server: StatusServer, token_file: Path) -> dict:
@@ -147,7 +138,7 @@ def _wait(predicate, seconds=15.0):
 def test_a_training_run_reports_progress_loss_and_time_left(tmp_path, tiny_model, flashcards_file, monkeypatch):
     token = tmp_path / "token"
     token.write_text("projected-token-1\n")
-    with StatusServer(tmp_path, token) as server:
+    with serving(StatusServer(tmp_path, token)) as server:
         for k, v in _env(server, token).items():
             monkeypatch.setenv(k, v)
         monkeypatch.setattr(kubeflow_status, "MIN_INTERVAL", 0.0)  # every logged row, for the test
@@ -168,7 +159,7 @@ def test_rate_limit_the_final_update_and_a_rotated_token(tmp_path, monkeypatch):
     token = tmp_path / "token"
     token.write_text("first")
     logs: list[str] = []
-    with StatusServer(tmp_path, token) as server:
+    with serving(StatusServer(tmp_path, token)) as server:
         reporter = kubeflow_status.from_env(logs.append, _env(server, token))
         assert reporter is not None
         reporter.update(1, 100, 99.0, {"loss": 2.5})
@@ -213,7 +204,7 @@ def test_a_slow_server_never_holds_a_step(tmp_path):
     token = tmp_path / "token"
     token.write_text("t")
     logs: list[str] = []
-    with StatusServer(tmp_path, token, delay=kubeflow_status.TIMEOUT + 3) as server:
+    with serving(StatusServer(tmp_path, token, delay=kubeflow_status.TIMEOUT + 3)) as server:
         reporter = kubeflow_status.from_env(logs.append, _env(server, token))
         start = time.monotonic()
         reporter.update(1, 10, 9.0, {"loss": 1.0}, final=True)
