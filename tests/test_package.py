@@ -1,0 +1,22 @@
+"""The project is an installed package: `make setup` installs it (editable) with its two commands."""
+
+import importlib.metadata
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_installed_with_its_commands_and_from_this_tree():
+    dist = importlib.metadata.distribution("llm-finetune")
+    scripts = {e.name: e.value for e in dist.entry_points if e.group == "console_scripts"}
+    assert scripts == {"llm-finetune": "trainer.cli:main", "llm-finetune-launch": "trainer.launch:main"}
+    import infra.config
+    import trainer.cli
+
+    assert Path(trainer.cli.__file__).resolve().is_relative_to(ROOT)  # editable: this tree, not a copy
+    assert Path(infra.config.__file__).resolve().is_relative_to(ROOT)
+    exe = Path(sys.executable).parent / "llm-finetune"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120, cwd="/")
+    assert out.returncode == 0 and "finetune" in out.stdout
