@@ -576,11 +576,11 @@ def _trainer_config(ctx: _Ctx, job_name: str, run_id: str) -> tuple[TrainerConfi
         ctx.fail(stack_key, f"invalid trainer config: {msg}")
     # One run, one directory: a changed config (or runId) trains afresh beside the earlier runs,
     # whose results stay where they are; an unchanged one resumes its own checkpoints.
-    run_hash = run_identity(cfg, run_id)
+    run_hash = run_hash_of(cfg, run_id)
     return dataclasses.replace(cfg, output_dir=f"{DATA_MOUNT}/output/{job_name}/{run_hash}"), run_hash
 
 
-def run_identity(cfg: TrainerConfig, run_id: str) -> str:
+def run_hash_of(cfg: TrainerConfig, run_id: str) -> str:
     """8 hex digits of SHA-256 over the whole trainer config (output_dir aside) and runId. Where the
     metrics go (training.report_to, tracking) is not what is trained: adding a tracker to a running
     stack resumes the same run."""

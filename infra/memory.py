@@ -56,10 +56,10 @@ def model_config(name_or_path: str, revision: Optional[str] = None) -> tuple[Opt
 class Check:
     summary: str  # one line for the stack output
     warning: Optional[str] = None
-    per_process: Optional[memplan.Plan] = None
+    per_process: Optional[memplan.MemoryPlan] = None
 
 
-def plan_for(trainer_cfg, config: dict, workers: int, procs: int, gpus: int) -> memplan.Plan:
+def plan_for(trainer_cfg, config: dict, workers: int, procs: int, gpus: int) -> memplan.MemoryPlan:
     shape = memplan.Shape.from_config(config)
     # model.dtype auto: bf16 where the hardware has it; planned as fp32 compute (the larger) on CPUs,
     # as bf16 on GPUs (every GPU this product targets has bf16).

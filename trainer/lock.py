@@ -29,7 +29,7 @@ from trainer.errors import UserError
 LOCK = ".lock"
 
 
-def run_identity() -> str:
+def holder_identity() -> str:
     """The run this process belongs to: torchrun's rendezvous id (shared by every restart and every
     pod of one job), else this process."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
@@ -52,7 +52,7 @@ class OutputLock:
     def __init__(self, out_dir: Path, identity: Optional[str] = None, ttl: float = 90.0, heartbeat: float = 15.0,
                  log=print):
         self.path = Path(out_dir) / LOCK
-        self.identity = identity or run_identity()
+        self.identity = identity or holder_identity()
         self.ttl = ttl
         self.heartbeat = heartbeat
         self.log = log

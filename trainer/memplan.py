@@ -163,7 +163,7 @@ class Setting:
 
 
 @dataclass
-class Plan:
+class MemoryPlan:
     """Bytes per term, for one process; `peak` is the largest of the load, train and quantize stages."""
 
     terms: dict[str, int]
@@ -183,7 +183,7 @@ class Plan:
         return f"{self.peak / GIB:.1f} GiB per process ({stages}): {parts}"
 
 
-def estimate(shape: Shape, s: Setting, runtime: int = DEFAULT_RUNTIME) -> Plan:
+def estimate(shape: Shape, s: Setting, runtime: int = DEFAULT_RUNTIME) -> MemoryPlan:
     n = shape.params
     shard = s.world if s.fsdp else 1
     trainable = s.lora_trainable if s.lora else n
@@ -218,7 +218,7 @@ def estimate(shape: Shape, s: Setting, runtime: int = DEFAULT_RUNTIME) -> Plan:
     load_bytes = s.frozen_bytes if s.lora else s.master_bytes
     load = runtime + n * load_bytes + (0 if load_bytes == shape.saved_bytes else shape.largest_shard)
     quantize = quantize_bytes(shape, runtime, s.save_bytes, s.quantize_bits) if s.quantize else 0
-    return Plan(terms, load, train, quantize, s)
+    return MemoryPlan(terms, load, train, quantize, s)
 
 
 def quantize_bytes(shape: Shape, runtime: int, save_bytes: int, bits: int = 4) -> int:
@@ -308,11 +308,11 @@ def available_memory(local_processes: int, current_rss: int, cuda_free: Optional
 
 @dataclass
 class Decision:
-    plan: Plan
+    plan: MemoryPlan
     budget: int
     source: str
     fits: bool
-    turned_on_checkpointing: Optional[Plan] = None  # the plan without checkpointing, when it was turned on
+    turned_on_checkpointing: Optional[MemoryPlan] = None  # the plan without checkpointing, when it was turned on
 
     def log_line(self) -> str:
         line = f"memory plan: {self.plan.describe()}; can have {self.budget / GIB:.1f} GiB ({self.source})"

@@ -42,7 +42,7 @@ def sequence_kwargs(position_ids: torch.Tensor, device: Optional[torch.device] =
 
 
 @dataclass(frozen=True)
-class Plan:
+class PackingPlan:
     packing: str
     full_logits: bool
     leak: Optional[float]
@@ -141,7 +141,7 @@ def _measure(fn, *args, **kwargs) -> float:
 
 @torch.no_grad()
 def run(loss_module, requested_packing: Optional[bool], device: torch.device, varlen: bool = False,
-        longest: Optional[int] = None) -> Plan:
+        longest: Optional[int] = None) -> PackingPlan:
     """Measure on the model and choose: packing path and loss path (see the module docstring).
     `varlen`: try variable-length attention first (trainer/attention.py), kept only where exact;
     `longest`: the longest example training may see (data.max_seq_length)."""
@@ -195,12 +195,12 @@ def run(loss_module, requested_packing: Optional[bool], device: torch.device, va
                                     "micro-batch on this model) or false")
                 else:
                     packing = PADDED
-            return Plan(packing, full, measured, gap, tol, note if requested_packing is not False else None)
+            return PackingPlan(packing, full, measured, gap, tol, note if requested_packing is not False else None)
     finally:
         model.train(was_training)
 
 
-def describe(plan: Plan, model_name: str) -> list[str]:
+def describe(plan: PackingPlan, model_name: str) -> list[str]:
     """The log lines that say which path was taken and why."""
     if plan.packing == PACKED:
         pack = (f"packing: examples packed padding-free; probe: an example's logits alone and packed differ by "

@@ -29,7 +29,7 @@ from trainer.preemption import StopRequest
 
 
 @dataclass
-class Plan:
+class StepPlan:
     """Which micro-batches each rank runs, and the global label-token count of every step."""
 
     batches: BatchOrder
@@ -39,7 +39,7 @@ class Plan:
     total_steps: int
 
 
-def plan(split: Split, cfg: TrainerConfig, world: int) -> Plan:
+def plan(split: Split, cfg: TrainerConfig, world: int) -> StepPlan:
     t = cfg.training
     batches = BatchOrder(len(split), t.per_device_train_batch_size, t.seed, split.lengths, t.tokens_per_micro_batch)
     micro_per_epoch = len(batches) // world
@@ -51,10 +51,10 @@ def plan(split: Split, cfg: TrainerConfig, world: int) -> Plan:
                         "training.per_device_train_batch_size / gradient_accumulation_steps")
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
     # Labels are shifted by one inside the loss: an example's first token is never a target.
-    return Plan(batches, batches.counts(split.trained), micro_per_epoch, steps_per_epoch, total)
+    return StepPlan(batches, batches.counts(split.trained), micro_per_epoch, steps_per_epoch, total)
 
 
-def step_batches(p: Plan, cfg: TrainerConfig, step: int, rank: int, world: int) -> tuple[int, list[np.ndarray], int]:
+def step_batches(p: StepPlan, cfg: TrainerConfig, step: int, rank: int, world: int) -> tuple[int, list[np.ndarray], int]:
     """(epoch, this rank's micro-batches, global label tokens) of optimizer step `step` (0-based).
 
     Every rank holds the same seeded order, so each can compute the global token count of a step

@@ -132,7 +132,7 @@ class Trainer(Run):
         train_seconds = state["train_seconds"]  # training time so far, evaluation excluded
         clock = time.perf_counter()
         # Non-finite steps, counted on the device (read at logging and save steps, the only syncs).
-        bad_run = torch.zeros((), device=d.device)
+        bad_streak = torch.zeros((), device=d.device)
         bad_total = torch.zeros((), device=d.device)
         skipped_before = state["skipped_steps"]
         measured_space = False
@@ -179,7 +179,7 @@ class Trainer(Run):
                 self.optimizer.step()
             elif not bool(bad):
                 self.optimizer.step()
-            bad_run = (bad_run + 1) * bad
+            bad_streak = (bad_streak + 1) * bad
             bad_total += bad
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -201,9 +201,9 @@ class Trainer(Run):
             if step % t.logging_steps == 0 or last or do_eval or save:
                 # The host-device syncs of the loop: at logging and save steps only.
                 loss_total, real_total = d.all_reduce_sum([float(window["loss"]), float(window["real"])])
-                run, skipped = int(bad_run), skipped_before + int(bad_total)
-                if run > t.max_nonfinite_steps:
-                    self._diverged(step, run, skipped)
+                streak, skipped = int(bad_streak), skipped_before + int(bad_total)
+                if streak > t.max_nonfinite_steps:
+                    self._diverged(step, streak, skipped)
                 tokens_seen += int(real_total)
                 now = time.perf_counter()
                 train_seconds += now - clock
@@ -246,8 +246,8 @@ class Trainer(Run):
                                  every_rank=True)
                     else:
                         self.log(f"stop requested on another pod at step {step}: saving a checkpoint")
-                if run:
-                    self.log(f"not saving step {step}: its last {run} step(s) had a non-finite loss or gradient")
+                if streak:
+                    self.log(f"not saving step {step}: its last {streak} step(s) had a non-finite loss or gradient")
                     if stopping:
                         raise self.stop.finish(reason, step)
                     continue
@@ -261,7 +261,7 @@ class Trainer(Run):
                                            "base_samples": state["base_samples"],
                                            "schedule": identity.schedule(cfg)})
                 except NonFiniteState as exc:
-                    self._diverged(step, run, skipped, str(exc))
+                    self._diverged(step, streak, skipped, str(exc))
                 saved = self.ckpt.timing  # not `timing` (the loop's bool: whether host clocks time the compute)
                 self.log(f"saved checkpoint {path} ({saved.get('bytes', 0) / 1e9:.2f} GB: written in "
                          f"{saved.get('write_seconds', 0):.1f} s, SHA-256 in {saved.get('hash_seconds', 0):.1f} s)")
@@ -337,10 +337,10 @@ class Trainer(Run):
                  f"{time.perf_counter() - started:.1f}s")
         return {"base_eval_loss": loss, "base_samples": answers}
 
-    def _diverged(self, step: int, run: int, skipped: int, detail: str = "") -> None:
+    def _diverged(self, step: int, streak: int, skipped: int, detail: str = "") -> None:
         newest = self.ckpt.complete()
         kept = f"the newest checkpoint is step {newest[-1][0]}" if newest else "no checkpoint was written"
-        raise UserError(f"training diverged at step {step}: {run} step(s) in a row had a non-finite loss or gradient "
+        raise UserError(f"training diverged at step {step}: {streak} step(s) in a row had a non-finite loss or gradient "
                         f"norm ({skipped} skipped in all){'; ' + detail if detail else ''}. Nothing non-finite was "
                         f"saved; {kept}. Fix: a lower training.learning_rate (now {self.t.learning_rate:g}), more "
                         f"warm-up (training.warmup_ratio), or training.max_grad_norm")
