@@ -26,7 +26,7 @@ SET_HELP = ("override one config value, e.g. --set training.max_steps=20 --set l
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer", description="Distributed LLM fine-tuning, evaluation and "
                                 "quantization. The config file has sections model, data, training (Hugging Face "
-                                "TrainingArguments names), lora, quantize and output_dir; see trainer/config.py.")
+                                "TrainingArguments names), lora, quantize, tracking and output_dir; see trainer/config.py.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in (("finetune", "fine-tune (resumes from the newest complete checkpoint), save final/, "
                                     "then quantize when quantize.enabled"),

@@ -7,7 +7,8 @@ The loop is hand-written rather than the Hugging Face Trainer because the produc
 Trainer does not give: verified checkpoints on shared network volumes with a resume guard and an
 output-directory lease, exact token accounting over packed micro-batches without padding, loss
 normalised by trained tokens across ranks and accumulation steps, probes that pick the packing and
-loss paths per model, and the oneCCL/IPEX path that transformers 5 no longer wires in. Models,
+loss paths per model, and a CPU path on upstream PyTorch alone (bf16 autocast where the CPU has it,
+gloo). Models,
 tokenizers, schedulers (transformers), LoRA (peft) and sharded checkpoints (torch.distributed
 .checkpoint) come from the libraries; the state saved lives in trainer/checkpoint.py.
 """
