@@ -59,7 +59,9 @@ def env(cfg: StackConfig) -> list[dict]:
     if cfg.intel_runtime:
         values.update(INTEL_ENV)
     values.update(dict(cfg.extra_env))
-    return [{"name": k, "value": v} for k, v in values.items()]
+    # An empty value is written as no value (the same variable, set empty): Go clients drop `value: ""`
+    # when they write the object back, which on a TrainJob's immutable spec.trainer is a CEL failure.
+    return [{"name": k, "value": v} if v != "" else {"name": k} for k, v in values.items()]
 
 
 def resources(cfg: StackConfig) -> dict:

@@ -112,6 +112,7 @@ def test_kueue_starts_a_queued_trainjob_without_a_cel_violation(stack_file):
     raw = {**_config(stack_file, "trainer-v2"), "queueName": "team-a", "workloadPriorityClass": "batch-low",
            "activeDeadlineSeconds": 7200}
     raw["resources"] = {**raw.get("resources", {}), "cpu": "3500m", "memory": "24576Mi"}  # written unlike Go
+    raw["extraEnv"] = {**raw.get("extraEnv", {}), "SET_BUT_EMPTY": ""}  # Go drops `value: ""`
     job = render(raw).one("TrainJob")
     assert "runtimePatches" not in job["spec"], "the stack's pod settings belong in its runtime"
     stored = cel.kueue_created(job)
