@@ -160,7 +160,10 @@ class FineTuneJob(pulumi.ComponentResource):
             f"{name}-job", api_version=job["apiVersion"], kind=job["kind"], metadata=job["metadata"],
             spec=job_spec, opts=pulumi.ResourceOptions(
                 parent=self, depends_on=depends, delete_before_replace=True,
-                replace_on_changes=["spec" if key == "spec" else f"spec.{key}" for key in api.REPLACED_BY],
+                # And a new Kueue queue or WorkloadPriorityClass label: Kueue's webhook refuses either on a
+                # running job (jobframework.ValidateJobOnUpdate), so it is a new workload, queued afresh.
+                replace_on_changes=["spec" if key == "spec" else f"spec.{key}" for key in api.REPLACED_BY]
+                + ["metadata.labels"],
                 # Kueue unsuspends an admitted job: that is not drift for `pulumi up` to undo (or,
                 # on a TrainJob, to replace the job for).
                 ignore_changes=list(api.IGNORED_AFTER_CREATE) if cfg.queue_name else None))

@@ -42,7 +42,7 @@ def test_the_job_is_replaced_on_change_the_claim_never():
     job = next(r for r in rendered.resources if r.kind == "PyTorchJob")
     assert job.options.delete_before_replace is True
     assert set(job.options.replace_on_changes) == {"spec.pytorchReplicaSpecs", "spec.elasticPolicy",
-                                                   "spec.nprocPerNode"}
+                                                   "spec.nprocPerNode", "metadata.labels"}
     claim = next(r for r in rendered.resources if r.kind == "PersistentVolumeClaim")
     assert not claim.options.replace_on_changes and not claim.options.delete_before_replace
     assert claim.options.retain_on_delete is True

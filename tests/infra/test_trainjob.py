@@ -88,7 +88,7 @@ def test_outputs_and_commands_speak_trainjob():
 
 def test_a_config_change_replaces_the_trainjob():
     job = next(r for r in render(V2).resources if r.kind == "TrainJob")
-    assert job.options.replace_on_changes == ["spec"] and job.options.delete_before_replace is True
+    assert job.options.replace_on_changes == ["spec", "metadata.labels"] and job.options.delete_before_replace is True
 
 
 @pytest.mark.parametrize("key,value", [("rendezvous", "etcd"), ("minWorkers", 1), ("maxWorkers", 4),
