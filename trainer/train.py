@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from typing import Any, Optional, cast
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 
@@ -33,20 +33,23 @@ from trainer.metrics import (PROGRESS_FILE, Eta, Progress, duration, gain_line, 
                              progress_text, read_metrics, rewrite, update_report)
 from trainer.run import Run, step_batches
 
+if TYPE_CHECKING:  # for the annotation; train() imports it where it opens the trackers (rank 0)
+    from trainer.tracking import Trackers
+
 
 class Trainer(Run):
     """The loop over a built Run: resume, step, log, evaluate, checkpoint, save final/."""
 
     def __init__(self, cfg: TrainerConfig, dist: Optional[D.Dist] = None):
         super().__init__(cfg, dist)
-        self.trackers: Any = None  # trainer/tracking.py's Trackers, opened by train() on rank 0
+        self.trackers: Optional[Trackers] = None  # opened by train() on rank 0
         self.finished = False  # final/ saved: the trackers close the run as finished
 
     # ---- resume ----------------------------------------------------------------------------
 
     def resume(self) -> dict[str, Any]:
-        fresh: dict[str, Any] = {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "skipped_steps": 0, "base_eval_loss": None,
-                 "base_samples": []}
+        fresh: dict[str, Any] = {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "skipped_steps": 0,
+                                 "base_eval_loss": None, "base_samples": []}
         choice = self.t.resume_from_checkpoint
         if choice is None:
             D.on_main(self.dist, self._archive_previous)
@@ -84,8 +87,9 @@ class Trainer(Run):
     def _archive_previous(self) -> None:
         """A fresh start in an output_dir holding another run's results moves them aside, whole."""
         out = self.cfg.out
-        names: tuple[str, ...] = ("checkpoints", "final", "adapter", "quantized", "metrics.jsonl", "report.json", "report.md",
-                 "loss_curve.png", "quantization.png", "progress.txt", "tracking.json", "tensorboard", "wandb")
+        names: tuple[str, ...] = ("checkpoints", "final", "adapter", "quantized", "metrics.jsonl", "report.json",
+                                  "report.md", "loss_curve.png", "quantization.png", "progress.txt", "tracking.json",
+                                  "tensorboard", "wandb")
         names += tuple(sorted(p.name for p in out.glob("quantized-*")))  # quantize.also's formats
         present = [n for n in names if (out / n).exists() and not ((out / n).is_dir() and not any((out / n).iterdir()))]
         if not present:

@@ -21,11 +21,14 @@ def pod_volumes(manifest: dict) -> list[list[dict]]:
     """The volume lists of the worker pods a job manifest declares (to point them at created objects)."""
     if manifest["kind"] == "PyTorchJob":
         return [r["template"]["spec"]["volumes"] for r in manifest["spec"]["pytorchReplicaSpecs"].values()]
-    if manifest["kind"] == "TrainJob":  # its own runtime's pod, or the stack's patch of a user's runtime
-        return [rj["template"]["spec"]["template"]["spec"]["volumes"]
-                for patch in manifest["spec"].get("runtimePatches", [])
-                for rj in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]]
+    if manifest["kind"] == "TrainJob":  # the stack's patch of a user's runtime (none on its own runtime)
+        return [v for patch in manifest["spec"].get("runtimePatches", [])
+                for v in _replicated_job_volumes(patch["trainingRuntimeSpec"])]
     if manifest["kind"] == "TrainingRuntime":
-        return [rj["template"]["spec"]["template"]["spec"]["volumes"]
-                for rj in manifest["spec"]["template"]["spec"]["replicatedJobs"]]
+        return _replicated_job_volumes(manifest["spec"])
     raise ValueError(manifest["kind"])
+
+
+def _replicated_job_volumes(runtime_spec: dict) -> list[list[dict]]:
+    """The pod volume lists of a (patch of a) training runtime's replicated jobs."""
+    return [rj["template"]["spec"]["template"]["spec"]["volumes"] for rj in runtime_spec["template"]["spec"]["replicatedJobs"]]

@@ -118,10 +118,11 @@ def runtime_spec(cfg: StackConfig) -> dict:
     }
 
 
-def runtime_name(cfg: StackConfig) -> str:
+def runtime_name(cfg: StackConfig, spec: Optional[dict] = None) -> str:
     """`<job>-runtime-<hash of its spec>`: a changed pod is a new runtime (runtimes are immutable by
     design) and, through runtimeRef, a new TrainJob."""
-    digest = hashlib.sha256(json.dumps(runtime_spec(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    spec = runtime_spec(cfg) if spec is None else spec
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
     return f"{Names(cfg.job_name).runtime}-{digest}"
 
 
@@ -132,14 +133,15 @@ def runtime_manifest(cfg: StackConfig) -> Optional[dict]:
     integration reads the pod sets, priority included, from it (jobframework.ExtractPriority)."""
     if not own_runtime(cfg):
         return None
+    spec = runtime_spec(cfg)
     return {
         "apiVersion": API_VERSION,
         "kind": "TrainingRuntime",
-        "metadata": metadata(runtime_name(cfg), cfg.namespace, cfg.job_name, "training-runtime",
+        "metadata": metadata(runtime_name(cfg, spec), cfg.namespace, cfg.job_name, "training-runtime",
                              labels={**labels(cfg.job_name, "training-runtime"),
                                      # The Kubeflow SDK's TrainerClient needs it to read the runtime.
                                      "trainer.kubeflow.org/framework": "torch"}),
-        "spec": runtime_spec(cfg),
+        "spec": spec,
     }
 
 
