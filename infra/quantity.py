@@ -19,6 +19,7 @@ _GRAMMAR = re.compile(r"^([+-]?)(\d*)(?:\.(\d*))?(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|
 _BINARY = {"Ki": 1, "Mi": 2, "Gi": 3, "Ti": 4, "Pi": 5, "Ei": 6}
 _DECIMAL = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
 _DECIMAL_SUFFIX = {v: k for k, v in _DECIMAL.items()}
+_BINARY_SUFFIX = {v: k for k, v in _BINARY.items()}
 
 
 class QuantityError(ValueError):
@@ -54,7 +55,7 @@ def canonical(text: str) -> str:
         while amount % 1024 == 0 and power < 6:
             amount //= 1024
             power += 1
-        suffix = {v: k for k, v in _BINARY.items()}.get(power, "")
+        suffix = _BINARY_SUFFIX.get(power, "")
         return f"{negative}{amount}{suffix}"
     mantissa, exponent = _without_tens(value)
     shift = exponent % 3  # down to a multiple of 3: "1.5" -> 1500m, "50k" stays 50k
