@@ -7,6 +7,10 @@ Shapes (random weights generated at run time by bench/shapes.py, never downloade
 - lora7b: Llama-2-7B (hidden 4096, 32 layers, vocabulary 32000; 6.74 B parameters, ~13.5 GB in
   bf16), LoRA r=16 on q/k/v/o, bf16, one process, one example per step, max_seq_length 256 — the
   medical-meadow preset per process. Then ours quantizes final/ (4-bit RTN) as the preset does.
+  On a CPU without fast bf16 (measured: trainer/compute.py) ours keeps the base in bf16 and computes
+  in fp32; the physical limit is the node's fp32 matmul rate at this shape (MFU); the Hugging Face
+  Trainer runs with bf16=True for --hf-limit seconds, and its fp32 alternative is checked against the
+  machine's memory.
 - fsdp1b: TinyLlama-1.1B (hidden 2048, 22 layers), full fine-tune, bf16 compute with fp32 master
   weights, FSDP2 over 2 processes (ours) against the Hugging Face Trainer (DDP, 2 processes).
 
@@ -142,14 +146,22 @@ def bench_shape(shape: str, args, work: Path, earlier: dict) -> dict:
     launch = ([py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"] if world > 1 else [py])
     # A run of one side (--order) keeps the other side's figures from the file.
     result: dict = {**earlier, "model": name, "processes": world, "steps": args.steps, "build_seconds": build_seconds}
+    if shape == "lora7b":
+        result["cpu"] = cpu_limits(model)
     for who in args.order:
         if who == "hf":
             out = work / f"hf-{shape}"
+            slow = shape == "lora7b" and not result["cpu"]["bf16_fast"]
             r = run(launch + [str(ROOT / "bench/hf_baseline.py"), "--config", str(config), "--mode", "padded",
-                              "--out", str(out)], work / f"hf-{shape}.log")
+                              "--out", str(out)], work / f"hf-{shape}.log", timeout=args.hf_limit if slow else 3600)
             if r["rc"] == 0:
                 r.update(json.loads((out / "summary.json").read_text()))
+            elif slow and r["seconds"] >= args.hf_limit:
+                r["failure"] = (f"bf16=True on this CPU (bf16 matmul {result['cpu']['bf16_gflops']} GFLOP/s): "
+                                f"stopped after {args.hf_limit} s, {hf_steps(work / f'hf-{shape}.log')} steps done")
             result["hf"] = r
+            if slow:  # what a user would try next: the base in fp32 (HF computes in the weights' dtype)
+                result["hf_fp32"] = fp32_fit(model)
         elif who == "ours":
             out_dir = work / f"ours-{shape}"
             import shutil
@@ -181,7 +193,15 @@ def bench_shape(shape: str, args, work: Path, earlier: dict) -> dict:
         ratios["plan_over_measured_peak"] = round(ours["plan_gib"] * world / ours["peak_rss_gib"], 3)
     if q and q["rc"] == 0 and q.get("plan_gib"):
         ratios["quantize_plan_over_measured_peak"] = round(q["plan_gib"] / q["peak_rss_gib"], 3)
-    if hf and hf["rc"] != 0:
+    if ours and ours["rc"] == 0 and ours.get("seconds_per_step") and result.get("cpu"):
+        # Model FLOPs of a LoRA step: the decoder layers' matmuls forward and again for the inputs'
+        # gradients (the frozen weights get none): 4 x layer parameters x tokens. The embedding lookup
+        # and the head (logits over labelled positions only) are left out, so MFU is if anything low.
+        tokens = ours["num_input_tokens_seen"] / ours["steps"]
+        achieved = 4 * result["cpu"]["layer_parameters"] * tokens / ours["seconds_per_step"] / 1e9
+        ratios["mfu_vs_measured_fp32_matmul"] = round(achieved / result["cpu"]["fp32_gflops_at_shape"], 3)
+        result["cpu"]["achieved_gflops"] = round(achieved, 1)
+    if hf and hf["rc"] != 0 and "failure" not in hf:
         text = (ROOT / hf["log"]).read_text(errors="replace")
         hf["failure"] = ("killed by the kernel's OOM killer (SIGKILL)" if "SIGKILL" in text or hf["rc"] == -9
                          else text.strip().splitlines()[-1][:300] if text.strip() else f"exit {hf['rc']}")
@@ -190,6 +210,45 @@ def bench_shape(shape: str, args, work: Path, earlier: dict) -> dict:
         ratios["seconds_per_step_ours_over_hf"] = round(ours["seconds_per_step"] / hf["seconds_per_step"], 3)
     result["ratios"] = ratios
     return result
+
+
+def cpu_limits(model: Path) -> dict:
+    """This node's physical limit for the 7B shape: the fp32 matmul rate of one decoder projection at
+    the bench's tokens per step (with every core), and the trainer's own bf16-vs-fp32 measurement."""
+    import torch
+
+    from trainer.compute import measure
+    from trainer.memplan import read_shape
+
+    shape = read_shape(model)
+    rates = measure(budget_s=0.2)
+    x, w = torch.randn(160, shape.hidden), torch.randn(shape.intermediate, shape.hidden)
+    x @ w.t()
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 2.0:
+        x @ w.t()
+        reps += 1
+    at_shape = 2 * 160 * shape.hidden * shape.intermediate * reps / (time.perf_counter() - start) / 1e9
+    return {"fp32_gflops": round(rates.fp32, 1), "bf16_gflops": round(rates.bf16, 2), "bf16_fast": rates.bf16_fast,
+            "fp32_gflops_at_shape": round(at_shape, 1), "threads": torch.get_num_threads(),
+            "capability": torch.backends.cpu.get_cpu_capability(), "layer_parameters": shape.layers * shape.layer_params}
+
+
+def fp32_fit(model: Path) -> dict:
+    """Whether the base in fp32 (the Hugging Face Trainer's other choice on a CPU without fast bf16)
+    fits this machine: its weights alone, from the model's files."""
+    from trainer.memplan import read_shape
+
+    weights = read_shape(model).params * 4
+    total = psutil.virtual_memory().total
+    return {"weights_gib": round(weights / GIB, 2), "machine_gib": round(total / GIB, 2), "fits": weights < total,
+            "failure": None if weights < total else
+            f"not run: the fp32 weights alone ({weights / GIB:.1f} GiB) exceed this machine's {total / GIB:.1f} GiB"}
+
+
+def hf_steps(log: Path) -> int:
+    """Optimizer steps the Hugging Face Trainer logged before it was stopped."""
+    return len(re.findall(r"'loss':", log.read_text(errors="replace")))
 
 
 def table(results: dict) -> str:
@@ -213,6 +272,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--order", nargs="+", default=["hf", "ours", "quantize"], choices=("hf", "ours", "quantize"),
                    help="which runs, in order (quantize: ours on final/ of the last `ours` run; lora7b only)")
+    p.add_argument("--hf-limit", type=float, default=600,
+                   help="seconds the Hugging Face Trainer gets on a CPU without fast bf16 (bf16=True crawls there)")
     p.add_argument("--work", default=str(ROOT / "bench/work/scale"))
     p.add_argument("--out", default=str(ROOT / "bench/results/scale-cpu.json"))
     args = p.parse_args()

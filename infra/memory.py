@@ -123,6 +123,22 @@ def _quantity(nbytes: float) -> str:
     return f"{math.ceil(nbytes / memplan.GIB)}Gi"
 
 
+def on_avx2(cfg, config: dict) -> Optional[str]:
+    """A CPU stack in bf16 planned for nodes with fast bf16 (AMX, AVX512-BF16): what the same run needs on
+    a node without it, where the trainer computes in fp32 (activations twice as wide) and keeps a LoRA
+    base in bf16 (trainer/compute.py). None for GPUs and fp32 runs."""
+    t = cfg.trainer
+    if cfg.resources.gpus > 0 or t.model.dtype != "bf16":
+        return None
+    plan = plan_for(t, config, cfg.workers, cfg.procs_per_worker, 0)
+    s = replace(plan.setting, mixed=False, compute_bytes=4, frozen_bytes=2 if t.lora.enabled else 4)
+    slow = memplan.decide(memplan.Shape.from_config(config), s, memplan.DEFAULT_RUNTIME + memplan.workspace(4),
+                          quantity_bytes(cfg.resources.memory) // cfg.procs_per_worker, "resources.memory")
+    return (f"on CPUs without fast bf16 (AVX2-only: fp32 compute) {slow.plan.peak / memplan.GIB:.1f} GiB per process"
+            + (", gradient checkpointing turned on" if slow.turned_on_checkpointing is not None else "")
+            + ("" if slow.fits else ", does not fit: the trainer would refuse there"))
+
+
 def preview(cfg) -> Check:
     """The check of a parsed stack config, where its model's config.json can be read."""
     config, where = model_config(cfg.trainer.model.name_or_path, cfg.trainer.model.revision)
@@ -130,6 +146,10 @@ def preview(cfg) -> Check:
         return Check(f"not planned at preview: {where}; the trainer plans before loading and refuses a run that "
                      "cannot fit")
     try:
-        return check(cfg, config, where)
+        result = check(cfg, config, where)
+        other = on_avx2(cfg, config)
     except (KeyError, TypeError, ValueError) as exc:  # a config.json of a shape the plan does not know
         return Check(f"not planned at preview: {where} has no shape the plan reads ({type(exc).__name__}: {exc})")
+    if other:
+        result.summary += f"; {other}"
+    return result

@@ -13,6 +13,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ["LLM_FINETUNE_LOG_FORMAT"] = "plain"
+# Whether this CPU computes bf16 fast is stated, not measured (trainer/compute.py): no test may depend on
+# the machine's CPU. "fast" is the AMX/AVX512-BF16 path (bf16 autocast); tests of the other path set
+# "slow" (tests/trainer/test_compute.py).
+os.environ["LLM_FINETUNE_CPU_BF16"] = "fast"
 
 
 # Device-aware tests: LLM_FINETUNE_DEVICE=cuda runs the tests that take the `device` fixture on the GPU
@@ -154,3 +158,15 @@ def python_docs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("python-docs")
     write_python_docs(root / "train.jsonl", root / "validation.jsonl", validation_count=32)
     return root / "train.jsonl", root / "validation.jsonl"
+
+
+@pytest.fixture(scope="session")
+def bf16_model(tmp_path_factory, pretrained_model):
+    """The tiny pretrained model saved in bf16, as 7B checkpoints are published (half precision)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("bf16") / "model"
+    AutoModelForCausalLM.from_pretrained(pretrained_model, dtype=torch.bfloat16).save_pretrained(out)
+    AutoTokenizer.from_pretrained(pretrained_model).save_pretrained(out)
+    return out

@@ -10,7 +10,7 @@ from packaging.requirements import Requirement
 
 from infra.common import APP_UID
 from infra.config import parse
-from infra.jobs.pod import INTEL_ENV, trainer_command
+from infra.jobs.pod import CPU_RUNTIME_ENV, trainer_command
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
@@ -69,17 +69,22 @@ def test_runs_non_root_with_the_command_infra_renders(dockerfile):
     assert ":" in image and not image.endswith(":latest"), f"base image {image} is not pinned"
 
 
-def test_intel_versions_are_one_matching_set():
-    a = args(ROOT / "docker" / "Dockerfile.cpu")
-    mm = {k: ".".join(a[k].split(".")[:2]) for k in ("TORCH_VERSION", "IPEX_VERSION", "ONECCL_VERSION")}
-    assert len(set(mm.values())) == 1, f"IPEX and oneCCL must match torch's major.minor: {a}"
+def test_cpu_image_is_upstream_torch_at_the_tested_version():
+    """Intel Extension for PyTorch and the oneCCL bindings are discontinued: the CPU image is upstream
+    torch, the version the suite runs."""
+    import torch
 
-
-def test_intel_runtime_env_points_at_what_the_cpu_image_installs():
     text = (ROOT / "docker" / "Dockerfile.cpu").read_text()
-    assert "libjemalloc2" in text and "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2" in INTEL_ENV["LD_PRELOAD"]
+    assert args(ROOT / "docker" / "Dockerfile.cpu")["TORCH_VERSION"] == torch.__version__.split("+")[0]
+    installs = " ".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "intel-extension-for-pytorch" not in installs and "oneccl" not in installs.lower()
+
+
+def test_cpu_runtime_env_points_at_what_the_cpu_image_installs():
+    text = (ROOT / "docker" / "Dockerfile.cpu").read_text()
+    assert "libjemalloc2" in text and "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2" in CPU_RUNTIME_ENV["LD_PRELOAD"]
     assert "intel-openmp" in text and "python -m venv /opt/venv" in text
-    assert "/opt/venv/lib/libiomp5.so" in INTEL_ENV["LD_PRELOAD"]
+    assert "/opt/venv/lib/libiomp5.so" in CPU_RUNTIME_ENV["LD_PRELOAD"]
 
 
 def test_image_pins_satisfy_the_project_ranges():

@@ -151,9 +151,11 @@ def plan(cfg, processes: int, workers: int, memory: Optional[str]) -> str:
         shape = memplan.Shape.from_config(gguf.config_dict(gguf_path))
     else:
         shape = memplan.read_shape(modeling.resolve(cfg.model, modeling.read_token(), single, cache_root(cfg)))
-    precision = distributed.choose_precision(cfg.model.dtype, False)
-    setting = memplan.setting_for(cfg, shape, workers * processes, processes, precision.mixed)
-    runtime = memplan.DEFAULT_RUNTIME + memplan.workspace(setting.compute_bytes)
+    from trainer.compute import rates
+
+    measured = rates()
+    precision = distributed.choose_precision(cfg.model.dtype, False, rates=measured, compute=cfg.model.compute_dtype)
+    storage, reason = distributed.frozen_storage(precision, cfg.model.dtype, cfg.lora.enabled, False)
     if memory:
         try:
             limit = memplan.quantity_bytes(memory)
@@ -162,10 +164,18 @@ def plan(cfg, processes: int, workers: int, memory: Optional[str]) -> str:
         budget, source = limit // processes, f"--memory {memory} / {processes} processes"
     else:
         budget, source = memplan.available_memory(processes, 0)
-    decision = memplan.decide(shape, setting, runtime, budget, source)
-    if not decision.fits:
+    for dtype in storage:  # the widest storage of the frozen base that fits, as the trainer takes it
+        setting = memplan.setting_for(cfg, shape, workers * processes, processes, precision.mixed,
+                                      compute_bytes=precision.compute.itemsize, frozen_bytes=dtype.itemsize)
+        runtime = memplan.DEFAULT_RUNTIME + memplan.workspace(setting.compute_bytes)
+        decision = memplan.decide(shape, setting, runtime, budget, source)
+        if decision.fits:
+            break
+    else:
         raise UserError(decision.refusal(memplan.fixes(cfg, setting, shape)))
-    return decision.log_line()
+    frozen = (f"; frozen base {distributed._short(dtype)}" + (f" ({reason})" if dtype != precision.compute else "")
+              if cfg.lora.enabled else "")
+    return (f"compute: {precision.describe()}{frozen}; {measured.describe()}\n" + decision.log_line())
 
 
 def report_once(line: str, wait_s: float = 20.0) -> None:

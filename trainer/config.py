@@ -69,9 +69,17 @@ class ModelConfig:
     fine-tune starts from its dequantized weights (what llama.cpp and Ollama run)."""
     dtype: Literal["auto", "bf16", "fp32", "pure-bf16"] = "auto"
     """Training precision. bf16: bf16 compute (autocast; FSDP's mixed-precision policy) with fp32 master
-    weights and fp32 optimizer state, as the Hugging Face Trainer's bf16=True. auto: bf16 where the
-    hardware has fast bf16 (CUDA with bf16, Xeon with AMX/AVX512-BF16), else fp32. pure-bf16: weights
-    and optimizer state in bf16 (half the memory; small updates are lost), only on explicit request."""
+    weights and fp32 optimizer state, as the Hugging Face Trainer's bf16=True; a LoRA run's frozen base
+    held in bf16. auto: bf16 where the hardware computes bf16 fast (CUDA with bf16; a CPU whose bf16
+    matmul measures at least half its fp32 rate: AMX, AVX512-BF16), else fp32 compute with the frozen
+    base in fp32 where it fits and in bf16 where memory needs it (trainer/compute.py). pure-bf16:
+    weights and optimizer state in bf16 (half the memory; small updates are lost), only on explicit
+    request, refused on CPUs without fast bf16."""
+    compute_dtype: Literal["auto", "bf16"] = "auto"
+    """auto: what model.dtype says where this node computes it fast; on a CPU whose bf16 matmul is slower
+    than its fp32 one (measured at start-up: AVX2-only CPUs, no AMX or AVX512-BF16) bf16 weights stay
+    bf16 and are computed in fp32, and the log says so. bf16: insist on bf16 compute; refused, with the
+    measured rates, on such a CPU."""
     save_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """dtype of final/. auto: the base model's own (its config.json dtype), fp32 when it names none."""
     revision: Optional[str] = None
@@ -227,13 +235,13 @@ class TrainingConfig:
     answers before and after."""
     seed: int = 42
     gradient_checkpointing: bool = False
-    ddp_backend: Optional[Literal["gloo", "nccl", "ccl"]] = None
-    """null: ccl when the oneCCL bindings import, nccl on CUDA, else gloo."""
+    ddp_backend: Optional[Literal["gloo", "nccl"]] = None
+    """null: nccl on CUDA, else gloo."""
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state (FSDP2) for models that do not fit a device."""
-    use_ipex: Optional[bool] = None
-    """null: apply Intel Extension for PyTorch when it imports (CPU)."""
     torch_compile: bool = False
+    """torch.compile the model (Inductor; its C++/OpenMP backend on CPUs). Off by default: measured for
+    LoRA at the 7B shape on CPUs in docs/performance.md."""
     cpu_threads: Optional[int] = None
     """Intra-op threads per process on CPU; null: cores / local processes."""
     max_nonfinite_steps: int = 3
@@ -493,6 +501,16 @@ def world_problem(cfg: TrainerConfig, world: int) -> Optional[str]:
 # --------------------------------------------------------------------------------------------
 
 
+# Keys and values a release took away, with what to write instead (a key path, or a key path and value).
+RETIRED = {
+    ("training", "use_ipex"): "Intel Extension for PyTorch is discontinued (archived); the CPU path is upstream "
+                              "PyTorch (bf16 autocast through oneDNN where the CPU has AMX/AVX512-BF16). Fix: "
+                              "remove training.use_ipex",
+    ("training", "ddp_backend", "ccl"): "the oneCCL bindings are discontinued with Intel Extension for PyTorch. "
+                                        "Fix: training.ddp_backend: gloo (or leave it unset)",
+}
+
+
 def _build(cls, raw: Any, path: tuple[str, ...], where: _Where):
     if raw is None:
         raw = {}
@@ -503,6 +521,8 @@ def _build(cls, raw: Any, path: tuple[str, ...], where: _Where):
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in fields:
+            if path + (str(key),) in RETIRED:
+                _fail(path + (str(key),), RETIRED[path + (str(key),)], where)
             near = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             _fail(path + (str(key),), f"unknown key{hint} Valid keys here: {', '.join(fields)}", where)
@@ -539,6 +559,8 @@ def _coerce(tp, value, path, where):
     if value is None:
         _fail(path, "must not be null", where)
     if origin is Literal:
+        if path + (str(value),) in RETIRED:
+            _fail(path, RETIRED[path + (str(value),)], where)
         if value not in args:
             near = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""

@@ -7,60 +7,37 @@ is a world of one. Rank 0 alone logs and writes shared files.
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from trainer import envvars
+from trainer.compute import MatmulRates
+from trainer.compute import rates as compute_rates
+from trainer.errors import UserError
 
 
-def ccl_available() -> bool:
-    return importlib.util.find_spec("oneccl_bindings_for_pytorch") is not None
-
-
-def ipex_available() -> bool:
-    return importlib.util.find_spec("intel_extension_for_pytorch") is not None
-
-
-def choose_backend(requested: Optional[str], cuda: bool, ccl: bool) -> str:
-    """ccl when the oneCCL bindings import (Intel CPUs), nccl on CUDA, else gloo; overridable."""
+def choose_backend(requested: Optional[str], cuda: bool) -> str:
+    """nccl on CUDA, else gloo; overridable."""
     if requested:
         if requested == "nccl" and not cuda:
-            raise RuntimeError("training.ddp_backend nccl needs CUDA GPUs; use gloo (or ccl on Intel CPUs)")
-        if requested == "ccl" and not ccl:
-            raise RuntimeError("training.ddp_backend ccl needs oneccl_bindings_for_pytorch (the Intel image has it); "
-                               "use gloo or leave ddp_backend unset")
+            raise RuntimeError("training.ddp_backend nccl needs CUDA GPUs; use gloo")
         return requested
-    if cuda:
-        return "nccl"
-    if ccl:
-        return "ccl"
-    return "gloo"
-
-
-def cpu_has_fast_bf16(cpuinfo: Optional[str] = None) -> bool:
-    """AMX or AVX512-BF16: bf16 matmuls faster than fp32 (Sapphire Rapids and later Xeons)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = set(cpuinfo.split())
-    return bool({"amx_bf16", "avx512_bf16"} & flags)
+    return "nccl" if cuda else "gloo"
 
 
 @dataclass(frozen=True)
 class Precision:
-    """Compute dtype (matmuls under autocast) and the dtype of the weights the optimizer updates."""
+    """Compute dtype (matmuls under autocast) and the dtype of the weights the optimizer updates;
+    `note` says why the compute dtype is not what model.dtype names (a CPU without fast bf16)."""
 
     compute: torch.dtype
     params: torch.dtype
+    note: str = ""
 
     @property
     def mixed(self) -> bool:
@@ -72,29 +49,63 @@ class Precision:
 
     def describe(self) -> str:
         if self.mixed:
-            return f"mixed precision: {_short(self.compute)} compute, {_short(self.params)} master weights and optimizer"
-        return f"{_short(self.params)} weights and compute" + (" (pure bf16: small updates can be lost)"
-                                                             if self.params == torch.bfloat16 else "")
+            text = f"mixed precision: {_short(self.compute)} compute, {_short(self.params)} master weights and optimizer"
+        else:
+            text = f"{_short(self.params)} weights and compute" + (" (pure bf16: small updates can be lost)"
+                                                                 if self.params == torch.bfloat16 else "")
+        return text + (f" ({self.note})" if self.note else "")
 
 
 def _short(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
-def choose_precision(requested: str, cuda: bool, cuda_bf16: bool = False,
-                     cpu_bf16: Optional[bool] = None) -> Precision:
+def choose_precision(requested: str, cuda: bool, cuda_bf16: bool = False, rates: Optional[MatmulRates] = None,
+                     compute: str = "auto") -> Precision:
     """bf16 is always mixed precision (fp32 master weights and optimizer state, as the Hugging Face
     Trainer's bf16=True, torchtitan and FSDP's MixedPrecisionPolicy do): pure bf16 weights lose
-    updates smaller than their rounding step. Pure bf16 only when asked for by name."""
+    updates smaller than their rounding step. Pure bf16 only when asked for by name.
+
+    On a CPU, bf16 compute only where this node's bf16 matmul is fast (`rates`, measured when not
+    given): elsewhere bf16 (by name) keeps its bf16 storage and computes in fp32, saying so, and
+    model.compute_dtype: bf16 by name is refused with the measured rates."""
     fp32, bf16 = torch.float32, torch.bfloat16
     if requested == "fp32":
         return Precision(fp32, fp32)
+    if cuda:
+        if requested == "auto":
+            return Precision(bf16 if cuda_bf16 else fp32, fp32)
+        return Precision(bf16, bf16 if requested == "pure-bf16" else fp32)
+    measured = rates or compute_rates()
+    if measured.bf16_fast:
+        return Precision(bf16, bf16 if requested == "pure-bf16" else fp32)
+    if compute == "bf16":
+        raise UserError(f"model.compute_dtype: bf16, but bf16 matmuls are slow here ({measured.describe()}): a step "
+                        "would take about {:.0f}x as long as in fp32. Fix: model.compute_dtype: auto (bf16 weights "
+                        "stay bf16 where memory needs it, computed in fp32), or nodes with AMX or AVX512-BF16 "
+                        "(resources.nodeSelector)".format(measured.fp32 / max(measured.bf16, 1e-9)))
     if requested == "pure-bf16":
-        return Precision(bf16, bf16)
+        raise UserError(f"model.dtype: pure-bf16 trains bf16 weights with bf16 matmuls, slow here ({measured.describe()}). "
+                        "Fix: model.dtype: bf16 (fp32 master weights; a LoRA base stays in bf16 and is computed in "
+                        "fp32), or nodes with AMX or AVX512-BF16")
+    note = f"compute fp32: {measured.describe()}" if requested == "bf16" else ""
+    return Precision(fp32, fp32, note)
+
+
+def frozen_storage(precision: Precision, requested: str, lora: bool, cuda: bool) -> tuple[list[torch.dtype], str]:
+    """The dtypes a LoRA run may hold its frozen base in, widest first (the memory plan takes the first
+    that fits), and why: the compute dtype under mixed precision; bf16 where model.dtype says so (computed
+    in fp32 on a CPU without fast bf16); fp32, or bf16 where memory needs it, for `auto` on such a CPU."""
+    fp32, bf16 = torch.float32, torch.bfloat16
+    if not lora:
+        return [precision.params], "trained"
+    if precision.mixed or precision.params == bf16:
+        return [precision.compute], "the compute dtype"
     if requested == "bf16":
-        return Precision(bf16, fp32)
-    fast = cuda_bf16 if cuda else (cpu_has_fast_bf16() if cpu_bf16 is None else cpu_bf16)
-    return Precision(bf16 if fast else fp32, fp32)
+        return [bf16], "model.dtype: bf16"
+    if requested == "auto" and not cuda:
+        return [fp32, bf16], "memory: fp32 would not fit"
+    return [fp32], f"model.dtype: {requested}"
 
 
 def default_threads(local_world_size: int, cores: Optional[int] = None) -> int:
@@ -247,9 +258,7 @@ def init(requested_backend: Optional[str], timeout_minutes: int = 60) -> Dist:
         device = torch.device("cpu")
     backend = None
     if world > 1:
-        backend = choose_backend(requested_backend, cuda, ccl_available())
-        if backend == "ccl":
-            import oneccl_bindings_for_pytorch  # noqa: F401  registers the "ccl" backend
+        backend = choose_backend(requested_backend, cuda)
         timeout = datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group(backend=backend, timeout=timeout, store=_attempt_store(rank, world, timeout),
                                 rank=rank, world_size=world, device_id=device if backend == "nccl" else None)

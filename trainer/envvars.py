@@ -7,7 +7,9 @@ Who sets what (readers in parentheses):
 - the launcher, for the torchrun workers it starts (trainer/launch.py): STOP_FILE (preemption),
   INPUT_ERROR_FILE (cli: a refused input is not retried);
 - a developer or a test: RUN_DIR (where the launcher keeps its marker files; /tmp in a pod), DEVICE
-  (distributed.device: cpu or cuda), REQUIRE_ETCD (the etcd tests fail instead of skipping);
+  (distributed.device: cpu or cuda), REQUIRE_ETCD (the etcd tests fail instead of skipping), CPU_BF16
+  (compute.measure: fast or slow states how this CPU's bf16 matmul compares with fp32 instead of measuring
+  it; the tests set it so that nothing depends on the machine's CPU);
 - the job's operator: torchrun's PET_* variables (launch) and, with Kubeflow Trainer's TrainJobStatus
   gate, the status endpoint (trainer/kubeflow_status.py names those, as the Trainer does).
 """
@@ -23,3 +25,4 @@ INPUT_ERROR_FILE = "LLM_FINETUNE_INPUT_ERROR_FILE"
 RUN_DIR = "LLM_FINETUNE_RUN_DIR"
 DEVICE = "LLM_FINETUNE_DEVICE"
 REQUIRE_ETCD = "LLM_FINETUNE_REQUIRE_ETCD"
+CPU_BF16 = "LLM_FINETUNE_CPU_BF16"

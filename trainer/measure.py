@@ -107,16 +107,20 @@ class EvalSet:
 
 
 def measure(model, tokenizer, path: Optional[Path], evalset: EvalSet, new_tokens: int) -> dict[str, Any]:
-    loss, ppl = perplexity(model, evalset.split, evalset.limit)
-    return {
-        "path": str(path) if path else None,
-        "size_bytes": dir_size(path) if path else None,
-        "eval_loss": loss,
-        "perplexity": ppl,
-        "latency_ms_per_token": latency_ms_per_token(model, evalset.latency_prompt, new_tokens),
-        "samples": [generate(model, tokenizer, p, new_tokens) for p in evalset.prompts],
-        "eval_examples": evalset.limit,
-    }
+    from trainer.compute import for_inference
+
+    with for_inference(model) as compute:  # bf16 weights computed in fp32 where this CPU's bf16 is slow
+        loss, ppl = perplexity(model, evalset.split, evalset.limit)
+        return {
+            "compute": compute,
+            "path": str(path) if path else None,
+            "size_bytes": dir_size(path) if path else None,
+            "eval_loss": loss,
+            "perplexity": ppl,
+            "latency_ms_per_token": latency_ms_per_token(model, evalset.latency_prompt, new_tokens),
+            "samples": [generate(model, tokenizer, p, new_tokens) for p in evalset.prompts],
+            "eval_examples": evalset.limit,
+        }
 
 
 def load_final(cfg: TrainerConfig):
@@ -179,22 +183,28 @@ def load_quantized(path: str | Path, dtype: Optional[torch.dtype] = None):
 
 
 def dequantize_once(model, dtype: torch.dtype) -> None:
-    """Unpack every INC weight-only layer once, one layer at a time, into `dtype`.
+    """Replace every INC weight-only layer by a plain frozen Linear holding its weight unpacked once
+    into `dtype`, one layer at a time.
 
     INC's CPU kernel unpacks a layer on its first forward and keeps the result in fp32 for every later
     one ("recover is too slow" to repeat, its code says): for a 7B model that builds a 27 GB fp32 copy
     while it runs (measured: OOM-killed at 23.5 GB on a 24 GB machine). Unpacked here into the dtype the
-    model is served in, the running model costs that dtype's copy beside the packed layers, and its
-    layers' inputs and outputs stay in that dtype."""
+    model is served in, the running model costs that dtype's copy (the packed layers are dropped), its
+    layers' inputs and outputs stay in that dtype, and a CPU without fast bf16 can compute them in fp32
+    layer by layer like any Linear (trainer/compute.py)."""
     from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
 
-    for module in model.modules():
-        if isinstance(module, INCWeightOnlyLinear) and not hasattr(module, "weight"):
-            unpacked = module.recover()
-            module.weight = unpacked.to(dtype)
-            del unpacked
+    for name, module in list(model.named_modules()):
+        if isinstance(module, INCWeightOnlyLinear):
+            unpacked = module.weight if hasattr(module, "weight") else module.recover()
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                     device="meta")
+            linear.weight = torch.nn.Parameter(unpacked.to(dtype), requires_grad=False)
             if module.bias is not None:
-                module.bias = module.bias.to(dtype)
+                linear.bias = torch.nn.Parameter(module.bias.to(dtype), requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, linear)
+            del unpacked
 
 
 def load_served(path: str | Path, dtype: Optional[torch.dtype] = None):

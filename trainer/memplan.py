@@ -14,6 +14,7 @@ preview against `resources.memory`. The terms, per process:
   every process briefly holds the whole model unsharded;
 - gradients (fp32) and AdamW's two moments (fp32) of the trainable parameters, sharded by FSDP;
 - autocast's bf16 copies of fp32 matmul weights (full fine-tune in mixed precision, without FSDP);
+- a bf16 frozen base computed in fp32 (CPUs without fast bf16): a chunk of a matrix widened at a time;
 - activations autograd keeps for the largest micro-batch: measured per token and layer on Llama
   decoder layers with saved-tensor hooks (bench/README.md): LoRA 25h + 6I bytes in bf16, full 36h + 8I;
   with gradient checkpointing only each layer's input (3h, 6h) plus one layer recomputed;
@@ -37,6 +38,8 @@ DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2,
 # RSS of a process with torch, transformers, peft and datasets imported (measured: 0.36-0.6 GiB); the
 # trainer measures its own instead, this is for preview.
 DEFAULT_RUNTIME = int(0.65 * GIB)
+# A frozen bf16 matrix computed in fp32 is widened this many bytes at a time (trainer/compute.py).
+WIDEN_CHUNK_BYTES = 8 << 20
 
 
 def workspace(compute_bytes: int, cuda: bool = False) -> int:
@@ -202,6 +205,10 @@ def estimate(shape: Shape, s: Setting, runtime: int = DEFAULT_RUNTIME) -> Memory
         terms["fsdp gradient reduction"] = trainable * 4 * (s.world - 1) // s.world
     elif s.mixed and not s.lora:  # autocast's bf16 copies of the fp32 weights, alive from forward to backward
         terms["autocast weight copies"] = (n - shape.vocab * shape.hidden) * s.compute_bytes
+    if s.lora and s.frozen_bytes < s.compute_bytes:
+        # bf16 storage computed in fp32 (trainer/compute.py): one chunk widened at a time, and the next
+        # one's widening may start before the last is freed.
+        terms["widened weights"] = 2 * WIDEN_CHUNK_BYTES
     kind = "lora" if s.lora else "full"
     scale = s.compute_bytes / 2
 
@@ -231,14 +238,17 @@ def quantize_bytes(shape: Shape, runtime: int, save_bytes: int, bits: int = 4) -
 
 
 def setting_for(cfg, shape: Shape, world: int, local_processes: int, mixed: bool, cuda: bool = False,
-                tokens: Optional[int] = None, save_bytes: Optional[int] = None) -> Setting:
-    """The Setting of a TrainerConfig (trainer/config.py) on `world` processes."""
+                tokens: Optional[int] = None, save_bytes: Optional[int] = None, compute_bytes: Optional[int] = None,
+                frozen_bytes: Optional[int] = None) -> Setting:
+    """The Setting of a TrainerConfig (trainer/config.py) on `world` processes. The compute and frozen
+    storage widths are the trainer's choice where it has made one (a CPU without fast bf16 computes in
+    fp32 and may keep the frozen base in bf16); by default, what model.dtype says."""
     t = cfg.training
     pure = cfg.model.dtype == "pure-bf16"
-    compute = 2 if (mixed or pure) else 4
+    compute = compute_bytes or (2 if (mixed or pure) else 4)
     master = 2 if pure else 4
     # LoRA's frozen base: the compute dtype under mixed precision, else the master dtype.
-    frozen = 2 if (mixed or pure) else master
+    frozen = frozen_bytes or (2 if (mixed or pure) else master)
     if tokens is None:
         tokens = t.tokens_per_micro_batch or t.per_device_train_batch_size * cfg.data.max_seq_length
     lt = lora_trainable(shape, cfg.lora.r, tuple(cfg.lora.target_modules), tuple(cfg.lora.modules_to_save))
@@ -352,7 +362,7 @@ def fixes(cfg, s: Setting, shape: Shape, where: str = "trainer config") -> list[
         out.append("fewer processes per worker (procsPerWorker)")
     if s.tokens > 256:
         out.append(f"training.tokens_per_micro_batch below {s.tokens} (or a smaller per_device_train_batch_size)")
-    if not s.mixed and s.compute_bytes == 4:
+    if (s.lora and s.frozen_bytes == 4) or (not s.lora and not s.mixed and s.compute_bytes == 4):
         out.append("model.dtype: bf16")
     out.append("a larger resources.memory (pulumi config set resources.memory ...)")
     return out

@@ -144,8 +144,7 @@ class Run:
         self.data.log_invalid(self.log)
         self.plan = plan(self.data.train, cfg, d.world_size)
 
-        self.precision = D.choose_precision(cfg.model.dtype, d.device.type == "cuda",
-                                            torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        self.precision = self._choose_precision()
         self.save_dtype = modeling.save_dtype(cfg.model.save_dtype, path)
         if cfg.quantize.enabled:
             # Shapes only (meta device): a quantization that cannot shrink this model is refused now,
@@ -158,11 +157,9 @@ class Run:
                 from trainer.quantize import also_config
 
                 preflight(also_config(cfg.quantize, fmt), path, self.save_dtype)
-        # What the weights are held in: a LoRA run's frozen base in the compute dtype (bf16 under mixed
-        # precision: half of fp32's memory), what the optimizer updates in fp32.
+        # What the weights are held in: what the optimizer updates in fp32; a LoRA run's frozen base in
+        # bf16 under mixed precision or model.dtype bf16, else in fp32 where the memory plan fits it.
         self.file_dtype = modeling.save_dtype("auto", path)
-        self.load_dtype = (modeling.frozen_dtype(self.precision.compute, self.precision.params, self.precision.mixed)
-                           if cfg.lora.enabled else self.precision.params)
         self.memory = self._plan_memory(path)  # before anything large is loaded: refused here if it cannot fit
         model = modeling.load_model(path, self.load_dtype, cfg.model.attn_implementation, d.device)
         if self.gradient_checkpointing:
@@ -172,6 +169,11 @@ class Run:
         if cfg.lora.enabled:
             model, targets = modeling.apply_lora(model, cfg.lora)
             modeling.trainable_fp32(model)
+        if self.load_dtype.itemsize < self.precision.compute.itemsize:
+            from trainer.compute import widen
+
+            self.log(f"frozen weights {D._short(self.load_dtype)} ({self.storage_reason}), compute "
+                     f"{D._short(self.precision.compute)}: {widen(model, self.precision.compute).describe()}")
         trainable, total = modeling.trainable_parameters(model)
         self.arch = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
         self.log(f"model {cfg.model.name_or_path} ({self.arch}): {total / 1e6:.1f}M parameters, "
@@ -203,14 +205,6 @@ class Run:
         if t.fsdp and d.enabled:
             model = D.wrap_model(model, d, fsdp=True, precision=self.precision)
         self.optimizer = self._optimizer(model)
-        use_ipex = t.use_ipex if t.use_ipex is not None else (D.ipex_available() and d.device.type == "cpu")
-        if use_ipex and not t.fsdp:
-            import intel_extension_for_pytorch as ipex
-
-            model, self.optimizer = ipex.optimize(model, optimizer=self.optimizer,
-                                                  dtype=torch.bfloat16 if self.precision.mixed else None)
-            self.base, self.loss_module = model.model, model  # ipex.optimize returns a copy
-            self.log("Intel Extension for PyTorch applied")
         if not t.fsdp:
             model = D.wrap_model(model, d, fsdp=False)
         self.wrapped = model  # what checkpoints save and load (DDP or FSDP, before torch.compile)
@@ -228,6 +222,20 @@ class Run:
                                                                           measured=False)))
         self.metrics = MetricsWriter(cfg.metrics_path, d.is_main)
 
+    def _choose_precision(self) -> D.Precision:
+        """The compute dtype (on a CPU: bf16 only where rank 0 measures it fast, every rank taking its
+        answer) and the frozen base's candidate storage dtypes, narrowest last."""
+        cfg, d = self.cfg, self.dist
+        cuda = d.device.type == "cuda"
+        from trainer.compute import rates
+
+        measured = None if cuda else D.on_main(d, rates)
+        precision = D.choose_precision(cfg.model.dtype, cuda, cuda and torch.cuda.is_bf16_supported(), measured,
+                                       cfg.model.compute_dtype)
+        self.storage, self.storage_reason = D.frozen_storage(precision, cfg.model.dtype, cfg.lora.enabled, cuda)
+        self.load_dtype = self.storage[0]
+        return precision
+
     def _plan_memory(self, path: str):
         """The memory plan (trainer/memplan.py) of this run against what each process can have; gradient
         checkpointing turned on where only that makes it fit; refused in one line where nothing does.
@@ -239,25 +247,44 @@ class Run:
         cfg, d = self.cfg, self.dist
         shape = memplan.read_shape(path)
         cuda = d.device.type == "cuda"
-        setting = memplan.setting_for(cfg, shape, d.world_size, d.local_world_size, self.precision.mixed, cuda,
-                                      tokens=micro_batch_tokens(self.data.train, self.plan.batches),
-                                      save_bytes=torch.empty((), dtype=self.save_dtype).element_size())
         _load_libraries(path)
         # The runtime as measured now, with every library of the run loaded, plus the kernels' working memory;
         # on a GPU the plan is the device's (the host holds the runtime) and quantization runs on the host.
         now = psutil.Process().memory_info().rss
-        runtime = 0 if cuda else now + memplan.workspace(setting.compute_bytes, cuda)
         cuda_free = torch.cuda.mem_get_info(d.device)[0] if cuda else None
         budget, source = memplan.available_memory(d.local_world_size, now, cuda_free)
-        if cuda:
-            setting = replace(setting, quantize=False)
-        decision = memplan.decide(shape, setting, runtime, budget, source)
-        # One gather: every rank learns whether all fit, and the tightest rank's refusal.
-        everyone = d.all_gather_object((decision.fits, decision.turned_on_checkpointing is not None,
-                                        decision.plan.peak - decision.budget,
-                                        decision.refusal(memplan.fixes(cfg, setting, shape))))
-        if not all(fits for fits, _, _, _ in everyone):
-            raise UserError(max(everyone, key=lambda e: e[2])[3])
+        fallback = None
+        for storage in self.storage:  # the frozen base's storage: the widest that fits on every rank
+            setting = memplan.setting_for(cfg, shape, d.world_size, d.local_world_size, self.precision.mixed, cuda,
+                                          tokens=micro_batch_tokens(self.data.train, self.plan.batches),
+                                          save_bytes=torch.empty((), dtype=self.save_dtype).element_size(),
+                                          compute_bytes=self.precision.compute.itemsize,
+                                          frozen_bytes=storage.itemsize)
+            runtime = 0 if cuda else now + memplan.workspace(setting.compute_bytes, cuda)
+            if cuda:
+                setting = replace(setting, quantize=False)
+            decision = memplan.decide(shape, setting, runtime, budget, source)
+            # One gather: every rank learns whether all fit, and the tightest rank's refusal.
+            everyone = d.all_gather_object((decision.fits, decision.turned_on_checkpointing is not None,
+                                            decision.plan.peak - decision.budget,
+                                            decision.refusal(memplan.fixes(cfg, setting, shape))))
+            if all(fits for fits, _, _, _ in everyone):
+                chosen = (storage, setting, runtime, decision, everyone)
+                if not any(e[1] for e in everyone):
+                    break
+                # A narrower storage may fit without recomputing every layer (checkpointing costs ~1/3
+                # more compute); if none does, the widest that fits with it.
+                fallback = fallback or chosen
+                if storage != self.storage[-1]:
+                    self.storage_reason = "memory: fp32 would need gradient checkpointing"
+                    continue
+                chosen = fallback
+                break
+        else:
+            if fallback is None:
+                raise UserError(max(everyone, key=lambda e: e[2])[3])
+            chosen = fallback
+        self.load_dtype, setting, runtime, decision, everyone = chosen
         self.gradient_checkpointing = self.t.gradient_checkpointing or any(e[1] for e in everyone)
         if self.gradient_checkpointing and not decision.plan.setting.gradient_checkpointing:  # another rank's need
             decision = memplan.decide(shape, replace(setting, gradient_checkpointing=True), runtime, budget, source)

@@ -26,12 +26,9 @@ def trainer_command(cfg: StackConfig) -> list[str]:
     return ["python", "-m", "trainer.launch", "finetune", "--config", cfg.config_path]
 
 
-# Runtime settings for the Intel Xeon image (docker/Dockerfile.cpu installs these libraries at
-# these paths): oneCCL progress threads, jemalloc + Intel OpenMP, thread pinning.
-INTEL_ENV = {
-    "CCL_WORKER_COUNT": "1",
-    "CCL_ATL_TRANSPORT": "ofi",
-    "FI_PROVIDER": "tcp",
+# Runtime settings for the CPU image (docker/Dockerfile.cpu installs these libraries at these paths):
+# jemalloc + Intel OpenMP, thread pinning (PyTorch's CPU tuning guide; no Intel extension involved).
+CPU_RUNTIME_ENV = {
     "LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2:/opt/venv/lib/libiomp5.so",
     "MALLOC_CONF": "oversize_threshold:1,background_thread:true,metadata_thp:auto",
     "KMP_AFFINITY": "granularity=fine,compact,1,0",
@@ -57,7 +54,7 @@ def env(cfg: StackConfig) -> list[dict]:
         tracker, item = TRACKER_SECRETS[key]
         values[CREDENTIAL_FILES[tracker]] = f"{TRACKING_MOUNT}/{item}"
     if cfg.intel_runtime:
-        values.update(INTEL_ENV)
+        values.update(CPU_RUNTIME_ENV)
     values.update(dict(cfg.extra_env))
     # An empty value is written as no value (the same variable, set empty): Go clients drop `value: ""`
     # when they write the object back, which on a TrainJob's immutable spec.trainer is a CEL failure.

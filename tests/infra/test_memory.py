@@ -26,6 +26,13 @@ def test_preset_memory_follows_from_the_plan_of_llama2_7b(preset):
     assert 1.15 * need <= limit <= 1.5 * need, (plan.describe(), cfg.resources.memory)
     assert cfg.trainer.model.dtype == "bf16"
     assert memory.check(cfg, LLAMA2_7B, "test").warning is None
+    # The presets expect nodes with fast bf16 (AMX); preview also says what an AVX2-only node needs:
+    # fp32 compute doubles the activations, so the trainer turns on gradient checkpointing there.
+    avx2 = memory.on_avx2(cfg, LLAMA2_7B)
+    assert avx2.startswith("on CPUs without fast bf16 (AVX2-only: fp32 compute) ") and "does not fit" not in avx2
+    slow = memplan.estimate(memplan.Shape.from_config(LLAMA2_7B),
+                            memplan.replace(plan.setting, mixed=False, compute_bytes=4), plan.terms["runtime"])
+    assert slow.terms["activations"] == 2 * plan.terms["activations"] and "widened weights" in slow.terms
 
 
 def test_quantities():

@@ -201,9 +201,10 @@ def test_gpus_and_intel_runtime_env():
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
     intel = render({**DS, "intelRuntime": True})
     env = {e["name"]: e["value"] for e in _worker(intel)["containers"][0]["env"]}
-    assert env["CCL_WORKER_COUNT"] == "1" and "libiomp5.so" in env["LD_PRELOAD"]
+    assert "libiomp5.so" in env["LD_PRELOAD"] and env["KMP_BLOCKTIME"] == "1"
+    assert not any(k.startswith(("CCL_", "FI_")) for k in env)  # oneCCL is discontinued
     plain = {e["name"] for e in _worker(render(DS))["containers"][0]["env"]}
-    assert "CCL_WORKER_COUNT" not in plain and "LD_PRELOAD" not in plain
+    assert "LD_PRELOAD" not in plain
 
 
 def test_stack_outputs_have_ready_to_paste_commands():

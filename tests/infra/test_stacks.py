@@ -61,7 +61,7 @@ VARIATIONS = {
     "storage-class": {"storage": {"createClass": True, "className": "fast-rwx", "provisioner": "nfs.csi.k8s.io",
                                   "parameters": {"server": "nfs.local", "share": "/exports"}}},
     "full-finetune-8bit-gptq": {"lora": {"enabled": False}, "quantize": {"bits": 8, "algorithm": "gptq", "format": "inc"}},
-    "intel": {"intelRuntime": True, "extraEnv": {"CCL_LOG_LEVEL": "info"}},
+    "intel": {"intelRuntime": True, "extraEnv": {"OMP_DISPLAY_ENV": "true"}},
     "namespace-and-name": {"namespace": "ml-team", "jobName": "mistral-ft"},
 }
 

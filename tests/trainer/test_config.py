@@ -31,6 +31,9 @@ def test_unknown_key_names_nearest_valid_and_line(tmp_path):
 
 
 @pytest.mark.parametrize("text,words", [
+    (MIN + "training: {use_ipex: true}\n", "training.use_ipex: Intel Extension for PyTorch is discontinued"),
+    (MIN + "training: {ddp_backend: ccl}\n", "training.ddp_backend: the oneCCL bindings are discontinued"),
+    (MIN + "model: {name_or_path: m, compute_dtype: fp16}\n", "compute_dtype: invalid value 'fp16'"),
     ("model: {name_or_path: m}\ndata: {}\n", "neither is set"),
     ("model: {name_or_path: m}\ndata: {file: a.json, dataset: b}\n", "both are set"),
     ("model: {}\ndata: {file: a.json}\n", "name_or_path: is required"),

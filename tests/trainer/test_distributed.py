@@ -1,42 +1,59 @@
 import pytest
 import torch
 
-from trainer.distributed import Precision, choose_backend, choose_precision, cpu_has_fast_bf16, default_threads
+from trainer.compute import MatmulRates
+from trainer.distributed import Precision, choose_backend, choose_precision, default_threads, frozen_storage
+from trainer.errors import UserError
+
+FAST, SLOW = MatmulRates(100.0, 180.0), MatmulRates(166.0, 0.3)  # AMX-like, AVX2-only (issue 28's figures)
 
 
-@pytest.mark.parametrize("requested,cuda,ccl,expected", [
-    (None, False, False, "gloo"),
-    (None, True, False, "nccl"),
-    (None, False, True, "ccl"),
-    (None, True, True, "nccl"),  # GPUs win: NCCL over oneCCL for CUDA tensors
-    ("gloo", True, True, "gloo"),
-    ("ccl", False, True, "ccl"),
+@pytest.mark.parametrize("requested,cuda,expected", [
+    (None, False, "gloo"),
+    (None, True, "nccl"),
+    ("gloo", True, "gloo"),
 ])
-def test_backend_choice(requested, cuda, ccl, expected):
-    assert choose_backend(requested, cuda, ccl) == expected
+def test_backend_choice(requested, cuda, expected):
+    assert choose_backend(requested, cuda) == expected
 
 
 def test_backend_override_that_cannot_work_is_refused():
     with pytest.raises(RuntimeError, match="nccl needs CUDA"):
-        choose_backend("nccl", cuda=False, ccl=False)
-    with pytest.raises(RuntimeError, match="oneccl_bindings_for_pytorch"):
-        choose_backend("ccl", cuda=False, ccl=False)
+        choose_backend("nccl", cuda=False)
 
 
-def test_bf16_where_the_hardware_has_it_always_with_fp32_master_weights():
+def test_bf16_compute_where_the_hardware_is_fast_at_it_always_with_fp32_master_weights():
     fp32, bf16 = torch.float32, torch.bfloat16
-    assert cpu_has_fast_bf16("flags : fpu avx512f amx_bf16 amx_tile") is True
-    assert cpu_has_fast_bf16("flags : fpu avx512f avx512_bf16") is True
-    assert cpu_has_fast_bf16("flags : fpu avx2 avx512f") is False
     assert choose_precision("auto", cuda=True, cuda_bf16=True) == Precision(bf16, fp32)
     assert choose_precision("auto", cuda=True, cuda_bf16=False) == Precision(fp32, fp32)
-    assert choose_precision("auto", cuda=False, cpu_bf16=True) == Precision(bf16, fp32)
-    assert choose_precision("auto", cuda=False, cpu_bf16=False) == Precision(fp32, fp32)
+    assert choose_precision("auto", cuda=False, rates=FAST) == Precision(bf16, fp32)
+    assert choose_precision("auto", cuda=False, rates=SLOW) == Precision(fp32, fp32)
     assert choose_precision("fp32", cuda=True, cuda_bf16=True) == Precision(fp32, fp32)
-    assert choose_precision("bf16", cuda=False, cpu_bf16=False) == Precision(bf16, fp32)  # works anywhere, slower
-    pure = choose_precision("pure-bf16", cuda=False, cpu_bf16=True)
+    assert choose_precision("bf16", cuda=False, rates=FAST) == Precision(bf16, fp32)
+    pure = choose_precision("pure-bf16", cuda=False, rates=FAST)
     assert pure == Precision(bf16, bf16) and not pure.mixed and "pure bf16" in pure.describe()
     assert Precision(bf16, fp32).mixed and "fp32 master weights" in Precision(bf16, fp32).describe()
+
+
+def test_bf16_on_a_cpu_without_fast_bf16_computes_in_fp32_and_says_why():
+    p = choose_precision("bf16", cuda=False, rates=SLOW)
+    assert (p.compute, p.params) == (torch.float32, torch.float32)
+    assert "compute fp32: this CPU: bf16 matmul 0.3 GFLOP/s, fp32 166" in p.describe()
+    # Its LoRA base stays in bf16 (the user's storage choice); auto keeps fp32 where it fits.
+    assert frozen_storage(p, "bf16", lora=True, cuda=False)[0] == [torch.bfloat16]
+    auto = choose_precision("auto", cuda=False, rates=SLOW)
+    assert frozen_storage(auto, "auto", lora=True, cuda=False)[0] == [torch.float32, torch.bfloat16]
+    assert frozen_storage(choose_precision("bf16", cuda=False, rates=FAST), "bf16", True, False)[0] == [torch.bfloat16]
+    assert frozen_storage(auto, "auto", lora=False, cuda=False)[0] == [torch.float32]
+
+
+def test_bf16_compute_insisted_on_or_pure_bf16_is_refused_where_it_would_crawl():
+    with pytest.raises(UserError, match=r"model.compute_dtype: bf16, .*bf16 matmul 0.3 GFLOP/s, fp32 166.*553x.*"
+                                        r"Fix: model.compute_dtype: auto"):
+        choose_precision("bf16", cuda=False, rates=SLOW, compute="bf16")
+    with pytest.raises(UserError, match=r"pure-bf16 .*Fix: model.dtype: bf16"):
+        choose_precision("pure-bf16", cuda=False, rates=SLOW)
+    assert choose_precision("bf16", cuda=False, rates=FAST, compute="bf16").compute == torch.bfloat16
 
 
 def test_threads_split_cores_between_local_processes():

@@ -249,7 +249,12 @@ def test_the_plan_command_prints_the_plan_and_refuses_in_one_line(tmp_path, tiny
                               capture_output=True, text=True, env=env(), cwd=ROOT, timeout=120)
 
     fits = plan("--memory", "4Gi")
-    assert fits.returncode == 0 and fits.stdout.startswith("memory plan: ") and "--memory 4Gi" in fits.stdout
+    assert fits.returncode == 0 and "--memory 4Gi" in fits.stdout
+    compute, memory = fits.stdout.strip().splitlines()
+    # The compute dtype it would use here (the CPU's answer is stated in tests: fast).
+    assert compute == ("compute: fp32 weights and compute; this CPU: bf16 matmul 2 GFLOP/s, fp32 1, "
+                       "as LLM_FINETUNE_CPU_BF16=fast states")
+    assert memory.startswith("memory plan: ")
     for memory, words in (("64Mi", "does not fit"), ("46GB", "not a Kubernetes quantity")):
         refused = plan("--memory", memory)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr

@@ -9,17 +9,6 @@ from tests.conftest import write_config
 from trainer.config import load_config
 
 
-@pytest.fixture(scope="module")
-def bf16_model(tmp_path_factory, pretrained_model):
-    """The tiny pretrained model saved in bf16, as 7B checkpoints are published (half precision)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("bf16") / "model"
-    AutoModelForCausalLM.from_pretrained(pretrained_model, dtype=torch.bfloat16).save_pretrained(out)
-    AutoTokenizer.from_pretrained(pretrained_model).save_pretrained(out)
-    return out
-
-
 def _lora_cfg(tmp_path, model, data, **training):
     return load_config(write_config(tmp_path / "c.yaml", model, data, tmp_path / "out", model={"dtype": "bf16"},
                                     lora={"enabled": True, "r": 8, "modules_to_save": ["lm_head"]},

@@ -112,10 +112,10 @@ def test_auto_precision_on_either_cpu_trains_saves_and_quantizes(tmp_path, wide_
     loadable final/ in the chosen dtype (auto: the base model's, fp32 here) and quantize it smaller."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer import distributed
+    from trainer import envvars
     from trainer.quantsize import saved_dtype
 
-    monkeypatch.setattr(distributed, "cpu_has_fast_bf16", lambda cpuinfo=None: fast_bf16)
+    monkeypatch.setenv(envvars.CPU_BF16, "fast" if fast_bf16 else "slow")
     out = tmp_path / "out"
     cfg = load_config(write_config(tmp_path / "c.yaml", wide_model, flashcards_file, out,
                                    model={"dtype": "auto", "save_dtype": save_dtype},
