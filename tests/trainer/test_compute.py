@@ -26,7 +26,7 @@ def test_the_measurement_is_real_or_stated(monkeypatch):
     monkeypatch.setenv(envvars.CPU_BF16, "maybe")
     with pytest.raises(ValueError, match="fast, slow or unset"):
         measure()
-    assert "bf16 matmul 0.3 GFLOP/s, fp32 166" in MatmulRates(166.0, 0.3).describe()
+    assert "bf16 matmul 0.3 GFLOP/s a core, fp32 166" in MatmulRates(166.0, 0.3).describe()
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 5], ids=["one-chunk", "chunks-of-5-outputs"])
@@ -104,7 +104,7 @@ def test_bf16_on_a_cpu_without_fast_bf16_keeps_bf16_storage_and_trains_as_fp32_d
     monkeypatch.setenv(envvars.CPU_BF16, "slow")
     finetune(_lora(tmp_path, "split", bf16_model, flashcards_file, "bf16"))
     log = capsys.readouterr().err
-    assert "fp32 weights and compute (compute fp32: this CPU: bf16 matmul" in log
+    assert "fp32 weights and compute (compute fp32: this CPU: slow bf16 matmuls, as LLM_FINETUNE_CPU_BF16=slow states)" in log
     assert "frozen weights bf16 (model.dtype: bf16), compute fp32: " in log
     assert "linear layers widened one at a time" in log
     finetune(_lora(tmp_path, "fp32", bf16_model, flashcards_file, "fp32"))

@@ -38,7 +38,7 @@ def test_bf16_compute_where_the_hardware_is_fast_at_it_always_with_fp32_master_w
 def test_bf16_on_a_cpu_without_fast_bf16_computes_in_fp32_and_says_why():
     p = choose_precision("bf16", cuda=False, rates=SLOW)
     assert (p.compute, p.params) == (torch.float32, torch.float32)
-    assert "compute fp32: this CPU: bf16 matmul 0.3 GFLOP/s, fp32 166" in p.describe()
+    assert "compute fp32: this CPU: bf16 matmul 0.3 GFLOP/s a core, fp32 166" in p.describe()
     # Its LoRA base stays in bf16 (the user's storage choice); auto keeps fp32 where it fits.
     assert frozen_storage(p, "bf16", lora=True, cuda=False)[0] == [torch.bfloat16]
     auto = choose_precision("auto", cuda=False, rates=SLOW)
@@ -48,7 +48,7 @@ def test_bf16_on_a_cpu_without_fast_bf16_computes_in_fp32_and_says_why():
 
 
 def test_bf16_compute_insisted_on_or_pure_bf16_is_refused_where_it_would_crawl():
-    with pytest.raises(UserError, match=r"model.compute_dtype: bf16, .*bf16 matmul 0.3 GFLOP/s, fp32 166.*553x.*"
+    with pytest.raises(UserError, match=r"model.compute_dtype: bf16, .*bf16 matmul 0.3 GFLOP/s a core, fp32 166.*553x.*"
                                         r"Fix: model.compute_dtype: auto"):
         choose_precision("bf16", cuda=False, rates=SLOW, compute="bf16")
     with pytest.raises(UserError, match=r"pure-bf16 .*Fix: model.dtype: bf16"):
