@@ -14,9 +14,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ["LLM_FINETUNE_LOG_FORMAT"] = "plain"
 # Whether this CPU computes bf16 fast is stated, not measured (trainer/compute.py): no test may depend on
-# the machine's CPU. "fast" is the AMX/AVX512-BF16 path (bf16 autocast); tests of the other path set
-# "slow" (tests/trainer/test_compute.py).
-os.environ["LLM_FINETUNE_CPU_BF16"] = "fast"
+# the machine's CPU. "slow" by default: `auto` computes in fp32 and a bf16 base is computed in fp32,
+# quick on every CPU; the tests of the bf16-autocast path (AMX/AVX512-BF16 nodes) take `fast_bf16`.
+os.environ["LLM_FINETUNE_CPU_BF16"] = "slow"
+
+
+@pytest.fixture
+def fast_bf16(monkeypatch):
+    """This test's CPU computes bf16 fast (AMX/AVX512-BF16): bf16 autocast, in this process and in
+    every process it starts."""
+    monkeypatch.setenv("LLM_FINETUNE_CPU_BF16", "fast")
 
 
 # Device-aware tests: LLM_FINETUNE_DEVICE=cuda runs the tests that take the `device` fixture on the GPU
@@ -93,7 +100,8 @@ def write_config(path: Path, model_path: Path, data_file: Path, out: Path, **sec
     import yaml
 
     # The precision is always stated: `auto` picks bf16 or fp32 by the CPU, and no assertion may
-    # depend on the machine. Tests of the bf16 path pass model={"dtype": "bf16"}.
+    # depend on the machine. Tests of the bf16 path pass model={"dtype": "bf16"} (and `fast_bf16` for
+    # bf16 compute).
     cfg = {
         "model": {"name_or_path": str(model_path), "dtype": "fp32", **sections.pop("model", {})},
         # Test files are written just before they are read: a short settle (the product waits 3 s).
@@ -170,3 +178,4 @@ def bf16_model(tmp_path_factory, pretrained_model):
     AutoModelForCausalLM.from_pretrained(pretrained_model, dtype=torch.bfloat16).save_pretrained(out)
     AutoTokenizer.from_pretrained(pretrained_model).save_pretrained(out)
     return out
+

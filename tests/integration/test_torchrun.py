@@ -66,7 +66,7 @@ def test_two_process_gloo_run(tmp_path, request, flashcards_file, finance_file, 
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_fsdp_two_processes_shards_trains_and_saves(tmp_path, tiny_model, flashcards_file, dtype):
+def test_fsdp_two_processes_shards_trains_and_saves(tmp_path, tiny_model, flashcards_file, dtype, fast_bf16):
     """FSDP2 over gloo: sharded training (bf16: MixedPrecisionPolicy over fp32 shards), full-state
     checkpoints, resume, and an unsharded final/ in the base model's dtype."""
     out = tmp_path / "out"
@@ -93,7 +93,7 @@ def test_fsdp_two_processes_shards_trains_and_saves(tmp_path, tiny_model, flashc
     assert saved_dtype(str(out / "final")) == torch.float32  # the base model's dtype
 
 
-def test_fsdp_lora_on_a_cpu_without_fast_bf16_shards_a_bf16_base_computed_in_fp32(tmp_path, tiny_model,
+def test_fsdp_lora_on_a_cpu_without_fast_bf16_shards_a_bf16_base_computed_in_fp32(tmp_path, bf16_model,
                                                                                     flashcards_file, monkeypatch):
     """model.dtype bf16 where bf16 is slow (stated: LLM_FINETUNE_CPU_BF16=slow): FSDP2 shards the bf16 base
     and gathers it per layer, the widened layers compute in fp32 on each rank, and the run trains."""
@@ -101,7 +101,7 @@ def test_fsdp_lora_on_a_cpu_without_fast_bf16_shards_a_bf16_base_computed_in_fp3
 
     monkeypatch.setenv(envvars.CPU_BF16, "slow")
     out = tmp_path / "out"
-    cfg = write_config(tmp_path / "c.yaml", tiny_model, flashcards_file, out, model={"dtype": "bf16"},
+    cfg = write_config(tmp_path / "c.yaml", bf16_model, flashcards_file, out, model={"dtype": "bf16"},
                        lora={"enabled": True, "r": 8}, training={"max_steps": 10, "save_steps": 10, "fsdp": True,
                                                                  "logging_steps": 5, "learning_rate": 0.01})
     log = tmp_path / "run.log"
@@ -113,8 +113,8 @@ def test_fsdp_lora_on_a_cpu_without_fast_bf16_shards_a_bf16_base_computed_in_fp3
     text = log.read_text()
     assert "world 2 (backend gloo" in text and "fp32 weights and compute (compute fp32: this CPU" in text
     assert "frozen weights bf16 (model.dtype: bf16), compute fp32" in text
-    fell, rows = _loss_fell(out)
-    assert fell, rows
+    report = json.loads((out / "report.json").read_text())["training"]
+    assert report["eval_loss"] < report["eval_loss_before"], report  # the pretrained base's held-out loss fell
     assert (out / "final" / "config.json").exists()
 
 

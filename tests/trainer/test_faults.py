@@ -118,6 +118,9 @@ def test_torn_metrics_line_is_dropped_with_a_warning(tmp_path, tiny_model, flash
 ])
 def test_a_change_to_what_the_checkpoint_holds_is_refused_in_one_line(tmp_path, tiny_model, flashcards_file,
                                                                       monkeypatch, change, words):
+    from trainer import envvars
+
+    monkeypatch.setenv(envvars.CPU_BF16, "fast")  # pure bf16 is only taken where bf16 is fast
     cfg, out = _interrupted(tmp_path, tiny_model, flashcards_file, monkeypatch)
     changed = write_config(tmp_path / "c2.yaml", tiny_model, flashcards_file, out,
                            training={**STEPS, **change.get("training", {})},

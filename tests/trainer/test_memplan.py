@@ -251,9 +251,9 @@ def test_the_plan_command_prints_the_plan_and_refuses_in_one_line(tmp_path, tiny
     fits = plan("--memory", "4Gi")
     assert fits.returncode == 0 and "--memory 4Gi" in fits.stdout
     compute, memory = fits.stdout.strip().splitlines()
-    # The compute dtype it would use here (the CPU's answer is stated in tests: fast).
-    assert compute == ("compute: fp32 weights and compute; this CPU: fast bf16 matmuls, "
-                       "as LLM_FINETUNE_CPU_BF16=fast states")
+    # The compute dtype it would use here (the CPU's answer is stated in tests: slow by default).
+    assert compute == ("compute: fp32 weights and compute; this CPU: slow bf16 matmuls, "
+                       "as LLM_FINETUNE_CPU_BF16=slow states")
     assert memory.startswith("memory plan: ")
     for memory, words in (("64Mi", "does not fit"), ("46GB", "not a Kubernetes quantity")):
         refused = plan("--memory", memory)

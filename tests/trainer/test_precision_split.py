@@ -34,7 +34,7 @@ def _final(path):
     return out
 
 
-def test_lora_holds_the_frozen_base_in_bf16_and_trains_fp32_adapters(tmp_path, bf16_model, flashcards_file):
+def test_lora_holds_the_frozen_base_in_bf16_and_trains_fp32_adapters(tmp_path, bf16_model, flashcards_file, fast_bf16):
     from trainer.train import Trainer
 
     trainer = Trainer(_lora_cfg(tmp_path, bf16_model, flashcards_file))

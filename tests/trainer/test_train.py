@@ -136,7 +136,8 @@ def test_auto_precision_on_either_cpu_trains_saves_and_quantizes(tmp_path, wide_
     assert q["breakdown"]["kept_dtype"] == str(expected).replace("torch.", "")
 
 
-def test_a_small_learning_rate_moves_bf16_weights_as_it_moves_fp32_weights(tmp_path, tiny_model, flashcards_file):
+def test_a_small_learning_rate_moves_bf16_weights_as_it_moves_fp32_weights(tmp_path, tiny_model, flashcards_file,
+                                                                           fast_bf16):
     """bf16 compute keeps fp32 master weights: at lr 1e-5 as many weights move as in fp32. Pure bf16
     (explicit only) loses most of those updates to rounding: the check can tell the two apart."""
     base = load_file(str(tiny_model / "model.safetensors"))
