@@ -17,6 +17,16 @@ def _loss_fell(out):
     return train[-1]["loss"] < train[0]["loss"] * 0.9, train
 
 
+def _finetune_on_two(cfg, log) -> str:
+    """`torchrun --nproc-per-node 2 -m trainer finetune`, to its end (bounded); its log."""
+    proc = start(torchrun(2, "-m", "trainer", "finetune", "--config", str(cfg)), log)
+    try:
+        assert wait(proc, 300, log) == 0, log.read_text()[-4000:]
+    finally:
+        stop(proc)
+    return log.read_text()
+
+
 def _loads(final):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -37,13 +47,7 @@ def test_two_process_gloo_run(tmp_path, request, flashcards_file, finance_file, 
                                                                  "gate_proj", "up_proj", "down_proj"]},
                        # Quantization runs after training, once, on rank 0; every rank must exit 0.
                        quantize={"enabled": not lora, "eval_samples": 16, "max_new_tokens": 4})
-    log = tmp_path / "run.log"
-    proc = start(torchrun(2, "-m", "trainer", "finetune", "--config", str(cfg)), log)
-    try:
-        assert wait(proc, 300, log) == 0, log.read_text()[-4000:]
-    finally:
-        stop(proc)
-    text = log.read_text()
+    text = _finetune_on_two(cfg, tmp_path / "run.log")
     assert "world 2 (backend gloo" in text
     fell, rows = _loss_fell(out)
     assert fell, rows
@@ -104,13 +108,7 @@ def test_fsdp_lora_on_a_cpu_without_fast_bf16_shards_a_bf16_base_computed_in_fp3
     cfg = write_config(tmp_path / "c.yaml", bf16_model, flashcards_file, out, model={"dtype": "bf16"},
                        lora={"enabled": True, "r": 8}, training={"max_steps": 10, "save_steps": 10, "fsdp": True,
                                                                  "logging_steps": 5, "learning_rate": 0.01})
-    log = tmp_path / "run.log"
-    proc = start(torchrun(2, "-m", "trainer", "finetune", "--config", str(cfg)), log)
-    try:
-        assert wait(proc, 300, log) == 0, log.read_text()[-4000:]
-    finally:
-        stop(proc)
-    text = log.read_text()
+    text = _finetune_on_two(cfg, tmp_path / "run.log")
     assert "world 2 (backend gloo" in text and "fp32 weights and compute (compute fp32: this CPU" in text
     assert "frozen weights bf16 (model.dtype: bf16), compute fp32" in text
     report = json.loads((out / "report.json").read_text())["training"]
