@@ -83,6 +83,8 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None, which: 
     evalset = EvalSet(cfg, tokenizer, str(path or cfg.model.name_or_path), data_file, log=log)
     log(f"evaluate: {label} on {evalset.limit} examples of {evalset.source}")
     results: dict[str, Any] = {label: measure(model, tokenizer, path, evalset, cfg.quantize.max_new_tokens)}
+    if not results[label]["compute"].startswith("as stored"):
+        log(f"evaluate: {label} measured with its {results[label]['compute']}")
     if which == "final" and (cfg.quantized_dir / "config.json").exists():
         from trainer.measure import load_quantized
 

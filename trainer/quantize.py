@@ -201,7 +201,7 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None) -> dict
     before = {"size_bytes": section["size_bytes_before"], "perplexity": section["perplexity_before"],
               "eval_loss": section["eval_loss_before"], "latency_ms_per_token": section["latency_ms_before"],
               "samples": [s["before"] for s in section["samples"]], "eval_examples": section["eval_examples"],
-              "path": str(cfg.final_dir)}
+              "path": str(cfg.final_dir), "compute": section.get("compute_before")}
     for fmt in cfg.quantize.also:
         extra = dataclasses.replace(cfg, quantize=also_config(cfg.quantize, fmt))
         run_format(extra, log, before=before, out=cfg.quantized_dir_for(fmt), key=f"quantize_also.{fmt}")
@@ -239,11 +239,19 @@ def run_format(cfg: TrainerConfig, log: Callable[[str], None], before: Optional[
     if before is None:
         log(f"quantize: measuring the fine-tuned model on {evalset.limit} validation examples")
         before = measure(model, tokenizer, cfg.final_dir, evalset, q.max_new_tokens)
+        if not before["compute"].startswith("as stored"):
+            log(f"quantize: final/ measured with its {before['compute']}")
     if q.format != "inc":
         return _run_served(cfg, model, tokenizer, kept_dtype, plan, evalset, before, log, out, key)
     calibration = evalset.calibration(q.calibration_samples) if q.algorithm != "rtn" else []
     log(f"quantize: {q.algorithm.upper()} {q.bits}-bit, {q.scheme}, group size {q.group_size}"
         + (f", {len(calibration)} calibration examples" if calibration else ""))
+    if calibration and kept_dtype.itemsize < 4:
+        from trainer.compute import rates
+
+        if not rates().bf16_fast:  # INC calibrates through the model as it is held; it is not widened here
+            log(f"quantize: {q.algorithm.upper()} calibrates through final/ in {str(kept_dtype).replace('torch.', '')}, "
+                f"slow here ({rates().describe()}). Faster: quantize.algorithm rtn or opt-rtn, or model.save_dtype: fp32")
     try:
         qmodel, group = quantize_model(model, cfg, calibration)
     except UserError:
@@ -373,6 +381,8 @@ def _section(q: QuantizeConfig, group: int, calibrated: int, before: dict[str, A
         "tokens_per_second_before": 1000.0 / before["latency_ms_per_token"],
         "tokens_per_second_after": 1000.0 / after["latency_ms_per_token"],
         "eval_examples": before["eval_examples"],
+        # How each side was computed (trainer/compute.py): as stored, or bf16 weights computed in fp32.
+        "compute_before": before.get("compute"), "compute_after": after.get("compute"),
         "samples": [{"prompt": p, "reference": r, "before": b, "after": a}
                     for p, r, b, a in zip(evalset.prompts, evalset.references, before["samples"], after["samples"])],
         "path": str(path), **extra,

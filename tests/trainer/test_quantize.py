@@ -108,7 +108,7 @@ def _bf16_copy(src, dst):
 
 @pytest.mark.parametrize("algorithm,bits", [("rtn", 4), ("gptq", 4), ("awq", 4), ("rtn", 8)])
 def test_a_bf16_model_shrinks_and_the_arithmetic_is_what_inc_writes(tmp_path, wide_model, flashcards_file,
-                                                                     algorithm, bits):
+                                                                     algorithm, bits, capsys):
     import torch
 
     from trainer import quantize, quantsize
@@ -116,6 +116,12 @@ def test_a_bf16_model_shrinks_and_the_arithmetic_is_what_inc_writes(tmp_path, wi
     out = tmp_path / "out"
     _bf16_copy(wide_model, out / "final")
     section = quantize.run(_cfg(tmp_path, out, flashcards_file, algorithm=algorithm, bits=bits, group_size=128))
+    # On a CPU without fast bf16 (the tests' stated default) the measurements compute the bf16 model in
+    # fp32, and a calibrating algorithm (which runs through the model as held) says it is slow there.
+    assert section["compute_before"].startswith("bfloat16 weights computed in fp32")
+    log = capsys.readouterr().err
+    assert (f"{algorithm.upper()} calibrates through final/ in bfloat16, slow here" in log) == (algorithm != "rtn")
+    assert "quantize: final/ measured with its bfloat16 weights computed in fp32 (this CPU: slow bf16" in log
     b = section["breakdown"]
     # The estimate from the shapes alone (meta device) is byte-exact with what INC produced.
     plan = quantsize.estimate(quantsize.meta_model(str(out / "final")), bits, 128, torch.bfloat16, algorithm)
