@@ -222,13 +222,6 @@ def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def frozen_dtype(compute: torch.dtype, params: torch.dtype, mixed: bool) -> torch.dtype:
-    """The dtype a LoRA run holds its frozen base in: the compute dtype under mixed precision (fp32
-    master weights are for what the optimizer updates; a frozen weight in fp32 would only be cast to
-    bf16 again by autocast on every forward), else the training dtype."""
-    return compute if mixed else params
-
-
 def exact_in(held: torch.dtype, saved: torch.dtype) -> bool:
     """Whether weights saved in `saved` are held exactly in `held` (fp16 -> bf16 loses 3 mantissa bits)."""
     return held == saved or held == torch.float32
