@@ -164,15 +164,19 @@ def plan(cfg, processes: int, workers: int, memory: Optional[str]) -> str:
         budget, source = limit // processes, f"--memory {memory} / {processes} processes"
     else:
         budget, source = memplan.available_memory(processes, 0)
-    for dtype in storage:  # the widest storage of the frozen base that fits, as the trainer takes it
+    plans = []  # per storage dtype of the frozen base, widest first, as the trainer plans them
+    for dtype in storage:
         setting = memplan.setting_for(cfg, shape, workers * processes, processes, precision.mixed,
                                       compute_bytes=precision.compute.itemsize, frozen_bytes=dtype.itemsize)
         runtime = memplan.DEFAULT_RUNTIME + memplan.workspace(setting.compute_bytes)
-        decision = memplan.decide(shape, setting, runtime, budget, source)
-        if decision.fits:
-            break
-    else:
+        plans.append((setting, memplan.decide(shape, setting, runtime, budget, source)))
+    index, why = memplan.pick([(d.fits, d.turned_on_checkpointing is not None) for _, d in plans])
+    if index is None:
+        setting, decision = plans[-1]
         raise UserError(decision.refusal(memplan.fixes(cfg, setting, shape)))
+    decision, dtype = plans[index][1], storage[index]
+    if why:
+        reason = f"memory: {distributed._short(storage[0])} would {why}"
     frozen = (f"; frozen base {distributed._short(dtype)}" + (f" ({reason})" if dtype != precision.compute else "")
               if cfg.lora.enabled else "")
     return (f"compute: {precision.describe()}{frozen}; {measured.describe()}\n" + decision.log_line())

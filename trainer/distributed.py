@@ -104,7 +104,7 @@ def frozen_storage(precision: Precision, requested: str, lora: bool, cuda: bool)
     if requested == "bf16":
         return [bf16], "model.dtype: bf16"
     if requested == "auto" and not cuda:
-        return [fp32, bf16], "memory: fp32 would not fit"
+        return [fp32, bf16], "memory"  # which one, and why, is the memory plan's (run.py, cli.plan)
     return [fp32], f"model.dtype: {requested}"
 
 

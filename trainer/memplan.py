@@ -349,6 +349,18 @@ def decide(shape: Shape, s: Setting, runtime: int, budget: int, source: str) -> 
     return Decision(plan, budget, source, False)
 
 
+def pick(options: list[tuple[bool, bool]]) -> tuple[Optional[int], str]:
+    """Which of several plans to take (a LoRA base's storage dtypes, widest first), given for each
+    whether it fits and whether only turning on gradient checkpointing made it fit: the first that fits
+    as configured, else the first that fits at all (recomputing every layer costs ~1/3 more compute
+    than a narrower storage widened per layer); None where none fits. With why the widest was passed
+    over ("not fit", "need gradient checkpointing"; "" when it was taken)."""
+    index = next((i for i, (fits, checkpointing) in enumerate(options) if fits and not checkpointing),
+                 next((i for i, (fits, _) in enumerate(options) if fits), None))
+    why = "" if not index else ("need gradient checkpointing" if options[0][0] else "not fit")
+    return index, why
+
+
 def fixes(cfg, s: Setting, shape: Shape, where: str = "trainer config") -> list[str]:
     """What would make it fit, cheapest first, as config keys."""
     out = []

@@ -253,8 +253,8 @@ class Run:
         now = psutil.Process().memory_info().rss
         cuda_free = torch.cuda.mem_get_info(d.device)[0] if cuda else None
         budget, source = memplan.available_memory(d.local_world_size, now, cuda_free)
-        fallback = None
-        for storage in self.storage:  # the frozen base's storage: the widest that fits on every rank
+        plans = []  # per storage dtype of the frozen base, widest first: its setting, runtime, decision, every rank's
+        for storage in self.storage:
             setting = memplan.setting_for(cfg, shape, d.world_size, d.local_world_size, self.precision.mixed, cuda,
                                           tokens=micro_batch_tokens(self.data.train, self.plan.batches),
                                           save_bytes=torch.empty((), dtype=self.save_dtype).element_size(),
@@ -268,23 +268,16 @@ class Run:
             everyone = d.all_gather_object((decision.fits, decision.turned_on_checkpointing is not None,
                                             decision.plan.peak - decision.budget,
                                             decision.refusal(memplan.fixes(cfg, setting, shape))))
-            if all(fits for fits, _, _, _ in everyone):
-                chosen = (storage, setting, runtime, decision, everyone)
-                if not any(e[1] for e in everyone):
-                    break
-                # A narrower storage may fit without recomputing every layer (checkpointing costs ~1/3
-                # more compute); if none does, the widest that fits with it.
-                fallback = fallback or chosen
-                if storage != self.storage[-1]:
-                    self.storage_reason = "memory: fp32 would need gradient checkpointing"
-                    continue
-                chosen = fallback
-                break
-        else:
-            if fallback is None:
-                raise UserError(max(everyone, key=lambda e: e[2])[3])
-            chosen = fallback
-        self.load_dtype, setting, runtime, decision, everyone = chosen
+            plans.append((setting, runtime, decision, everyone))
+        index, why = memplan.pick([(all(e[0] for e in everyone), any(e[1] for e in everyone))
+                                   for _, _, _, everyone in plans])
+        if index is None:
+            everyone = plans[-1][3]  # the narrowest storage's refusal: the best plan there is
+            raise UserError(max(everyone, key=lambda e: e[2])[3])
+        if why:
+            self.storage_reason = f"memory: {D._short(self.storage[0])} would {why}"
+        self.load_dtype = self.storage[index]
+        setting, runtime, decision, everyone = plans[index]
         self.gradient_checkpointing = self.t.gradient_checkpointing or any(e[1] for e in everyone)
         if self.gradient_checkpointing and not decision.plan.setting.gradient_checkpointing:  # another rank's need
             decision = memplan.decide(shape, replace(setting, gradient_checkpointing=True), runtime, budget, source)

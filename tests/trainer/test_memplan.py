@@ -261,3 +261,14 @@ def test_the_plan_command_prints_the_plan_and_refuses_in_one_line(tmp_path, tiny
         lines = refused.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], refused.stderr
         assert lines[0].count("Fix:") == 1
+
+
+def test_pick_takes_the_widest_storage_that_fits_as_configured_before_one_that_needs_checkpointing():
+    from trainer.memplan import pick
+
+    assert pick([(True, False), (True, False)]) == (0, "")
+    assert pick([(True, True), (True, False)]) == (1, "need gradient checkpointing")
+    assert pick([(False, True), (True, False)]) == (1, "not fit")
+    assert pick([(True, True), (True, True)]) == (0, "")  # both need it: the wider, not widened per layer
+    assert pick([(False, True), (True, True)]) == (1, "not fit")
+    assert pick([(False, False), (False, True)]) == (None, "")
