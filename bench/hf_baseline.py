@@ -104,12 +104,22 @@ def main() -> int:
     bf16 = cfg.model.dtype == "bf16"
     # As Hugging Face users do: a LoRA base loaded in bf16 (PEFT keeps the adapters in fp32), a full
     # fine-tune in fp32 master weights; bf16=True autocasts the compute in both.
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    quantized = {}
+    if cfg.lora.enabled and cfg.lora.base_bits:  # QLoRA as the Hugging Face docs show it (bitsandbytes)
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if bf16 else torch.float32
+        q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=compute) if cfg.lora.base_bits == 4
+             else BitsAndBytesConfig(load_in_8bit=True))
+        quantized = {"quantization_config": q, "device_map": {"": device}}
     model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path,
                                                  dtype=torch.bfloat16 if bf16 and cfg.lora.enabled else torch.float32,
-                                                 attn_implementation=args.attn)
-    cuda = torch.cuda.is_available()
-    if cuda:
-        model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+                                                 attn_implementation=args.attn, **quantized)
+    if cuda and not quantized:
+        model.to(device)
     model.config.use_cache = False
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -117,8 +127,11 @@ def main() -> int:
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
+        targets = list(cfg.lora.target_modules)
+        torch.manual_seed(t.seed)  # the adapters' initial values as ours (trainer/run.py seeds them the same way)
         model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                                 target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM"))
+                                                 target_modules="all-linear" if targets == ["all-linear"] else targets,
+                                                 task_type="CAUSAL_LM"))
 
     class Clock(TrainerCallback):
         first_step = None
@@ -174,9 +187,12 @@ def main() -> int:
     result = trainer.train()
     if trainer.is_world_process_zero():
         saving = time.perf_counter()
-        final = trainer.model.merge_and_unload() if cfg.lora.enabled else trainer.model
-        final.save_pretrained(str(Path(args.out) / "final"))
-        tok.save_pretrained(str(Path(args.out) / "final"))
+        if quantized:  # the adapter alone: merging into a 4-bit base would round it (ours re-reads the files)
+            trainer.model.save_pretrained(str(Path(args.out) / "adapter"))
+        else:
+            final = trainer.model.merge_and_unload() if cfg.lora.enabled else trainer.model
+            final.save_pretrained(str(Path(args.out) / "final"))
+            tok.save_pretrained(str(Path(args.out) / "final"))
         save_seconds = time.perf_counter() - saving
         real = int(sum(len(i) for i, _ in exs))
         computed = (sum(max(lengths[j] for j in b) * len(b) for b in batches) if batches

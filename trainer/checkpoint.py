@@ -17,12 +17,14 @@ after a new one is complete, and never the last complete one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import time
+import types
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -68,11 +70,31 @@ def _files(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp"))
 
 
+@contextlib.contextmanager
+def _frozen_modules_plain(model):
+    """Frozen modules that serialize themselves their own way (bitsandbytes' quantized layers of a QLoRA
+    base add their quantization state, which torch's state-dict helpers cannot map to attributes) save as
+    a plain module would while a checkpoint's state dict is taken: their weights are dropped anyway."""
+    patched = []
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own) and \
+                type(module)._save_to_state_dict is not torch.nn.Module._save_to_state_dict:
+            module._save_to_state_dict = types.MethodType(torch.nn.Module._save_to_state_dict, module)
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module._save_to_state_dict
+
+
 def _state_dicts(model, optimizer):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     # Frozen parameters (the base model under LoRA) are the base model's own: not saved again.
-    return get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    with _frozen_modules_plain(model):
+        return get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
 
 
 def _local_tensors(obj):

@@ -218,7 +218,11 @@ def widen(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> Widened
         if any(p.requires_grad for p in own):
             raise ValueError(f"{type(module).__name__} has trainable {own[0].dtype} weights: widening is for frozen "
                              "ones (pure bf16 training computes in bf16)")
-        if isinstance(module, (torch.nn.Linear, Conv1D)) and isinstance(getattr(module, "weight", None), torch.Tensor):
+        weight = getattr(module, "weight", None)
+        # (A quantized layer's weight is not floating point: bitsandbytes dequantizes it for its matmul
+        # into its compute dtype itself; only its bias, if narrow, is widened below.)
+        if (isinstance(module, (torch.nn.Linear, Conv1D)) and isinstance(weight, torch.Tensor)
+                and weight.is_floating_point()):
             # An instance attribute: PEFT wraps this module as its base_layer and calls it; a deep copy
             # (modules_to_save) rebinds the method to the copy.
             module.forward = types.MethodType(_linear_forward(isinstance(module, Conv1D)), module)  # type: ignore[method-assign]

@@ -318,8 +318,14 @@ class LoraConfig:
     model's own before training starts."""
     modules_to_save: tuple[str, ...] = ()
     """Modules trained fully and saved beside the adapter (e.g. lm_head, embed_tokens)."""
+    base_bits: Optional[int] = None
+    """QLoRA: the frozen base's linear layers quantized while they load (bitsandbytes): 4 (NF4 with double
+    quantization, as in the QLoRA paper; ~0.52 bytes a weight) or 8 (LLM.int8); null: the base in model.dtype.
+    The adapters, embeddings, norms and head stay as for LoRA; final/ merges into the base re-read from its files."""
 
     def validate(self, check) -> None:
+        check(self.base_bits in (None, 4, 8), ("base_bits",),
+              "must be 4 (NF4, QLoRA) or 8 (int8), or null for a base in model.dtype")
         check(self.r >= 1, ("r",), "must be >= 1 (typical: 8 to 64)")
         check(self.alpha >= 1, ("alpha",), "must be >= 1 (typical: 2 x r)")
         check(0.0 <= self.dropout < 1.0, ("dropout",), "must be in [0, 1)")
@@ -419,6 +425,15 @@ class TrainerConfig:
     output_dir: str = "./output"
 
     def validate(self, check) -> None:
+        bits = self.lora.base_bits
+        check(bits is None or self.lora.enabled, ("lora", "base_bits"),
+              "quantizes the frozen base of a LoRA run, and lora.enabled is false. Fix: lora.enabled: true, or "
+              "remove lora.base_bits for a full fine-tune")
+        # bitsandbytes' quantized weights (Params4bit, Int8Params) are not DTensors: FSDP2 cannot shard them.
+        check(bits is None or not self.training.fsdp, ("training", "fsdp"),
+              f"cannot shard the {bits}-bit base of lora.base_bits (bitsandbytes' weights are not shardable by "
+              "FSDP2). Fix: training.fsdp: false (each process holds the quantized base: ~0.52 bytes a weight in "
+              "4 bits), or remove lora.base_bits to shard a bf16 base")
         trackers = self.training.trackers
         check("mlflow" not in trackers or bool(self.tracking.mlflow_tracking_uri), ("tracking", "mlflow_tracking_uri"),
               "is required when training.report_to includes mlflow. Fix: set it to your server "

@@ -57,6 +57,8 @@ def guarded(cfg: TrainerConfig, weights: str, data: str, precision: str, lora_ta
     if cfg.lora.enabled:
         out.update({"lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha, "lora.target_modules": lora_targets,
                     "lora.modules_to_save": list(cfg.lora.modules_to_save)})
+        if cfg.lora.base_bits:  # absent for a base in model.dtype: checkpoints from before the key resume
+            out["lora.base_bits"] = cfg.lora.base_bits
     return json.loads(json.dumps(out))  # as state.json will hold it (tuples become lists)
 
 

@@ -163,6 +163,7 @@ class Setting:
     save_bytes: int
     cuda: bool = False
     quantize_bits: int = 4
+    base_bits: int = 0  # QLoRA: the frozen base's linear layers in 4 or 8 bits (0: in frozen_bytes)
 
 
 @dataclass
@@ -174,14 +175,16 @@ class MemoryPlan:
     train: int
     quantize: int
     setting: Setting
+    final: int = 0  # QLoRA: final/ rebuilt from the base's files (a LoRA base is merged where it is held)
 
     @property
     def peak(self) -> int:
-        return max(self.load, self.train, self.quantize)
+        return max(self.load, self.train, self.quantize, self.final)
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.terms.items() if v >= 0.005 * GIB)
         stages = f"load {self.load / GIB:.1f}, train {self.train / GIB:.1f}" + (
+            f", final/ {self.final / GIB:.1f}" if self.final else "") + (
             f", quantize {self.quantize / GIB:.1f}" if self.quantize else "")
         return f"{self.peak / GIB:.1f} GiB per process ({stages}): {parts}"
 
@@ -191,8 +194,11 @@ def estimate(shape: Shape, s: Setting, runtime: int = DEFAULT_RUNTIME) -> Memory
     shard = s.world if s.fsdp else 1
     trainable = s.lora_trainable if s.lora else n
     terms: dict[str, int] = {"runtime": runtime}
+    quantized = _quantized_weights(shape) if s.lora and s.base_bits else 0
     if s.lora:
-        terms["frozen weights"] = n * s.frozen_bytes // shard
+        terms["frozen weights"] = (n - quantized) * s.frozen_bytes // shard
+        if quantized:
+            terms.update(_qlora_terms(shape, s, quantized))
         terms["adapters"] = trainable * 4 // shard
     else:
         terms["weights"] = n * s.master_bytes // shard
@@ -224,8 +230,40 @@ def estimate(shape: Shape, s: Setting, runtime: int = DEFAULT_RUNTIME) -> Memory
     # the files' own dtype are mapped from them, not copied; a conversion maps one file at a time.
     load_bytes = s.frozen_bytes if s.lora else s.master_bytes
     load = runtime + n * load_bytes + (0 if load_bytes == shape.saved_bytes else shape.largest_shard)
+    final = 0
+    if quantized:
+        # Each weight is quantized as it is read (one file mapped at a time); final/ is then rebuilt from
+        # the files in their own dtype (pages mapped from them), merged a layer at a time in fp32.
+        load = runtime + terms["frozen weights"] + terms["quantized weights"] + shape.largest_shard
+        final = runtime + n * shape.saved_bytes + shape.layer_params * 4
     quantize = quantize_bytes(shape, runtime, s.save_bytes, s.quantize_bits) if s.quantize else 0
-    return MemoryPlan(terms, load, train, quantize, s)
+    return MemoryPlan(terms, load, train, quantize, s, final)
+
+
+# NF4 with double quantization (bitsandbytes): 4 bits a weight, an 8-bit absmax per block of 64 weights and
+# an fp32 absmax per 256 blocks (the QLoRA paper's 4.127 bits a weight).
+NF4_BLOCK = 64
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * 256)
+
+
+def quantized_bytes_per_weight(bits: int, in_features: int) -> float:
+    """Bytes a QLoRA base's weight takes: NF4 with double quantization, or int8 with an fp32 scale per row."""
+    return NF4_BYTES_PER_WEIGHT if bits == 4 else 1 + 4 / max(1, in_features)
+
+
+def _quantized_weights(shape: Shape) -> int:
+    """The weights a QLoRA base holds quantized: every decoder layer's linear layers (the embeddings,
+    the head and the norms stay in the storage dtype)."""
+    return shape.layers * (shape.layer_params - 2 * shape.hidden)
+
+
+def _qlora_terms(shape: Shape, s: Setting, quantized: int) -> dict[str, int]:
+    packed = int(quantized * quantized_bytes_per_weight(s.base_bits, shape.hidden))
+    # bitsandbytes dequantizes a layer's whole weight for its matmul (forward, and again for the input's
+    # gradient) into the dtype it was quantized from, then casts it to the compute dtype.
+    largest = shape.hidden * max(shape.intermediate, shape.heads * shape.head_dim)
+    width = s.frozen_bytes + (s.compute_bytes if s.compute_bytes != s.frozen_bytes else 0)
+    return {"quantized weights": packed, "dequantized layer": largest * width}
 
 
 def quantize_bytes(shape: Shape, runtime: int, save_bytes: int, bits: int = 4) -> int:
@@ -256,7 +294,8 @@ def setting_for(cfg, shape: Shape, world: int, local_processes: int, mixed: bool
     return Setting(lora=cfg.lora.enabled, lora_trainable=lt, mixed=mixed, compute_bytes=compute, master_bytes=master,
                    frozen_bytes=frozen, world=world, local_processes=local_processes, fsdp=t.fsdp and world > 1,
                    tokens=tokens, gradient_checkpointing=t.gradient_checkpointing, quantize=cfg.quantize.enabled,
-                   save_bytes=sb, cuda=cuda, quantize_bits=cfg.quantize.bits)
+                   save_bytes=sb, cuda=cuda, quantize_bits=cfg.quantize.bits,
+                   base_bits=(cfg.lora.base_bits or 0) if cfg.lora.enabled else 0)
 
 
 # ---- what a process can have --------------------------------------------------------------------

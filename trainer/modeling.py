@@ -94,17 +94,21 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_model(path: str, dtype: torch.dtype, attn: str, device: torch.device):
+def load_model(path: str, dtype: torch.dtype, attn: str, device: torch.device, quantization: Any = None):
     """The model in `dtype` (fp32 master weights in mixed precision) with the attention implementation
-    `attn` asks for (trainer/attention.py); refused in one line when the class cannot run it."""
+    `attn` asks for (trainer/attention.py); refused in one line when the class cannot run it.
+    `quantization`: a BitsAndBytesConfig (trainer/qlora.py), applied to each weight as it is read, on `device`."""
     from transformers import AutoModelForCausalLM
 
     from trainer.attention import candidates, unsupported
 
     tries = candidates(attn, device)
+    # bitsandbytes' layers are placed while they load (they cannot be moved after).
+    placed = {"quantization_config": quantization, "device_map": {"": device}} if quantization is not None else {}
     for i, implementation in enumerate(tries):
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=implementation)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=implementation,
+                                                         **placed)
             break
         except Exception as exc:
             if unsupported(exc) and i + 1 < len(tries):
@@ -116,7 +120,7 @@ def load_model(path: str, dtype: torch.dtype, attn: str, device: torch.device):
     # No KV cache in training; it also matters for packing: transformers looks for packed sequences
     # (position_ids restarting at 0) only when there is no cache.
     model.config.use_cache = False
-    return cast(Any, model).to(device)
+    return model if quantization is not None else cast(Any, model).to(device)
 
 
 def import_model_class(path) -> None:
@@ -216,8 +220,14 @@ def apply_lora(model, cfg: LoraConfig):
                         f"({', '.join(linear_module_names(model))})") from None
 
 
+def weights(p: torch.Tensor) -> int:
+    """The weights a parameter stands for: a 4-bit bitsandbytes weight packs two in a byte (QLoRA)."""
+    state = getattr(p, "quant_state", None)
+    return int(torch.Size(state.shape).numel()) if state is not None else p.numel()
+
+
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(weights(p) for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
 

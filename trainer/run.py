@@ -9,7 +9,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, replace
-from typing import Optional, cast
+from typing import Any, Optional, cast
 
 import numpy as np
 import torch
@@ -122,6 +122,10 @@ class Run:
         problem = world_problem(cfg, d.world_size)
         if problem:
             raise UserError(problem)
+        if cfg.lora.enabled and cfg.lora.base_bits:
+            from trainer import qlora
+
+            qlora.require()
         # One writer per output_dir, before anything in it is read or written.
         self.lock = OutputLock(cfg.out, log=self.log) if d.is_main else None
         D.on_main(d, lambda: cast(OutputLock, self.lock).acquire())
@@ -161,12 +165,18 @@ class Run:
         # bf16 under mixed precision or model.dtype bf16, else in fp32 where the memory plan fits it.
         self.file_dtype = modeling.save_dtype("auto", path)
         self.memory = self._plan_memory(path)  # before anything large is loaded: refused here if it cannot fit
-        model = modeling.load_model(path, self.load_dtype, cfg.model.attn_implementation, d.device)
+        model = modeling.load_model(path, self.load_dtype, cfg.model.attn_implementation, d.device,
+                                    self._quantization())
+        if cfg.lora.enabled and cfg.lora.base_bits:
+            from trainer import qlora
+
+            self.log(qlora.inspect(model, cfg.lora.base_bits).describe())
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
         targets = None
         if cfg.lora.enabled:
+            torch.manual_seed(t.seed)  # the adapters' initial values follow training.seed alone
             model, targets = modeling.apply_lora(model, cfg.lora)
             modeling.trainable_fp32(model)
         if self.load_dtype.itemsize < self.precision.compute.itemsize:
@@ -179,7 +189,7 @@ class Run:
         self.log(f"model {cfg.model.name_or_path} ({self.arch}): {total / 1e6:.1f}M parameters, "
                  f"{trainable / 1e6:.2f}M trainable ({f'LoRA r={cfg.lora.r} on {targets}' if targets else 'full fine-tune'}"
                  f"), attention {model.config._attn_implementation}, {self.precision.describe()}"
-                 + (f", frozen base in {D._short(self.load_dtype)}" if cfg.lora.enabled else "")
+                 + (f", frozen base in {self._frozen_base()}" if cfg.lora.enabled else "")
                  + f"; final/ saved as {D._short(self.save_dtype)}")
         # What the checkpoints of this run hold (the resume guard compares it; rank 0 reads the files).
         fingerprints = (D.on_main(d, lambda: identity.weights_fingerprint(path)), self.data.content)
@@ -221,6 +231,21 @@ class Run:
         self.log("space: " + D.on_main(d, lambda: self.ckpt.check_space(self.ckpt_estimate, self.outputs_estimate,
                                                                           measured=False)))
         self.metrics = MetricsWriter(cfg.metrics_path, d.is_main)
+
+    def _quantization(self) -> Any:
+        """QLoRA (lora.base_bits): the BitsAndBytesConfig the base loads through; None for LoRA and full."""
+        bits = self.cfg.lora.base_bits if self.cfg.lora.enabled else None
+        if not bits:
+            return None
+        from trainer import qlora
+
+        return qlora.quantization_config(bits, self.precision.compute)
+
+    def _frozen_base(self) -> str:
+        bits = self.cfg.lora.base_bits
+        if not bits:
+            return D._short(self.load_dtype)
+        return f"{'NF4' if bits == 4 else 'int8'} (embeddings, head and norms {D._short(self.load_dtype)})"
 
     def _choose_precision(self) -> D.Precision:
         """The compute dtype (on a CPU: bf16 only where rank 0 measures it fast, every rank taking its
@@ -297,7 +322,7 @@ class Run:
 
     def _outputs_bytes(self) -> int:
         """final/ (in its dtype), adapter/ and quantized/ (about a third of final/)."""
-        total = sum(p.numel() for p in self.base.parameters())
+        total = sum(modeling.weights(p) for p in self.base.parameters())
         width = torch.empty((), dtype=self.save_dtype).element_size()
         adapter = sum(p.numel() * 4 for p in self.base.parameters() if p.requires_grad) if self.cfg.lora.enabled else 0
         return int(total * width * (1.4 if self.cfg.quantize.enabled else 1.0)) + adapter

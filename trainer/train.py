@@ -388,7 +388,9 @@ class Trainer(Run):
         adapter_dir = cfg.adapter_dir if cfg.lora.enabled else None
         # final/ must hold the base's own weights (plus the merged adapters): where training held them
         # rounded (a bf16 frozen base of an fp16/fp32 checkpoint), they are re-read from the files.
-        exact = not cfg.lora.enabled or modeling.exact_in(self.load_dtype, self.file_dtype)
+        # A QLoRA base was held quantized: always re-read (merging into it would round the base to 4 bits).
+        exact = not cfg.lora.enabled or (modeling.exact_in(self.load_dtype, self.file_dtype)
+                                         and not cfg.lora.base_bits)
         if self.t.fsdp and d.enabled:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -408,19 +410,52 @@ class Trainer(Run):
             model = D.unwrap(self.base)
             if hasattr(model, "_orig_mod"):
                 model = cast(torch.nn.Module, model._orig_mod)
-            if not exact:
+            if cfg.lora.base_bits:
+                self._save_qlora(model, adapter_dir)
+                model = None
+            elif not exact:
                 trained = {n: q.detach().float().clone() for n, q in model.named_parameters() if q.requires_grad}
                 model = None
                 self.release()
                 model = modeling.rebuild(self.model_path, self.file_dtype, cfg.lora, trained)
+                held = f"{cfg.lora.base_bits} bits" if cfg.lora.base_bits else D._short(self.load_dtype)
                 self.log(f"final/: the base's weights re-read from {self.model_path} in "
-                         f"{D._short(self.file_dtype)} (training held them in {D._short(self.load_dtype)})")
-            modeling.save_final(model, self.tokenizer, cfg.final_dir, adapter_dir, self.save_dtype,
-                                base_dir=self.model_path)
+                         f"{D._short(self.file_dtype)} (training held them in {held})")
+            if model is not None:
+                modeling.save_final(model, self.tokenizer, cfg.final_dir, adapter_dir, self.save_dtype,
+                                    base_dir=self.model_path)
         self.final_save_seconds = time.perf_counter() - started
         d.barrier()
         self.log(f"saved fine-tuned model to {cfg.final_dir}" + (f" and adapter to {cfg.adapter_dir}"
                                                                    if cfg.lora.enabled else ""))
+
+    def _save_qlora(self, model, adapter_dir) -> None:
+        """adapter/ from the trained model; final/ merged into the base re-read from its files (the base
+        was held quantized), streamed a tensor at a time where the files are safetensors holding every
+        adapted weight under the model's names, else rebuilt whole from them."""
+        from trainer import merge
+
+        cfg = self.cfg
+        deltas, whole = merge.trained(model)
+        files = merge.names(self.model_path)
+        streamed = files is not None and set(deltas) | set(whole) <= files
+        trained = None if streamed else {n: q.detach().float().clone() for n, q in model.named_parameters()
+                                         if q.requires_grad}
+        model.save_pretrained(str(adapter_dir))
+        self.tokenizer.save_pretrained(str(adapter_dir))
+        model = None
+        self.release()
+        read = f"final/: the base's weights re-read from {self.model_path} in {D._short(self.file_dtype)} " \
+               f"(training held them in {cfg.lora.base_bits} bits)"
+        if trained is None:
+            merged = merge.write_final(self.model_path, deltas, whole, self.save_dtype, self.tokenizer,
+                                       cfg.final_dir, modeling.SOURCE_TOKENIZER_FILES)
+            self.log(f"{read}, a tensor at a time: {merged} adapted weights merged in fp32, saved as "
+                     f"{D._short(self.save_dtype)}")
+            return
+        self.log(f"{read}, the whole model at once (its files are not safetensors under the model's names)")
+        rebuilt = modeling.rebuild(self.model_path, self.file_dtype, cfg.lora, trained)
+        modeling.save_final(rebuilt, self.tokenizer, cfg.final_dir, None, self.save_dtype, base_dir=self.model_path)
 
     def close(self) -> None:
         if self.trackers is not None:

@@ -116,6 +116,22 @@ def test_fsdp_lora_on_a_cpu_without_fast_bf16_shards_a_bf16_base_computed_in_fp3
     assert (out / "final" / "config.json").exists()
 
 
+def test_qlora_on_two_processes_replicates_a_4_bit_base_and_saves_a_merged_final(tmp_path, bf16_model,
+                                                                                  flashcards_file):
+    """DDP over a bitsandbytes NF4 base (each rank quantizes it while loading; DDP broadcasts the packed
+    weights and reduces the adapters' gradients); final/ is the files' base with the adapters merged."""
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", bf16_model, flashcards_file, out, model={"dtype": "bf16"},
+                       lora={"enabled": True, "r": 8, "base_bits": 4},
+                       training={"max_steps": 10, "save_steps": 5, "logging_steps": 5, "learning_rate": 0.01})
+    text = _finetune_on_two(cfg, tmp_path / "run.log")
+    assert "world 2 (backend gloo" in text and "linear layers in NF4 with double quantization" in text
+    report = json.loads((out / "report.json").read_text())["training"]
+    assert report["eval_loss"] < report["eval_loss_before"], report
+    assert "training held them in 4 bits" in text and (out / "final" / "config.json").exists()
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
 def test_two_nodes_rendezvous_over_etcd_v2(tmp_path, tiny_model, flashcards_file):
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "c.yaml", tiny_model, flashcards_file, out,
