@@ -77,10 +77,11 @@ def config(work: Path, model: Path, data: Path, shape: str, steps: int, row: int
                  "packing": True},
         "training": {"max_steps": steps, "per_device_train_batch_size": batch, "tokens_per_micro_batch": row,
                      "learning_rate": 1e-4 if lora else 2e-5, "logging_steps": 1, "save_steps": 100_000,
-                     "lr_scheduler_type": "constant", "seed": 1, "optim": "adamw_torch_fused"},
+                     "lr_scheduler_type": "constant", "seed": 1, "optim": "adamw_torch_fused",
+                     "eval_on_start": False},  # a training-throughput bench: no evaluation of the base
         "lora": ({"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0,
                   "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]} if lora else {"enabled": False}),
-        "quantize": {"enabled": False},
+        "quantize": {"enabled": False, "sample_prompts": 0},
         "output_dir": str(work / f"ours-{shape}"),
     }
 

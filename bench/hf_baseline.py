@@ -102,14 +102,22 @@ def main() -> int:
         collator = default_data_collator
     dataset = Dataset.from_list(rows)
     bf16 = cfg.model.dtype == "bf16"
+    cuda = torch.cuda.is_available()
     # As Hugging Face users do: a LoRA base loaded in bf16 (PEFT keeps the adapters in fp32), a full
     # fine-tune in fp32 master weights; bf16=True autocasts the compute in both.
-    cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     quantized = {}
+    setting = None
     if cfg.lora.enabled and cfg.lora.base_bits:  # QLoRA as the Hugging Face docs show it (bitsandbytes)
         from transformers import BitsAndBytesConfig
 
+        from trainer.compute import rates
+
+        if bf16 and not cuda and not rates().bf16_fast:
+            # bf16 crawls on this CPU (a bf16 head and norms took 165 s a step for two 7B layers): the
+            # Hugging Face user's way out is fp32 for everything bitsandbytes does not quantize.
+            bf16 = False
+            setting = f"compute fp32, unquantized weights fp32 ({rates().describe()})"
         compute = torch.bfloat16 if bf16 else torch.float32
         q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=compute) if cfg.lora.base_bits == 4
@@ -201,7 +209,7 @@ def main() -> int:
                    "steps": trainer.state.global_step,
                    "num_input_tokens_seen": int(trainer.state.num_input_tokens_seen or 0) or real,
                    "computed_tokens": computed, "real_tokens": real, "order": order,
-                   "step_seconds": clock.steps, "final_save_seconds": save_seconds,
+                   "step_seconds": clock.steps, "final_save_seconds": save_seconds, "setting": setting,
                    "peak_device_memory_gib": torch.cuda.max_memory_allocated() / (1 << 30) if cuda else None}
         (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
     # Leave together: a rank exiting while rank 0 still saves can abort in gloo's teardown.

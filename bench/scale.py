@@ -11,6 +11,11 @@ Shapes (random weights generated at run time by bench/shapes.py, never downloade
   in fp32; the physical limit is the node's fp32 matmul rate at this shape (MFU); the Hugging Face
   Trainer runs with bf16=True for --hf-limit seconds, and its fp32 alternative is checked against the
   machine's memory.
+- qlora7b, qlora13b: QLoRA (lora.base_bits: 4, NF4 with double quantization through bitsandbytes) on the
+  Llama-2-7B shape and on a Llama-2-13B shape (hidden 5120, 40 layers, MLP 13824; ~26 GB of bf16 files:
+  built, measured and deleted with --delete-13b), LoRA as lora7b; the Hugging Face Trainer + PEFT +
+  bitsandbytes beside it (BitsAndBytesConfig as its docs show it; compute in bf16 where the CPU is fast
+  at it, else fp32, as ours).
 - fsdp1b: TinyLlama-1.1B (hidden 2048, 22 layers), full fine-tune, bf16 compute with fp32 master
   weights, FSDP2 over 2 processes (ours) against the Hugging Face Trainer (DDP, 2 processes).
 
@@ -107,11 +112,13 @@ def plan_lines(log: Path) -> dict:
 
 
 def write_config(work: Path, model: Path, data: Path, shape: str, steps: int, world: int) -> Path:
-    if shape == "lora7b":
+    if shape in ("lora7b", "qlora7b", "qlora13b"):
         training = {"max_steps": steps, "per_device_train_batch_size": 1, "learning_rate": 1e-4, "logging_steps": 1,
                     "save_steps": 10_000, "seed": 1, "optim": "adamw_torch_fused", "lr_scheduler_type": "constant"}
         lora = {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0,
                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+        if shape.startswith("qlora"):
+            lora["base_bits"] = 4
     else:
         training = {"max_steps": steps, "per_device_train_batch_size": 1, "learning_rate": 2e-5, "logging_steps": 1,
                     "save_steps": 10_000, "seed": 1, "optim": "adamw_torch_fused", "lr_scheduler_type": "constant",
@@ -135,8 +142,9 @@ def bench_shape(shape: str, args, work: Path, earlier: dict) -> dict:
     from bench.shapes import write
     from trainer.tiny import flashcards, write_json
 
-    world = 1 if shape == "lora7b" else 2
-    name = "llama-2-7b" if shape == "lora7b" else "tinyllama"
+    world = 2 if shape == "fsdp1b" else 1
+    name = {"lora7b": "llama-2-7b", "qlora7b": "llama-2-7b", "qlora13b": "llama-2-13b"}.get(shape, "tinyllama")
+    single = world == 1  # the LoRA shapes: one process, the CPU's limits measured
     built = time.perf_counter()
     model = write(name, work / name)
     build_seconds = round(time.perf_counter() - built, 1)
@@ -146,12 +154,12 @@ def bench_shape(shape: str, args, work: Path, earlier: dict) -> dict:
     launch = ([py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"] if world > 1 else [py])
     # A run of one side (--order) keeps the other side's figures from the file.
     result: dict = {**earlier, "model": name, "processes": world, "steps": args.steps, "build_seconds": build_seconds}
-    if shape == "lora7b":
+    if single:
         result["cpu"] = cpu_limits(model)
     for who in args.order:
         if who == "hf":
             out = work / f"hf-{shape}"
-            slow = shape == "lora7b" and not result["cpu"]["bf16_fast"]
+            slow = single and not result["cpu"]["bf16_fast"]
             r = run(launch + [str(ROOT / "bench/hf_baseline.py"), "--config", str(config), "--mode", "padded",
                               "--out", str(out)], work / f"hf-{shape}.log", timeout=args.hf_limit if slow else 3600)
             if r["rc"] == 0:
@@ -160,7 +168,7 @@ def bench_shape(shape: str, args, work: Path, earlier: dict) -> dict:
                 r["failure"] = (f"bf16=True on this CPU (bf16 matmul {result['cpu']['bf16_gflops']} GFLOP/s): "
                                 f"stopped after {args.hf_limit} s, {hf_steps(work / f'hf-{shape}.log')} steps done")
             result["hf"] = r
-            if slow:  # what a user would try next: the base in fp32 (HF computes in the weights' dtype)
+            if slow and shape == "lora7b":  # what a user would try next: the base in fp32 (HF computes in its dtype)
                 result["hf_fp32"] = fp32_fit(model)
         elif who == "ours":
             out_dir = work / f"ours-{shape}"
@@ -174,6 +182,10 @@ def bench_shape(shape: str, args, work: Path, earlier: dict) -> dict:
                 r.update({k: report.get(k) for k in ("train_seconds", "first_step_seconds", "steps",
                                                      "num_input_tokens_seen", "startup_seconds",
                                                      "final_save_seconds", "step_seconds")})
+            metrics = out_dir / "metrics.jsonl"
+            if metrics.exists():
+                losses = [json.loads(line).get("loss") for line in metrics.read_text().splitlines()]
+                r["first_step_loss"] = next((x for x in losses if x is not None), None)
             result["ours"] = r
         if who == "quantize" and shape == "lora7b":
             q = run([py, "-m", "trainer", "quantize", "--config", str(config), "--set", "quantize.enabled=true"],
@@ -215,6 +227,11 @@ def bench_shape(shape: str, args, work: Path, earlier: dict) -> dict:
         ratios["peak_rss_ours_over_hf"] = round(ours["peak_rss_gib"] / hf["peak_rss_gib"], 3)
         ratios["seconds_per_step_ours_over_hf"] = round(ours["seconds_per_step"] / hf["seconds_per_step"], 3)
     result["ratios"] = ratios
+    if shape == "qlora13b" and args.delete_13b:
+        import shutil
+
+        shutil.rmtree(work / name, ignore_errors=True)
+        result["deleted"] = str(work / name)
     return result
 
 
@@ -274,7 +291,8 @@ def table(results: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=("lora7b", "fsdp1b"), action="append")
+    p.add_argument("--only", choices=("lora7b", "qlora7b", "qlora13b", "fsdp1b"), action="append")
+    p.add_argument("--delete-13b", action="store_true", help="delete the ~26 GB 13B shape after measuring it")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--order", nargs="+", default=["hf", "ours", "quantize"], choices=("hf", "ours", "quantize"),
                    help="which runs, in order (quantize: ours on final/ of the last `ours` run; lora7b only)")
@@ -293,6 +311,14 @@ def main() -> int:
     results.setdefault("shapes", {})
     for shape in args.only or ["lora7b", "fsdp1b"]:
         results["shapes"][shape] = bench_shape(shape, args, work, results["shapes"].get(shape, {}))
+        lora, this = results["shapes"].get("lora7b", {}).get("ours"), results["shapes"][shape].get("ours")
+        if shape == "qlora7b" and lora and this and lora["rc"] == 0 and this["rc"] == 0:
+            # QLoRA against LoRA with the base in bf16, the same shape on the same machine (lora7b's run).
+            results["shapes"][shape]["ratios"]["peak_rss_over_bf16_lora"] = round(
+                this["peak_rss_gib"] / lora["peak_rss_gib"], 3)
+            if this.get("seconds_per_step") and lora.get("seconds_per_step"):
+                results["shapes"][shape]["ratios"]["seconds_per_step_over_bf16_lora"] = round(
+                    this["seconds_per_step"] / lora["seconds_per_step"], 3)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
         print(json.dumps(results["shapes"][shape], indent=1), flush=True)

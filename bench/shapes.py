@@ -20,6 +20,9 @@ SHAPES = {
     # meta-llama/Llama-2-7b-hf's config.json (hidden 4096, 32 layers, 32 heads, MLP 11008, vocabulary 32000)
     "llama-2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                        intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096),
+    # meta-llama/Llama-2-13b-hf's config.json (hidden 5120, 40 layers, 40 heads, MLP 13824): ~26 GB in bf16
+    "llama-2-13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                        intermediate_size=13824, vocab_size=32000, max_position_embeddings=4096),
     # TinyLlama/TinyLlama-1.1B (hidden 2048, 22 layers, 32 heads / 4 KV heads, MLP 5632)
     "tinyllama": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                       intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048),

@@ -109,7 +109,9 @@ def write_config(path: Path, model_path: Path, data_file: Path, out: Path, **sec
         "training": {"max_steps": 20, "learning_rate": 0.003, "logging_steps": 5, "save_steps": 10,
                      "per_device_train_batch_size": 4, **sections.pop("training", {})},
         "lora": {"enabled": False, **sections.pop("lora", {})},
-        "quantize": {"enabled": False, **sections.pop("quantize", {})},
+        # No held-out sample answers unless a test asks (greedy generation was ~60% of a tiny run's time);
+        # the tests of samples and the demo set quantize.sample_prompts.
+        "quantize": {"enabled": False, "sample_prompts": 0, **sections.pop("quantize", {})},
         "output_dir": str(out),
     }
     if "tracking" in sections:

@@ -40,6 +40,8 @@ DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2,
 DEFAULT_RUNTIME = int(0.65 * GIB)
 # A frozen bf16 matrix computed in fp32 is widened this many bytes at a time (trainer/compute.py).
 WIDEN_CHUNK_BYTES = 8 << 20
+# A QLoRA run's final/ is written from the base's files in shards of this size (trainer/merge.py).
+MERGE_SHARD_BYTES = 1 << 30
 
 
 def workspace(compute_bytes: int, cuda: bool = False) -> int:
@@ -175,7 +177,7 @@ class MemoryPlan:
     train: int
     quantize: int
     setting: Setting
-    final: int = 0  # QLoRA: final/ rebuilt from the base's files (a LoRA base is merged where it is held)
+    final: int = 0  # QLoRA: final/ streamed from the base's files (a LoRA base is merged where it is held)
 
     @property
     def peak(self) -> int:
@@ -232,10 +234,10 @@ def estimate(shape: Shape, s: Setting, runtime: int = DEFAULT_RUNTIME) -> Memory
     load = runtime + n * load_bytes + (0 if load_bytes == shape.saved_bytes else shape.largest_shard)
     final = 0
     if quantized:
-        # Each weight is quantized as it is read (one file mapped at a time); final/ is then rebuilt from
-        # the files in their own dtype (pages mapped from them), merged a layer at a time in fp32.
+        # Each weight is quantized as it is read (one file mapped at a time); final/ is then streamed from
+        # the files (trainer/merge.py): a shard being written and the largest tensor with its fp32 merge.
         load = runtime + terms["frozen weights"] + terms["quantized weights"] + shape.largest_shard
-        final = runtime + n * shape.saved_bytes + shape.layer_params * 4
+        final = runtime + MERGE_SHARD_BYTES + 2 * 4 * shape.hidden * max(shape.vocab, shape.intermediate)
     quantize = quantize_bytes(shape, runtime, s.save_bytes, s.quantize_bits) if s.quantize else 0
     return MemoryPlan(terms, load, train, quantize, s, final)
 

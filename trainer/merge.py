@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional, cast
 
 import torch
 
-SHARD_BYTES = 1 << 30
+from trainer.memplan import MERGE_SHARD_BYTES as SHARD_BYTES
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}

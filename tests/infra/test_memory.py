@@ -35,6 +35,27 @@ def test_preset_memory_follows_from_the_plan_of_llama2_7b(preset):
     assert slow.terms["activations"] == 2 * plan.terms["activations"] and "widened weights" in slow.terms
 
 
+LLAMA2_13B = {**LLAMA2_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_attention_heads": 40,
+              "num_hidden_layers": 40, "num_key_value_heads": 40}
+
+
+def test_the_13b_qlora_preset_fits_nodes_of_24_gb_by_its_plan():
+    raw = {**stack_config(ROOT / "Pulumi.medical-meadow-13b-qlora.yaml"), "hfToken": "<secret>"}
+    cfg = config.parse(raw, token_is_secret=True)
+    assert cfg.trainer.lora.base_bits == 4 and not cfg.trainer.training.fsdp
+    plan = memory.plan_for(cfg.trainer, LLAMA2_13B, cfg.workers, cfg.procs_per_worker, cfg.resources.gpus)
+    limit = memory.quantity_bytes(cfg.resources.memory)
+    assert 1.15 * plan.peak <= limit <= 1.5 * plan.peak, (plan.describe(), cfg.resources.memory)
+    assert limit < 22 * 2 ** 30  # what a node of 24 GB can give a pod
+    assert plan.terms["quantized weights"] < 0.26 * LLAMA2_13B_PARAMS * 2  # about a quarter of the bf16 base
+    assert memory.check(cfg, LLAMA2_13B, "test").warning is None
+    avx2 = memory.on_avx2(cfg, LLAMA2_13B)
+    assert "does not fit" not in avx2, avx2
+
+
+LLAMA2_13B_PARAMS = memplan.Shape.from_config(LLAMA2_13B).params
+
+
 def test_quantities():
     assert memory.quantity_bytes("46Gi") == 46 * 2 ** 30
     assert memory.quantity_bytes("512Mi") == 512 * 2 ** 20

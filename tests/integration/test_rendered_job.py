@@ -23,7 +23,7 @@ def stack(**over):
         "dataset": {"file": "cards.json", "maxSeqLength": 256, "validationFraction": "0.05"},
         "training": {"max_steps": 12, "save_steps": 5, "logging_steps": 1, "per_device_train_batch_size": 4,
                      "learning_rate": 0.003},
-        "lora": {"enabled": False}, "quantize": {"enabled": False},
+        "lora": {"enabled": False}, "quantize": {"enabled": False, "samplePrompts": 0},
     }
     for key, value in over.items():
         raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value

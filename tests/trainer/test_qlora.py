@@ -124,7 +124,7 @@ def test_the_quantized_base_takes_what_the_memory_plan_counts(wide_model):
     qlora_plan = memplan.estimate(shape, memplan.setting_for(q4, shape, 1, 1, mixed=True, tokens=256))
     assert qlora_plan.train < 0.5 * lora.train
     assert qlora_plan.terms["quantized weights"] == pytest.approx(6.48e9 * memplan.NF4_BYTES_PER_WEIGHT, rel=0.01)
-    assert qlora_plan.final > qlora_plan.train  # final/ re-reads the base: 13.5 GB of pages
+    assert qlora_plan.final < qlora_plan.train  # final/ streams the base from its files: a shard at a time
     assert "final/" in qlora_plan.describe() and "dequantized layer" in qlora_plan.describe()
 
 
@@ -188,3 +188,13 @@ def test_final_streamed_from_the_files_in_shards_is_peft_merge_and_unload(tmp_pa
     for name, tensor in load_file(str(final / "model.safetensors")).items():
         part = load_file(str(shards / index["weight_map"][name]))
         assert torch.equal(part[name], tensor), name
+
+
+def test_trainer_plan_shows_the_quantized_base(tmp_path, wide_model, flashcards_file):
+    from trainer import cli
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", wide_model, flashcards_file, tmp_path / "out",
+                                   model={"dtype": "bf16"}, lora={**LORA, "base_bits": 4}))
+    text = cli.plan(cfg, processes=1, workers=1, memory=None)
+    assert "its linear layers in NF4 (lora.base_bits: 4, bitsandbytes), dequantized per layer into fp32" in text
+    assert "train " in text and "final/ " in text  # the stages (a tiny model's packed weights round to 0.00 GiB)
