@@ -69,10 +69,12 @@ def write_data(path: Path, sizes: list[int], tokenizer_dir: Path) -> Path:
     return path
 
 
-def config(work: Path, model: Path, data: Path, shape: str, steps: int, row: int, batch: int) -> dict:
+def config(work: Path, model: Path, data: Path, shape: str, steps: int, row: int, batch: int,
+           tiny: bool = False) -> dict:
     lora = SHAPES[shape][1]
     return {
-        "model": {"name_or_path": str(model), "dtype": "bf16"},
+        # --tiny on a CPU keeps the script working: fp32 there (bf16 matmuls crawl on AVX2-only CPUs).
+        "model": {"name_or_path": str(model), "dtype": "fp32" if tiny else "bf16"},
         "data": {"file": str(data), "template": "text", "max_seq_length": row, "validation_fraction": 0.01,
                  "packing": True},
         "training": {"max_steps": steps, "per_device_train_batch_size": batch, "tokens_per_micro_batch": row,
@@ -125,7 +127,8 @@ def flops_per_token(model_dir: Path, lora: bool, sizes: list[int]) -> tuple[floa
 
 
 def ours(args, work: Path, model: Path, data: Path, shape: str, sizes: list[int]) -> dict:
-    cfg = write_config(work / f"{shape}-ours.yaml", config(work, model, data, shape, args.steps, args.row, 1))
+    cfg = write_config(work / f"{shape}-ours.yaml", config(work, model, data, shape, args.steps, args.row, 1,
+                                                                     args.tiny))
     res = run([sys.executable, "-m", "trainer.launch", "--nproc-per-node", "1", "finetune", "--config", str(cfg)],
               work / f"{shape}-ours.log", timeout=args.timeout)
     out = work / f"ours-{shape}"
@@ -140,7 +143,8 @@ def ours(args, work: Path, model: Path, data: Path, shape: str, sizes: list[int]
 
 
 def hf(args, work: Path, model: Path, data: Path, shape: str, mode: str, batch: int) -> dict:
-    cfg = write_config(work / f"{shape}-hf.yaml", {**config(work, model, data, shape, args.steps, args.row, batch),
+    cfg = write_config(work / f"{shape}-hf.yaml", {**config(work, model, data, shape, args.steps, args.row, batch,
+                                                                    args.tiny),
                                                    "output_dir": str(work / f"hf-{shape}-{mode}")})
     out = work / f"hf-{shape}-{mode}"
     res = run([sys.executable, str(ROOT / "bench" / "hf_baseline.py"), "--config", str(cfg), "--mode", mode,

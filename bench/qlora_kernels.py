@@ -8,7 +8,8 @@ physical limit) and the bf16 weight widened per chunk (trainer/compute.py), in t
 Each row: bytes the weight is held in, seconds for forward + input gradient of [157 tokens x 4096] @
 [4096 x 11008] (157: the lora7b preset's tokens per step), GFLOP/s, the ratio to the fp32 weight's
 time, and the output's relative error against the fp32 matmul on the same (unquantized) weight.
-Compute dtypes: fp32, and bf16 where this CPU computes bf16 fast (trainer/compute.py measures it).
+Compute dtypes: fp32, and bf16 where this CPU computes bf16 fast (trainer/compute.py measures it) or
+with --both (the QLoRA layer dequantized into bf16 on a CPU whose bf16 is slow: what the trainer avoids).
 Timings are for reading, never asserted.
 """
 
@@ -88,6 +89,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", type=float, default=3.0, help="seconds of timing per row")
     p.add_argument("--out", default=str(ROOT / "bench/results/qlora-kernels-cpu.json"))
+    p.add_argument("--both", action="store_true",
+                   help="bf16 compute too where this CPU's bf16 is slow (measured both ways: the trainer's choice)")
     args = p.parse_args()
     from trainer.compute import measure
 
@@ -98,7 +101,7 @@ def main() -> int:
     reference = x @ weight.t()
     flops = 2 * 2 * TOKENS * IN * OUT  # forward and the input's gradient
     rows = []
-    dtypes = [torch.float32] + ([torch.bfloat16] if rates.bf16_fast else [])
+    dtypes = [torch.float32] + ([torch.bfloat16] if rates.bf16_fast or args.both else [])
     for dtype in dtypes:
         layers = candidates(weight, dtype)
         base = None
