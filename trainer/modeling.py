@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Optional, cast
@@ -105,10 +106,12 @@ def load_model(path: str, dtype: torch.dtype, attn: str, device: torch.device, q
     tries = candidates(attn, device)
     # bitsandbytes' layers are placed while they load (they cannot be moved after).
     placed = {"quantization_config": quantization, "device_map": {"": device}} if quantization is not None else {}
+    from trainer.qlora import reading_not_mapping
     for i, implementation in enumerate(tries):
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=implementation,
-                                                         **placed)
+            with reading_not_mapping() if quantization is not None else contextlib.nullcontext():
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=implementation,
+                                                             **placed)
             break
         except Exception as exc:
             if unsupported(exc) and i + 1 < len(tries):

@@ -198,3 +198,25 @@ def test_trainer_plan_shows_the_quantized_base(tmp_path, wide_model, flashcards_
     text = cli.plan(cfg, processes=1, workers=1, memory=None)
     assert "its linear layers in NF4 (lora.base_bits: 4, bitsandbytes), dequantized per layer into fp32" in text
     assert "train " in text and "final/ " in text  # the stages (a tiny model's packed weights round to 0.00 GiB)
+
+
+def test_a_quantized_load_reads_the_files_instead_of_mapping_them(wide_model, monkeypatch):
+    """transformers would keep every page of the unquantized files mapped until loading ends (16.9 GiB at
+    7B for a 3.6 GiB result): the quantized load reads each tensor with pread (trainer/qlora.py)."""
+    import transformers.modeling_utils as loading
+
+    from trainer import modeling, qlora
+
+    backends = []
+    original = loading.safe_open
+
+    def spy(*args, **kwargs):
+        backends.append(kwargs.get("backend"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "safe_open", spy)
+    modeling.load_model(str(wide_model), torch.bfloat16, "auto", torch.device("cpu"),
+                        qlora.quantization_config(4, torch.float32))
+    assert backends == ["pread"] and loading.safe_open is spy  # put back after the load
+    modeling.load_model(str(wide_model), torch.bfloat16, "auto", torch.device("cpu"))
+    assert backends == ["pread", "mmap"]  # an unquantized base is used from its pages: mapped as before
