@@ -60,11 +60,11 @@ def reading_not_mapping() -> Iterator[None]:
             kwargs["backend"] = "pread"
         return mapped(*args, **kwargs)
 
-    loading.safe_open = opened
+    setattr(loading, "safe_open", opened)  # noqa: B010 - a module global replaced for the load's duration
     try:
         yield
     finally:
-        loading.safe_open = mapped
+        setattr(loading, "safe_open", mapped)  # noqa: B010
 
 
 @dataclass(frozen=True)
