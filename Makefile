@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 LOCK := requirements.lock
 PIP_VERSION := 26.3
 PIP_TOOLS_VERSION := 7.6.2
+# pytest-xdist workers of `make test`: each keeps to its share of the cores (tests/conftest.py).
+TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed-$(shell cat $(LOCK) constraints.txt models.lock pyproject.toml | sha1sum | cut -c1-12)
 # llama-cpp-python (GGUF measured in llama.cpp) is built from its pinned source release: portable CPU code
 # (no -march=native), library only; ~4 minutes on 2 cores, once: pip keeps the built wheel in its cache.
@@ -57,11 +59,11 @@ lint: setup
 	$(PY) -m mypy
 
 test: setup etcd lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The suite without the tests marked slow (the real-model tier, whole pipelines): a few minutes.
 test-fast: setup etcd
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 demo: setup
 	$(PY) -m trainer.demo $(DEMO_ARGS)

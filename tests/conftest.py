@@ -19,6 +19,24 @@ os.environ["LLM_FINETUNE_LOG_FORMAT"] = "plain"
 os.environ["LLM_FINETUNE_CPU_BF16"] = "slow"
 
 
+def _own_cores() -> None:
+    """Under pytest-xdist (`make test` runs one worker per core) each worker keeps to its own share of the
+    cores, and so does every process its tests start (the affinity is inherited; the trainer sizes its
+    threads from it: trainer/distributed.py default_threads). Without this each worker's OpenMP threads
+    spin on every core against the other worker's, which made two workers slower than one."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    mine = cores[int(worker.removeprefix("gw")) % count::count] or cores
+    os.sched_setaffinity(0, mine)
+    os.environ["OMP_NUM_THREADS"] = str(len(mine))  # before torch is imported in this worker
+
+
+_own_cores()
+
+
 @pytest.fixture
 def fast_bf16(monkeypatch):
     """This test's CPU computes bf16 fast (AMX/AVX512-BF16): bf16 autocast, in this process and in
@@ -181,3 +199,20 @@ def bf16_model(tmp_path_factory, pretrained_model):
     AutoTokenizer.from_pretrained(pretrained_model).save_pretrained(out)
     return out
 
+
+
+# The files that take minutes, heaviest first: `make test` hands whole files to its workers in collection
+# order (pytest-xdist --dist loadfile), so these start at once and the quick files fill in around them.
+HEAVIEST_FIRST = ("tests/test_demo.py", "tests/integration/test_rendered_job.py", "tests/bench/test_gpu.py",
+                  "tests/integration/test_torchrun.py", "tests/integration/test_architectures_torchrun.py",
+                  "tests/integration/test_faults_torchrun.py", "tests/integration/test_real_model.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+
+    def weight(item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return rank.get(path, len(rank))
+
+    items.sort(key=weight)  # stable: the order within a file, and of the other files, is kept
