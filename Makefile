@@ -59,11 +59,11 @@ lint: setup
 	$(PY) -m mypy
 
 test: setup etcd lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The suite without the tests marked slow (the real-model tier, whole pipelines): a few minutes.
 test-fast: setup etcd
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 demo: setup
 	$(PY) -m trainer.demo $(DEMO_ARGS)
