@@ -180,7 +180,9 @@ def plan(cfg, processes: int, workers: int, memory: Optional[str]) -> str:
     frozen = (f"; frozen base {distributed._short(dtype)}" + (f" ({reason})" if dtype != precision.compute else "")
               if cfg.lora.enabled else "")
     if cfg.lora.enabled and cfg.lora.base_bits:
-        frozen += (f", its linear layers in {'NF4' if cfg.lora.base_bits == 4 else 'int8'} (lora.base_bits: "
+        from trainer.qlora import short_name
+
+        frozen += (f", its linear layers in {short_name(cfg.lora.base_bits)} (lora.base_bits: "
                    f"{cfg.lora.base_bits}, bitsandbytes), dequantized per layer into {distributed._short(precision.compute)}")
     return (f"compute: {precision.describe()}{frozen}; {measured.describe()}\n" + decision.log_line())
 

@@ -23,6 +23,11 @@ import torch
 from trainer.errors import UserError
 
 
+def short_name(bits: int) -> str:
+    """What the quantized base's weights are called in the logs and the plan."""
+    return "NF4" if bits == 4 else "int8"
+
+
 def require() -> None:
     """bitsandbytes importable here (x86-64 CPUs from AVX2 up and CUDA), else refused before any load."""
     try:

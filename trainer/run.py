@@ -245,7 +245,9 @@ class Run:
         bits = self.cfg.lora.base_bits
         if not bits:
             return D._short(self.load_dtype)
-        return f"{'NF4' if bits == 4 else 'int8'} (embeddings, head and norms {D._short(self.load_dtype)})"
+        from trainer.qlora import short_name
+
+        return f"{short_name(bits)} (embeddings, head and norms {D._short(self.load_dtype)})"
 
     def _choose_precision(self) -> D.Precision:
         """The compute dtype (on a CPU: bf16 only where rank 0 measures it fast, every rank taking its
