@@ -66,7 +66,7 @@ test-fast: setup etcd
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 demo: setup
-	$(PY) -m trainer.demo $(DEMO_ARGS)
+	$(PY) -m trainer.dev.demo $(DEMO_ARGS)
 
 bench: setup
 	$(PY) bench/run.py $(BENCH_ARGS)

@@ -7,8 +7,8 @@ uniform one (8 x 70), the median seconds of:
 
 - padded        one row per example, SDPA's causal kernel, padding computed (the padded recipe);
 - dense         packed in one row, transformers' block-diagonal mask, SDPA's masked path;
-- varlen        packed, this trainer's variable-length attention (trainer/attention.py), the example
-                boundaries planned once per micro-batch (trainer/attention.py `plan`, timed with the step);
+- varlen        packed, this trainer's variable-length attention (trainer/model/attention.py), the example
+                boundaries planned once per micro-batch (trainer/model/attention.py `plan`, timed with the step);
 - varlen/layer  the same attention with the boundaries rebuilt in every layer's forward (the previous
                 implementation: a host-built index tensor per layer and example length), the baseline
                 for "once per micro-batch must not be slower on CPU";
@@ -31,14 +31,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainer import attention  # noqa: E402
+from trainer.model import attention  # noqa: E402
 
 SHAPES = {"long-tailed": [250, 210, 230, 512, 190, 240, 480, 220], "short-uniform": [70] * 8}
 
 
 def per_layer_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """The previous trainer/attention.py varlen_attention, verbatim: the boundaries arrive as a list and
+    """The previous trainer/model/attention.py varlen_attention, verbatim: the boundaries arrive as a list and
     every layer builds its index tensors from it on the host (the baseline of `varlen/layer`)."""
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("varlen attention has no logit softcapping")

@@ -5,7 +5,7 @@
 
 The state is what a full fine-tune checkpoints: fp32 weights of the model's shape plus AdamW's two fp32
 moments (16 bytes a parameter with the gradients not saved: 12 here), built at run time. One process
-saves it through trainer/checkpoint.py's Checkpointer (DCP, several files written by parallel
+saves it through trainer/train/checkpoint.py's Checkpointer (DCP, several files written by parallel
 threads, then hashed in parallel), then verifies it as a resume does (`problem`: every file read and
 hashed). The physical limit is the volume: the same number of bytes written with one sequential
 write and fsync. Ratios are printed; nothing is asserted.
@@ -30,7 +30,7 @@ def state(shape: str, scale: float):
     from transformers import LlamaForCausalLM
 
     from bench.shapes import llama_config
-    from trainer.tiny import build_tokenizer
+    from trainer.dev.tiny import build_tokenizer
 
     tok = build_tokenizer(["a b c"], 64)
     cfg = llama_config(shape, tok)
@@ -66,7 +66,7 @@ def main() -> int:
     args = p.parse_args()
     import torch.distributed.checkpoint as dcp
 
-    from trainer import checkpoint as C
+    from trainer.train import checkpoint as C
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)

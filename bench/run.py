@@ -44,7 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trainer import local  # noqa: E402
+from trainer.runtime import local  # noqa: E402
 from trainer.config import TrainerConfig  # noqa: E402
 
 ROUND = ("ours", "ours_dense", "hf_padded", "hf_concat")
@@ -53,7 +53,7 @@ ROUND = ("ours", "ours_dense", "hf_padded", "hf_concat")
 def flashcards_shaped(n: int, seed: int, shape: str) -> list[dict]:
     """Flashcards; long-tailed: answers with extra sentences, so examples average ~250 tokens with a
     tail to 512 (the padded recipe then computes ~1.7x the real tokens at 8 per batch)."""
-    from trainer.tiny import _EFFECTS, _FILLER, _ORGANS, flashcards
+    from trainer.dev.tiny import _EFFECTS, _FILLER, _ORGANS, flashcards
 
     records = flashcards(n, seed=seed, long_tail=False)
     if shape == "long-tailed":
@@ -66,7 +66,7 @@ def flashcards_shaped(n: int, seed: int, shape: str) -> list[dict]:
 
 
 def write_inputs(work: Path, args, shape: str) -> tuple[Path, Path, Path]:
-    from trainer.tiny import corpus, write_json, write_model
+    from trainer.dev.tiny import corpus, write_json, write_model
 
     if args.data:
         return Path(args.model_dir or work / "model"), Path(args.data), Path(args.eval_data)
@@ -139,8 +139,8 @@ def eval_loss(final: Path, cfg_path: Path, held_out: Path) -> float:
     from transformers import AutoModelForCausalLM
 
     from trainer.config import load_config
-    from trainer.measure import EvalSet, perplexity
-    from trainer.modeling import load_tokenizer
+    from trainer.post.measure import EvalSet, perplexity
+    from trainer.model.modeling import load_tokenizer
 
     cfg = load_config(cfg_path)
     tok = load_tokenizer(str(final))

@@ -7,7 +7,7 @@ Shapes (random weights generated at run time by bench/shapes.py, never downloade
 - lora7b: Llama-2-7B (hidden 4096, 32 layers, vocabulary 32000; 6.74 B parameters, ~13.5 GB in
   bf16), LoRA r=16 on q/k/v/o, bf16, one process, one example per step, max_seq_length 256 — the
   medical-meadow preset per process. Then ours quantizes final/ (4-bit RTN) as the preset does.
-  On a CPU without fast bf16 (measured: trainer/compute.py) ours keeps the base in bf16 and computes
+  On a CPU without fast bf16 (measured: trainer/model/compute.py) ours keeps the base in bf16 and computes
   in fp32; the physical limit is the node's fp32 matmul rate at this shape (MFU); the Hugging Face
   Trainer runs with bf16=True for --hf-limit seconds, and its fp32 alternative is checked against the
   machine's memory.
@@ -184,7 +184,7 @@ def write_config(work: Path, model: Path, data: Path, shape: str, steps: int, wo
 
 def bench_shape(shape: str, args, work: Path, earlier: dict) -> dict:
     from bench.shapes import write
-    from trainer.tiny import flashcards, write_json
+    from trainer.dev.tiny import flashcards, write_json
 
     world = 2 if shape == "fsdp1b" else 1
     name = {"lora7b": "llama-2-7b", "qlora7b": "llama-2-7b", "qlora13b": "llama-2-13b"}.get(shape, "tinyllama")
@@ -296,8 +296,8 @@ def cpu_limits(model: Path) -> dict:
     the bench's tokens per step (with every core), and the trainer's own bf16-vs-fp32 measurement."""
     import torch
 
-    from trainer.compute import measure
-    from trainer.memplan import read_shape
+    from trainer.model.compute import measure
+    from trainer.model.memplan import read_shape
 
     shape = read_shape(model)
     rates = measure(budget_s=0.2)
@@ -316,7 +316,7 @@ def cpu_limits(model: Path) -> dict:
 def fp32_fit(model: Path) -> dict:
     """Whether the base in fp32 (the Hugging Face Trainer's other choice on a CPU without fast bf16)
     fits this machine: its weights alone, from the model's files."""
-    from trainer.memplan import read_shape
+    from trainer.model.memplan import read_shape
 
     weights = read_shape(model).params * 4
     total = psutil.virtual_memory().total

@@ -4,7 +4,7 @@
     python bench/shapes.py tinyllama bench/work/tinyllama       # ~2.2 GB
 
 The weights are generated tensor by tensor and written in safetensors shards, so building a 7B
-model never holds more than one shard in memory. The tokenizer is the tiny BPE one of trainer/tiny.py
+model never holds more than one shard in memory. The tokenizer is the tiny BPE one of trainer/dev/tiny.py
 (its ids are a subset of the 32000-entry vocabulary): shapes, not language, decide memory and time.
 """
 
@@ -46,7 +46,7 @@ def write(name: str, out: str | Path, seed: int = 0, device=None, **override) ->
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
-    from trainer import tiny
+    from trainer.dev import tiny
 
     out = Path(out)
     if (out / "model.safetensors.index.json").exists() and (out / "config.json").exists():

@@ -57,7 +57,7 @@ def commands(cfg: StackConfig) -> dict[str, str]:
             result["serveQuantized"] = (f"ollama create {job} -f {local}/Modelfile && ollama run {job}   # or: "
                                         f"llama-cli -m {local}/{gguf} -p 'Question: ...' -n 64")
         elif q.format == "inc":
-            result["serveQuantized"] = f"python -c \"from trainer.measure import load_quantized; load_quantized('{local}')\""
+            result["serveQuantized"] = f"python -c \"from trainer.post.measure import load_quantized; load_quantized('{local}')\""
         else:
             result["serveQuantized"] = f"vllm serve {local}   # or AutoModelForCausalLM.from_pretrained('{local}')"
     if "tensorboard" in cfg.trainer.training.trackers:

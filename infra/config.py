@@ -439,7 +439,7 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
     problem = world_problem(trainer_cfg, min_workers * procs)
     if problem:
         ctx.fail("training", problem.replace("training.fsdp: false", "pulumi config set --path training.fsdp false")
-                 .replace("(python -m trainer.launch --nproc-per-node 2 ..., or workers/procsPerWorker in the stack)",
+                 .replace("(python -m trainer.runtime.launch --nproc-per-node 2 ..., or workers/procsPerWorker in the stack)",
                           "(pulumi config set workers 2, or procsPerWorker 2)"))
     queue, priority, workload_priority = _scheduling(ctx, job_api, trainer_runtime)
     deadline = ctx.integer("activeDeadlineSeconds", 0)

@@ -1,4 +1,4 @@
-"""The memory plan at preview: the trainer's own plan (trainer/memplan.py) against resources.memory.
+"""The memory plan at preview: the trainer's own plan (trainer/model/memplan.py) against resources.memory.
 
 Where the model's config.json can be read while previewing (a local model directory, or the hub when
 reachable), `pulumi preview` plans each worker process as the trainer will, against the container's
@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from trainer import memplan
+from trainer.model import memplan
 
 quantity_bytes = memplan.quantity_bytes  # one parser, in the trainer's pure module
 
@@ -29,7 +29,7 @@ def model_config(name_or_path: str, revision: Optional[str] = None) -> tuple[Opt
         if not local.is_file():
             return None, (f"{name_or_path} is not readable here (a GGUF file on the volume or the hub: the trainer "
                           "plans from its metadata at start-up)")
-        from trainer import gguf
+        from trainer.model import gguf
         from trainer.errors import UserError
 
         try:
@@ -126,7 +126,7 @@ def _quantity(nbytes: float) -> str:
 def on_avx2(cfg, config: dict) -> Optional[str]:
     """A CPU stack in bf16 planned for nodes with fast bf16 (AMX, AVX512-BF16): what the same run needs on
     a node without it, where the trainer computes in fp32 (activations twice as wide) and keeps a LoRA
-    base in bf16 (trainer/compute.py). None for GPUs and fp32 runs."""
+    base in bf16 (trainer/model/compute.py). None for GPUs and fp32 runs."""
     t = cfg.trainer
     if cfg.resources.gpus > 0 or t.model.dtype != "bf16":
         return None

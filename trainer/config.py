@@ -72,7 +72,7 @@ class ModelConfig:
     weights and fp32 optimizer state, as the Hugging Face Trainer's bf16=True; a LoRA run's frozen base
     held in bf16. auto: bf16 where the hardware computes bf16 fast (CUDA with bf16; a CPU whose bf16
     matmul measures at least half its fp32 rate: AMX, AVX512-BF16), else fp32 compute with the frozen
-    base in fp32 where it fits and in bf16 where memory needs it (trainer/compute.py). pure-bf16:
+    base in fp32 where it fits and in bf16 where memory needs it (trainer/model/compute.py). pure-bf16:
     weights and optimizer state in bf16 (half the memory; small updates are lost), only on explicit
     request, refused on CPUs without fast bf16."""
     compute_dtype: Literal["auto", "bf16"] = "auto"
@@ -285,7 +285,7 @@ class TrainingConfig:
 
 REPORT_TO = ("tensorboard", "mlflow", "wandb")
 # The environment variables naming each tracker's credential file: the stack sets them (paths only) where
-# it mounts the Secret, and trainer/tracking.py reads the files.
+# it mounts the Secret, and trainer/monitor/tracking.py reads the files.
 CREDENTIAL_FILES = {"mlflow": "MLFLOW_TRACKING_TOKEN_FILE", "wandb": "WANDB_API_KEY_FILE"}
 
 
@@ -334,7 +334,7 @@ class LoraConfig:
 
 QUANT_BITS = (4, 8)
 QUANT_ALGORITHMS = ("rtn", "opt-rtn", "gptq", "awq", "autoround")
-# What quantized/ holds, and the engine that serves it (trainer/export.py):
+# What quantized/ holds, and the engine that serves it (trainer/post/export.py):
 #   compressed-tensors  a Hugging Face checkpoint (pack-quantized int weights) that transformers loads with
 #                       from_pretrained and vLLM serves (llm-compressor's format, written by AutoRound);
 #   auto-round          a Hugging Face checkpoint in AutoRound's format (transformers, vLLM, SGLang);
@@ -505,7 +505,7 @@ def world_problem(cfg: TrainerConfig, world: int) -> Optional[str]:
         return ("training.fsdp: true with a single process: FSDP shards weights, gradients and optimizer state "
                 "over the processes, and with one there is nothing to shard over (it used to be ignored "
                 "silently). Fix: training.fsdp: false for one process, or run 2 or more (python -m "
-                "trainer.launch --nproc-per-node 2 ..., or workers/procsPerWorker in the stack)")
+                "trainer.runtime.launch --nproc-per-node 2 ..., or workers/procsPerWorker in the stack)")
     return None
 
 

@@ -20,10 +20,10 @@ CONTAINER = "pytorch"  # the Training Operator requires this name; Trainer v2's 
 
 
 def trainer_command(cfg: StackConfig) -> list[str]:
-    """The pod's entry point: the launcher supervises torchrun (trainer/launch.py). No --nnodes,
+    """The pod's entry point: the launcher supervises torchrun (trainer/runtime/launch.py). No --nnodes,
     --nproc-per-node or --rdzv-*: the operator injects them as PET_* variables, which torchrun reads.
     docker/ images put python and the trainer package on PATH/PYTHONPATH; tests/test_docker.py checks."""
-    return ["python", "-m", "trainer.launch", "finetune", "--config", cfg.config_path]
+    return ["python", "-m", "trainer.runtime.launch", "finetune", "--config", cfg.config_path]
 
 
 # Runtime settings for the CPU image (docker/Dockerfile.cpu installs these libraries at these paths):
@@ -50,7 +50,7 @@ def env(cfg: StackConfig) -> list[dict]:
         # huggingface_hub reads the token from this file; the value is never in the pod spec.
         values[envvars.TOKEN_PATH] = f"{TOKEN_MOUNT}/{TOKEN_KEY}"
     for key in cfg.tracker_secrets:
-        # Paths, not values: the trainer reads the credential from the mounted file (trainer/tracking.py).
+        # Paths, not values: the trainer reads the credential from the mounted file (trainer/monitor/tracking.py).
         tracker, item = TRACKER_SECRETS[key]
         values[CREDENTIAL_FILES[tracker]] = f"{TRACKING_MOUNT}/{item}"
     if cfg.intel_runtime:

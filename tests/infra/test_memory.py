@@ -10,7 +10,7 @@ from infra import config, memory
 from infra.config import StackConfigError
 from tests.infra.harness import ROOT, render, stack_config
 from tests.trainer.test_memplan import LLAMA2_7B
-from trainer import memplan
+from trainer.model import memplan
 
 PRESETS = ["Pulumi.medical-meadow.yaml", "Pulumi.financial-chatbot.yaml"]
 

@@ -182,7 +182,7 @@ def test_pytorchjob_spec():
     assert pod["terminationGracePeriodSeconds"] == 240
     c = pod["containers"][0]
     assert c["name"] == "pytorch"
-    assert c["command"][:5] == ["python", "-m", "trainer.launch", "finetune", "--config"]
+    assert c["command"][:5] == ["python", "-m", "trainer.runtime.launch", "finetune", "--config"]
     assert c["resources"]["requests"] == c["resources"]["limits"] == {"cpu": "16", "memory": "64Gi"}
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     shm = next(v for v in pod["volumes"] if v["name"] == "dshm")

@@ -78,7 +78,7 @@ def test_trainjob_priority_through_a_training_runtime_of_the_stack():
     assert runtime["metadata"]["labels"]["trainer.kubeflow.org/framework"] == "torch"
     node = pod_specs(rendered)[f"{rendered.of_kind('TrainJob')[0].name}/node"]
     assert node["priorityClassName"] == "batch-low"
-    assert node["containers"][0]["command"][:3] == ["python", "-m", "trainer.launch"]
+    assert node["containers"][0]["command"][:3] == ["python", "-m", "trainer.runtime.launch"]
     assert job["spec"]["trainer"]["numNodes"] == 3
 
 

@@ -46,7 +46,7 @@ def test_variations_render_a_valid_restricted_trainjob(name):
     trainer = job["spec"]["trainer"]
     assert trainer["numNodes"] == VARIATIONS[name].get("workers", 2)
     assert trainer["numProcPerNode"] == VARIATIONS[name].get("procsPerWorker", 1)  # explicit, also on CPU
-    assert trainer["command"][:3] == ["python", "-m", "trainer.launch"]
+    assert trainer["command"][:3] == ["python", "-m", "trainer.runtime.launch"]
 
 
 @pytest.mark.parametrize("stack_file", sorted(ROOT.glob("Pulumi.*.yaml")), ids=lambda p: p.name)

@@ -32,7 +32,7 @@ from typing import Optional
 import yaml
 
 from tests.integration.procs import ROOT
-from trainer import local
+from trainer.runtime import local
 
 POD_PATHS = ("/data", "/etc/llm-finetune")
 

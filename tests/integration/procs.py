@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer import local
-from trainer.local import stop, torchrun  # noqa: F401  (re-exported for the tests)
+from trainer.runtime import local
+from trainer.runtime.local import stop, torchrun  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ from tests.integration.procs import start, stop, torchrun, wait
 
 @pytest.fixture(scope="module")
 def zoo_run(tmp_path_factory, tokenizer, flashcards_records):
-    from trainer.tiny import write_json
+    from trainer.dev.tiny import write_json
 
     root = tmp_path_factory.mktemp("zoo-run")
     data = write_json(root / "cards.json", flashcards_records[:80])

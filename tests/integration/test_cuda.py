@@ -69,20 +69,16 @@ def test_cuda_choices_bf16_autocast_fused_adamw_and_the_varlen_kernel(tmp_path, 
     import torch
 
     from trainer.config import load_config
-    from trainer.train import Trainer
+    from trainer.train import session
 
     cfg = load_config(write_config(tmp_path / "c.yaml", tiny_model, flashcards_file, tmp_path / "out",
                                    model={"dtype": "auto"}, data={"packing": True},
                                    training={"max_steps": 4, "save_steps": 100, "logging_steps": 2}))
-    trainer = Trainer(cfg)
-    try:
-        trainer.setup()
+    with session(cfg) as trainer:
+        precision, training = trainer.placement.precision, trainer.training
         assert trainer.dist.device.type == "cuda"
-        assert trainer.precision.mixed and trainer.precision.compute == torch.bfloat16
-        assert trainer.optimizer.defaults.get("fused") is True and trainer.skip_on_device
-        assert trainer.probe.packing == "packed, variable-length attention"
+        assert precision.mixed and precision.compute == torch.bfloat16
+        assert training.optimizer.defaults.get("fused") is True
+        assert training.net.probe.packing == "packed, variable-length attention"
         summary = trainer.train()
         assert summary["steps"] == 4 and summary["peak_device_memory_gib"] > 0
-    finally:
-        trainer.close()
-        trainer.dist.close()

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from trainer import local
+from trainer.runtime import local
 
 
 def _flags(raw):

@@ -77,7 +77,7 @@ OTHER_PAIRS = [(suffix, kind) for i, suffix in enumerate(FORMATS) for kind in [l
 
 
 def _launcher(cfg):
-    return [sys.executable, "-m", "trainer.launch", "--nproc-per-node", "2", "finetune", "--config", str(cfg)]
+    return [sys.executable, "-m", "trainer.runtime.launch", "--nproc-per-node", "2", "finetune", "--config", str(cfg)]
 
 
 @pytest.mark.parametrize("suffix,kind", PAIRS)
@@ -137,7 +137,7 @@ def test_skip_invalid_trains_and_counts_per_split_under_both_commands(tmp_path, 
 def _prepare(tmp_path, tiny_model, data, **data_cfg):
     from trainer import data as D
     from trainer.config import load_config
-    from trainer.modeling import load_tokenizer
+    from trainer.model.modeling import load_tokenizer
 
     cfg = load_config(write_config(tmp_path / "c.yaml", tiny_model, data, tmp_path / "out", data=data_cfg))
     return D.for_config(cfg, load_tokenizer(str(tiny_model)), str(tiny_model))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import data, modeling
+from trainer import data
+from trainer.model import modeling
 from trainer.config import DataConfig, LoraConfig
 from trainer.data import IGNORE, collate
 
@@ -40,7 +41,7 @@ def test_the_chat_template_trains_on_the_assistant_turn_only(prepared, python_do
 
 
 def _loss_and_grads(model, loss_module, batch, pad_id, packed: bool):
-    from trainer import probes
+    from trainer.model import probes
 
     model.zero_grad(set_to_none=True)
     if packed:

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.integration.pods import Cluster, EtcdServer, pod_mountpoints, rendered
-from trainer import local
+from trainer.runtime import local
 
 
 def stack(**over):

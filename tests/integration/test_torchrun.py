@@ -91,7 +91,7 @@ def test_fsdp_two_processes_shards_trains_and_saves(tmp_path, tiny_model, flashc
     assert fell, rows
     model, tok = _loads(out / "final")
     assert model.num_parameters() > 0
-    from trainer.quantsize import saved_dtype
+    from trainer.post.quantsize import saved_dtype
     import torch
 
     assert saved_dtype(str(out / "final")) == torch.float32  # the base model's dtype

@@ -8,7 +8,7 @@ the architectures share one launch; each fine-tune is the product's own `finetun
 
 import sys
 
-from trainer import distributed as D
+from trainer.runtime import distributed as D
 from trainer.config import load_config
 from trainer.train import finetune
 

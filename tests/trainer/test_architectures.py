@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from tests import zoo
-from trainer import probes
+from trainer.model import probes
 from trainer.config import LoraConfig
 from trainer.data import IGNORE, collate
 from trainer.errors import UserError
-from trainer.modeling import CausalLMLoss, apply_lora, load_model
+from trainer.model.modeling import CausalLMLoss, apply_lora, load_model
 
 CPU = torch.device("cpu")
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tests.conftest import needs_gpus
-from trainer.attention import SEGMENTS, VARLEN, plan, register, segments
+from trainer.model.attention import SEGMENTS, VARLEN, plan, register, segments
 from trainer.data import IGNORE, collate
-from trainer.modeling import CausalLMLoss, load_model
+from trainer.model.modeling import CausalLMLoss, load_model
 
 CPU = torch.device("cpu")
 
@@ -91,7 +91,7 @@ def test_the_forward_makes_no_host_copy_or_sync_in_attention(models, monkeypatch
     """The boundaries are planned once per micro-batch: inside the attention of every layer nothing
     builds a tensor from host data (a blocking host-to-device copy on CUDA) or reads a tensor back to
     the host (a synchronisation). Counted by patching what would do either."""
-    import trainer.attention as attention
+    import trainer.model.attention as attention
 
     _, varlen = models
     tensors, extra = _collated(_examples([9, 14, 6, 14, 30, 9]), CPU)
@@ -134,7 +134,7 @@ def test_the_forward_makes_no_host_copy_or_sync_in_attention(models, monkeypatch
 
 
 def test_what_it_cannot_do_is_refused_not_approximated(models):
-    from trainer.attention import varlen_attention
+    from trainer.model.attention import varlen_attention
 
     q = torch.zeros(1, 4, 10, 8)
     with pytest.raises(NotImplementedError, match="softcapping"):
@@ -149,8 +149,8 @@ def test_a_sliding_window_shorter_than_the_longest_example_keeps_the_models_own_
     """The probe's examples fit in a 16-token window, so varlen (which has no window) passes the probe;
     training's longer examples would not. The window decides, not the probe."""
     from tests import zoo
-    from trainer import probes
-    from trainer.attention import sliding_window
+    from trainer.model import probes
+    from trainer.model.attention import sliding_window
 
     path = zoo.write("mistral-sliding-window", tmp_path / "m", tokenizer)
     model = load_model(str(path), torch.float32, "auto", CPU)
@@ -179,7 +179,7 @@ def test_a_sliding_window_shorter_than_the_longest_example_keeps_the_models_own_
 def test_sliding_window_reads_the_config(config, window):
     from transformers import AutoConfig
 
-    from trainer.attention import sliding_window
+    from trainer.model.attention import sliding_window
 
     kind = config.pop("model_type")
     assert sliding_window(AutoConfig.for_model(kind, **config)) == window
@@ -188,7 +188,7 @@ def test_sliding_window_reads_the_config(config, window):
 @needs_gpus(1)
 def test_on_cuda_the_varlen_kernel_equals_the_grouped_sdpa_path(monkeypatch):
     """torch's varlen flash kernel (CUDA, half precision) against the grouped SDPA path, same boundaries."""
-    import trainer.attention as attention
+    import trainer.model.attention as attention
 
     cuda = torch.device("cuda")
     g = torch.Generator(device="cuda").manual_seed(0)

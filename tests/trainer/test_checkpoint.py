@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from trainer.checkpoint import MARKER, Checkpointer, NonFiniteState, finite
-from trainer.distributed import Dist
+from trainer.train.checkpoint import MARKER, Checkpointer, NonFiniteState, finite
+from trainer.runtime.distributed import Dist
 
 SINGLE = Dist(0, 0, 1, 1, None, torch.device("cpu"))
 

@@ -1,4 +1,4 @@
-"""Storage and compute chosen apart (trainer/compute.py): bf16 weights computed in fp32 one layer at a
+"""Storage and compute chosen apart (trainer/model/compute.py): bf16 weights computed in fp32 one layer at a
 time on CPUs whose bf16 matmul is slow, with the answer about the CPU stated both ways (never the
 machine's own: LLM_FINETUNE_CPU_BF16)."""
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tests.conftest import write_config
 from trainer import envvars
-from trainer.compute import MatmulRates, measure, widen, widened_linear
+from trainer.model.compute import MatmulRates, measure, widen, widened_linear
 from trainer.config import load_config
 from trainer.errors import UserError
 
@@ -33,7 +33,7 @@ def test_the_measurement_is_real_or_stated(monkeypatch):
 @pytest.mark.parametrize("transposed", [False, True], ids=["Linear", "Conv1D"])
 def test_a_widened_linear_computes_as_fp32_and_keeps_only_the_bf16_weight_for_the_backward(transposed, chunk_rows,
                                                                                            monkeypatch):
-    from trainer import compute
+    from trainer.model import compute
 
     if chunk_rows:  # the 7B shape's chunking, on a small matrix: 5 output features widened at a time
         monkeypatch.setattr(compute, "WIDEN_CHUNK_BYTES", 4 * (32 if transposed else 48) * chunk_rows)
@@ -118,18 +118,13 @@ def test_bf16_on_a_cpu_without_fast_bf16_keeps_bf16_storage_and_trains_as_fp32_d
 
 def test_auto_keeps_fp32_where_it_fits_and_bf16_where_memory_needs_it(tmp_path, bf16_model, flashcards_file,
                                                                       monkeypatch, capsys):
-    from trainer import memplan
-    from trainer.train import Trainer
+    from trainer.model import memplan
+    from trainer.train import session
 
     monkeypatch.setenv(envvars.CPU_BF16, "slow")
     cfg = _lora(tmp_path, "auto", bf16_model, flashcards_file, "auto")
-    trainer = Trainer(cfg)
-    try:
-        trainer.setup()
-        assert {q.dtype for q in trainer.base.parameters()} == {torch.float32}
-    finally:
-        trainer.close()
-        trainer.dist.close()
+    with session(cfg) as trainer:
+        assert {q.dtype for q in trainer.training.net.base.parameters()} == {torch.float32}
     assert "frozen weights" not in capsys.readouterr().err  # nothing widened
     decide = memplan.decide
 
@@ -139,15 +134,11 @@ def test_auto_keeps_fp32_where_it_fits_and_bf16_where_memory_needs_it(tmp_path, 
         return d
 
     monkeypatch.setattr(memplan, "decide", only_bf16_fits)
-    trainer = Trainer(_lora(tmp_path, "auto2", bf16_model, flashcards_file, "auto"))
-    try:
-        trainer.setup()
-        frozen = {q.dtype for q in trainer.base.parameters() if not q.requires_grad and q.dim() == 2}
+    with session(_lora(tmp_path, "auto2", bf16_model, flashcards_file, "auto")) as trainer:
+        base = trainer.training.net.base
+        frozen = {q.dtype for q in base.parameters() if not q.requires_grad and q.dim() == 2}
         assert frozen == {torch.bfloat16}
-        assert trainer.memory.plan.terms["widened weights"] > 0
-    finally:
-        trainer.close()
-        trainer.dist.close()
+        assert trainer.placement.memory.plan.terms["widened weights"] > 0
     assert "frozen weights bf16 (memory: fp32 would not fit), compute fp32" in capsys.readouterr().err
 
 
@@ -163,11 +154,11 @@ def test_insisting_on_bf16_compute_where_it_crawls_is_refused_before_loading(tmp
 
 
 def test_a_bf16_model_is_measured_in_fp32_where_bf16_is_slow_and_given_back_as_it_was(bf16_model, monkeypatch):
-    """Evaluation, the quantize stage's measurements and the demo's samples (trainer/measure.py) run a
+    """Evaluation, the quantize stage's measurements and the demo's samples (trainer/post/measure.py) run a
     saved bf16 model through compute.for_inference; the quantize stage then quantizes that same model."""
     from transformers import AutoModelForCausalLM
 
-    from trainer.compute import for_inference
+    from trainer.model.compute import for_inference
 
     monkeypatch.setenv(envvars.CPU_BF16, "slow")
     model = AutoModelForCausalLM.from_pretrained(bf16_model, dtype=torch.bfloat16)

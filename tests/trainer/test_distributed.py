@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from trainer.compute import MatmulRates
-from trainer.distributed import Precision, choose_backend, choose_precision, default_threads, frozen_storage
+from trainer.model.compute import MatmulRates
+from trainer.runtime.distributed import Precision, choose_backend, choose_precision, default_threads, frozen_storage
 from trainer.errors import UserError
 
 FAST, SLOW = MatmulRates(100.0, 180.0), MatmulRates(166.0, 0.3)  # AMX-like, AVX2-only (issue 28's figures)
@@ -71,7 +71,7 @@ class FakeDist:
 
 def test_main_first_runs_rank0_before_the_others_and_never_strands_them():
     from trainer.errors import UserError
-    from trainer.distributed import main_first
+    from trainer.runtime.distributed import main_first
 
     for rank in (0, 1):
         d = FakeDist(rank)
@@ -90,7 +90,7 @@ def test_main_first_runs_rank0_before_the_others_and_never_strands_them():
 def test_llm_finetune_device_picks_or_insists_on_the_device(monkeypatch):
     import torch
 
-    from trainer import distributed
+    from trainer.runtime import distributed
     from trainer.errors import UserError
 
     monkeypatch.setenv("LLM_FINETUNE_DEVICE", "cpu")

@@ -16,7 +16,7 @@ from tests import zoo
 from tests.conftest import write_config
 from trainer.config import load_config
 from trainer.errors import UserError
-from trainer.tiny import corpus, sentencepiece_tokenizer
+from trainer.dev.tiny import corpus, sentencepiece_tokenizer
 
 ARCHS = {"llama": "llama", "qwen2": "qwen2", "phi3": "phi3-fused-qkv"}
 FOUR_BIT_BOUND = 1.10  # perplexity after / before, 4 bits
@@ -56,7 +56,7 @@ def finetuned(tmp_path_factory, flashcards_records, flashcards_file):
 
 
 def _quantize(tmp_path, out, data, **quantize):
-    from trainer import quantize as q
+    from trainer.post import quantize as q
 
     cfg = load_config(write_config(tmp_path / "q.yaml", out / "final", data, out,
                                    quantize={"enabled": True, "eval_samples": 12, "sample_prompts": 1,

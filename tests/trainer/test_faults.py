@@ -28,7 +28,7 @@ class Crash(Exception):
 
 def _crash_after(monkeypatch, crash_step):
     """The run dies right after checkpoint `crash_step` completes (as a killed pod would)."""
-    from trainer.checkpoint import Checkpointer
+    from trainer.train.checkpoint import Checkpointer
 
     original = Checkpointer.save
 
@@ -60,7 +60,7 @@ def _interrupted(tmp_path, tiny_model, flashcards_file, monkeypatch, crash_step=
     original = _crash_after(monkeypatch, crash_step)
     with pytest.raises(Crash):
         finetune(load_config(cfg))
-    from trainer.checkpoint import Checkpointer
+    from trainer.train.checkpoint import Checkpointer
 
     monkeypatch.setattr(Checkpointer, "save", original)
     return cfg, out
@@ -139,7 +139,7 @@ def test_lora_rank_change_is_refused_not_a_size_mismatch(tmp_path, pretrained_mo
 
 
 def test_another_base_model_of_the_same_shapes_is_refused(tmp_path, tiny_model, flashcards_file, monkeypatch):
-    from trainer.tiny import corpus, flashcards, write_model
+    from trainer.dev.tiny import corpus, flashcards, write_model
 
     cfg, out = _interrupted(tmp_path, tiny_model, flashcards_file, monkeypatch)
     twin = tmp_path / "twin"
@@ -199,7 +199,7 @@ def test_a_volume_too_small_for_the_checkpoints_is_refused_before_training(tmp_p
             import shutil as sh
 
             real = sh.disk_usage
-            monkeypatch.setattr("trainer.checkpoint.shutil.disk_usage",
+            monkeypatch.setattr("trainer.train.checkpoint.shutil.disk_usage",
                                 lambda p: real(p)._replace(free=3 * 2**20))
         out = (volume or tmp_path / "vol") / "out"
         cfg = write_config(tmp_path / "c.yaml", tiny_model, flashcards_file, out, training=STEPS)
@@ -210,7 +210,7 @@ def test_a_volume_too_small_for_the_checkpoints_is_refused_before_training(tmp_p
 
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny_model, flashcards_file, monkeypatch):
-    from trainer.checkpoint import Checkpointer
+    from trainer.train.checkpoint import Checkpointer
 
     with small_volume(tmp_path / "vol", "16m") as volume:
         if volume is None:
@@ -238,7 +238,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny_mo
 
 
 def _single():
-    from trainer.distributed import Dist
+    from trainer.runtime.distributed import Dist
 
     return Dist(0, 0, 1, 1, None, torch.device("cpu"))
 

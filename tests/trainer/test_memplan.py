@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import write_config
 from tests.integration.procs import ROOT, env
-from trainer import memplan
+from trainer.model import memplan
 from trainer.config import TrainerConfig
 
 GIB = memplan.GIB
@@ -159,7 +159,7 @@ def memory_cgroup(limit: int):
 
 
 def _long_records(n: int, words: int) -> list[dict]:
-    from trainer.tiny import flashcards
+    from trainer.dev.tiny import flashcards
 
     cards = flashcards(n, seed=5, long_tail=False)
     for i, c in enumerate(cards):
@@ -184,7 +184,7 @@ def test_plan_is_within_20_percent_of_the_measured_peak(tmp_path, tiny_model, fl
 
 
 def test_a_run_that_cannot_fit_is_refused_before_loading(tmp_path, flashcards_file):
-    from trainer.tiny import corpus, write_model
+    from trainer.dev.tiny import corpus, write_model
 
     # ~60 M parameters, full fine-tune in fp32: 16 bytes a parameter (weights, gradients, AdamW) ~ 1 GiB.
     model = write_model(tmp_path / "m", corpus(_long_records(50, 1)), hidden=512, layers=12, heads=8, kv_heads=8,
@@ -201,7 +201,7 @@ def test_a_run_that_cannot_fit_is_refused_before_loading(tmp_path, flashcards_fi
 
 
 def test_gradient_checkpointing_is_turned_on_when_only_that_fits_and_the_run_then_fits(tmp_path, tiny_model):
-    from trainer.tiny import write_json
+    from trainer.dev.tiny import write_json
 
     # Long examples in large micro-batches: activations dominate this tiny model's plan.
     data = write_json(tmp_path / "long.json", _long_records(64, 40))
@@ -219,7 +219,7 @@ def test_gradient_checkpointing_is_turned_on_when_only_that_fits_and_the_run_the
     import yaml
 
     raw = yaml.safe_load(cfg.read_text())
-    from trainer import memplan as mp
+    from trainer.model import memplan as mp
     from trainer.config import load_config
 
     c = load_config(cfg)
@@ -264,7 +264,7 @@ def test_the_plan_command_prints_the_plan_and_refuses_in_one_line(tmp_path, tiny
 
 
 def test_pick_takes_the_widest_storage_that_fits_as_configured_before_one_that_needs_checkpointing():
-    from trainer.memplan import pick
+    from trainer.model.memplan import pick
 
     assert pick([(True, False), (True, False)]) == (0, "")
     assert pick([(True, True), (True, False)]) == (1, "need gradient checkpointing")

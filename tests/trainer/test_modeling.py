@@ -2,7 +2,7 @@ import pytest
 
 from trainer.config import LoraConfig, ModelConfig
 from trainer.errors import UserError
-from trainer.modeling import apply_lora, linear_module_names, load_model, read_token, resolve
+from trainer.model.modeling import apply_lora, linear_module_names, load_model, read_token, resolve
 
 
 def test_lora_target_the_model_lacks_is_refused_with_the_valid_names(tiny_model):
@@ -21,7 +21,7 @@ def test_lora_target_the_model_lacks_is_refused_with_the_valid_names(tiny_model)
 def test_unloadable_model_paths(tmp_path):
     import torch
 
-    from trainer.distributed import Dist
+    from trainer.runtime.distributed import Dist
 
     single = Dist(0, 0, 1, 1, None, torch.device("cpu"))
     with pytest.raises(UserError, match="does not exist"):
@@ -50,7 +50,7 @@ def test_selective_loss_equals_full_logits_loss(tiny_model):
     """Projecting only labelled positions gives the same loss and gradients as full logits."""
     import torch
 
-    from trainer.modeling import CausalLMLoss
+    from trainer.model.modeling import CausalLMLoss
 
     torch.manual_seed(0)
     model = load_model(str(tiny_model), torch.float32, "sdpa", torch.device("cpu"))

@@ -35,21 +35,17 @@ def _final(path):
 
 
 def test_lora_holds_the_frozen_base_in_bf16_and_trains_fp32_adapters(tmp_path, bf16_model, flashcards_file, fast_bf16):
-    from trainer.train import Trainer
+    from trainer.train import session
 
-    trainer = Trainer(_lora_cfg(tmp_path, bf16_model, flashcards_file))
-    try:
-        trainer.setup()
-        frozen = {q.dtype for q in trainer.base.parameters() if not q.requires_grad}
-        trained = {n: q.dtype for n, q in trainer.base.named_parameters() if q.requires_grad}
+    with session(_lora_cfg(tmp_path, bf16_model, flashcards_file)) as trainer:
+        base, optimizer = trainer.training.net.base, trainer.training.optimizer
+        frozen = {q.dtype for q in base.parameters() if not q.requires_grad}
+        trained = {n: q.dtype for n, q in base.named_parameters() if q.requires_grad}
         assert frozen == {torch.bfloat16}
         assert set(trained.values()) == {torch.float32}
         assert any("lora_A" in n for n in trained) and any("modules_to_save" in n for n in trained)
-        assert {q.dtype for g in trainer.optimizer.param_groups for q in g["params"]} == {torch.float32}
-        assert trainer.memory.plan.terms["frozen weights"] > 0
-    finally:
-        trainer.close()
-        trainer.dist.close()
+        assert {q.dtype for g in optimizer.param_groups for q in g["params"]} == {torch.float32}
+        assert trainer.placement.memory.plan.terms["frozen weights"] > 0
 
 
 @pytest.mark.parametrize("saved", ["bf16", "fp32"])
@@ -77,7 +73,7 @@ def test_rtn_layer_by_layer_equals_quantizing_an_fp32_copy(tmp_path, bf16_model)
     from transformers import AutoModelForCausalLM
 
     from trainer.config import QuantizeConfig
-    from trainer.quantize import _rtn_by_layer, inc_config
+    from trainer.post.quantize import _rtn_by_layer, inc_config
 
     qcfg = inc_config(QuantizeConfig(bits=4, group_size=32), 32)
     whole = AutoModelForCausalLM.from_pretrained(bf16_model, dtype=torch.float32)

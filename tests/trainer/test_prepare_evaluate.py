@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import write_config
 from tests.trainer.test_cli import run
-from trainer.tiny import conversations, finance_alpaca, write_json
+from trainer.dev.tiny import conversations, finance_alpaca, write_json
 
 
 def test_prepare_validates_tokenizes_reports_and_the_run_uses_its_cache(tmp_path, tiny_model, flashcards_file):

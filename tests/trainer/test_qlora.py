@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import write_config
 from tests.trainer.test_equivalence import _hf_baseline
-from trainer import identity, memplan
+from trainer.train import identity
+from trainer.model import memplan
 from trainer.config import ConfigError, TrainerConfig, load_config
 from trainer.train import finetune
 
@@ -79,7 +80,7 @@ def test_qlora_resume_gives_the_uninterrupted_runs_adapters(tmp_path, wide_model
                             model={"dtype": "bf16"}, training=TRAINING, lora={**LORA, "base_bits": 4})
 
     finetune(load_config(cfg("straight")))
-    from trainer.checkpoint import Checkpointer
+    from trainer.train.checkpoint import Checkpointer
 
     original = Checkpointer.save
 
@@ -104,7 +105,7 @@ def test_qlora_resume_gives_the_uninterrupted_runs_adapters(tmp_path, wide_model
 def test_the_quantized_base_takes_what_the_memory_plan_counts(wide_model):
     """The plan's bytes a weight (memplan.NF4_BYTES_PER_WEIGHT) are what bitsandbytes holds, and at the
     Llama-2-7B shape QLoRA's training plan is under half of LoRA's bf16 one."""
-    from trainer import modeling, qlora
+    from trainer.model import modeling, qlora
 
     model = modeling.load_model(str(wide_model), torch.bfloat16, "auto", torch.device("cpu"),
                                 qlora.quantization_config(4, torch.float32))
@@ -153,12 +154,12 @@ def test_the_base_bits_are_part_of_a_checkpoints_identity_only_when_set():
 
 
 def test_final_streamed_from_the_files_in_shards_is_peft_merge_and_unload(tmp_path, tiny_model, tokenizer):
-    """trainer/merge.py without training: random LoRA factors (and a modules_to_save copy) merged from the
+    """trainer/model/merge.py without training: random LoRA factors (and a modules_to_save copy) merged from the
     files into several shards load as PEFT's merge_and_unload of the same adapter, rounded once to bf16."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from trainer import merge
+    from trainer.model import merge
 
     def peft_model():
         base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
@@ -202,10 +203,10 @@ def test_trainer_plan_shows_the_quantized_base(tmp_path, wide_model, flashcards_
 
 def test_a_quantized_load_reads_the_files_instead_of_mapping_them(wide_model, monkeypatch):
     """transformers would keep every page of the unquantized files mapped until loading ends (16.9 GiB at
-    7B for a 3.6 GiB result): the quantized load reads each tensor with pread (trainer/qlora.py)."""
+    7B for a 3.6 GiB result): the quantized load reads each tensor with pread (trainer/model/qlora.py)."""
     import transformers.modeling_utils as loading
 
-    from trainer import modeling, qlora
+    from trainer.model import modeling, qlora
 
     backends = []
     original = loading.safe_open

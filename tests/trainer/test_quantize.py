@@ -32,7 +32,7 @@ def _cfg(tmp_path, out, data, **quantize):
 
 @pytest.mark.parametrize("algorithm,bits", [("rtn", 4), ("gptq", 4), ("awq", 4), ("rtn", 8)])
 def test_quantize_reload_generate(tmp_path, finetuned, algorithm, bits):
-    from trainer import quantize
+    from trainer.post import quantize
 
     out, data = finetuned
     section = quantize.run(_cfg(tmp_path, out, data, algorithm=algorithm, bits=bits))
@@ -51,7 +51,7 @@ def test_quantize_reload_generate(tmp_path, finetuned, algorithm, bits):
 
 
 def test_evaluate_reports_both_models(tmp_path, finetuned):
-    from trainer import evaluate, quantize
+    from trainer.post import evaluate, quantize
 
     out, data = finetuned
     cfg = _cfg(tmp_path, out, data)
@@ -63,7 +63,7 @@ def test_evaluate_reports_both_models(tmp_path, finetuned):
 
 
 def test_missing_final_names_path_and_command(tmp_path, flashcards_file):
-    from trainer import quantize
+    from trainer.post import quantize
 
     out = tmp_path / "empty"
     with pytest.raises(UserError, match=rf"no fine-tuned model at {out}/final.*python -m trainer finetune"):
@@ -71,7 +71,7 @@ def test_missing_final_names_path_and_command(tmp_path, flashcards_file):
 
 
 def test_unloadable_quantized_dir(tmp_path):
-    from trainer.quantize import load_quantized
+    from trainer.post.quantize import load_quantized
 
     (tmp_path / "q").mkdir()
     with pytest.raises(UserError, match="not a quantized model directory"):
@@ -111,7 +111,7 @@ def test_a_bf16_model_shrinks_and_the_arithmetic_is_what_inc_writes(tmp_path, wi
                                                                      algorithm, bits, capsys):
     import torch
 
-    from trainer import quantize, quantsize
+    from trainer.post import quantize, quantsize
 
     out = tmp_path / "out"
     _bf16_copy(wide_model, out / "final")
@@ -141,7 +141,7 @@ def test_llama2_7b_in_bf16_is_under_30_percent_at_4_bits():
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from trainer import quantsize
+    from trainer.post import quantsize
 
     config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False)
@@ -160,8 +160,8 @@ def test_quantization_that_does_nothing_or_grows_is_refused():
     import torch
 
     from trainer.config import QuantizeConfig
-    from trainer.quantize import _check
-    from trainer.quantsize import Breakdown, Part
+    from trainer.post.quantize import _check
+    from trainer.post.quantsize import Breakdown, Part
 
     nothing = Breakdown(4, 128, torch.bfloat16, quantized_layers=0, parts={"embeddings": Part(10, 20, {"bfloat16"})},
                         unquantized_bytes=20)
@@ -183,7 +183,7 @@ def test_other_architectures_quantize_or_are_refused_never_reported(tmp_path, to
     checkpoint does not reload: an error naming the reason, final/ untouched, no quantized/ and no
     report section."""
     from tests import zoo
-    from trainer import quantize
+    from trainer.post import quantize
 
     out = tmp_path / "out"
     zoo.write(name, out / "final", tokenizer)

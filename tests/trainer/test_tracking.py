@@ -166,7 +166,7 @@ def test_a_tracker_without_its_settings_is_refused_by_the_config(tmp_path, tiny_
 
 
 def test_time_left_is_the_recent_step_time_times_the_steps_left():
-    from trainer.metrics import Eta, duration, progress_text
+    from trainer.monitor.metrics import Eta, duration, progress_text
 
     eta = Eta(total_steps=100, window=3)
     assert eta.seconds_left(10) is None

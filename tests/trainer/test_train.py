@@ -78,7 +78,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_model, flashcards_fi
     split = tmp_path / "split"
     cfg_b = write_config(tmp_path / "b.yaml", tiny_model, flashcards_file, split,
                          training={"max_steps": 12, "save_steps": 6}, lora={"enabled": True, "dropout": 0.1})
-    from trainer.checkpoint import Checkpointer
+    from trainer.train.checkpoint import Checkpointer
 
     original = Checkpointer.save
 
@@ -113,7 +113,7 @@ def test_auto_precision_on_either_cpu_trains_saves_and_quantizes(tmp_path, wide_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer import envvars
-    from trainer.quantsize import saved_dtype
+    from trainer.post.quantsize import saved_dtype
 
     monkeypatch.setenv(envvars.CPU_BF16, "fast" if fast_bf16 else "slow")
     out = tmp_path / "out"
@@ -163,7 +163,7 @@ def test_compute_timing_is_not_switched_by_a_checkpoint(tmp_path, tiny_model, fl
     once rebound that name to the checkpointer's timing dict, so the choice flipped with the dict's
     contents (an empty one stopped the timing: compute_seconds None on a CPU; a full one started it on a
     GPU, where host clocks need syncs)."""
-    from trainer.checkpoint import Checkpointer
+    from trainer.train.checkpoint import Checkpointer
 
     original = Checkpointer.save
 

@@ -138,7 +138,7 @@ def _range(n: int, part: int, parts: int) -> tuple[int, int]:
 
 def build_part(job: Job, tokenizer=None) -> dict:
     """Build one part of the train and validation splits; its stats, prompts and first error."""
-    from trainer.modeling import load_tokenizer
+    from trainer.model.modeling import load_tokenizer
 
     tok = tokenizer if tokenizer is not None else load_tokenizer(job.model_path)
     cfg = job.cfg
@@ -231,7 +231,7 @@ def prepare(cfg: DataConfig, tokenizer, model_path: str, token: Optional[str] = 
             cache_root: Optional[Path] = None, log: Callable[[str], None] = lambda m: None,
             export: Optional[str] = None, export_max: Optional[int] = None, parts: Optional[int] = None) -> Prepared:
     """Tokenized train and validation splits of `cfg`, from the cache or built into it (collective)."""
-    from trainer import distributed as D
+    from trainer.runtime import distributed as D
 
     import torch
 
@@ -339,15 +339,18 @@ def _finish(cfg: DataConfig, plan: dict, results: list[dict], final: Path, build
 
 
 def _write_export(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    from trainer.atomic import write_with
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            if path.suffix == ".json":
+                json.dump(records, f, ensure_ascii=False, indent=1)
+            else:
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as f:
-        if path.suffix == ".json":
-            json.dump(records, f, ensure_ascii=False, indent=1)
-        else:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_with(path, write)
 
 
 def cache_root(cfg: TrainerConfig) -> Path:

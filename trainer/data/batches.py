@@ -2,7 +2,7 @@
 
 Packing (padding-free): the `per_device_train_batch_size` examples of a micro-batch are laid end to
 end in one sequence, with `position_ids` restarting at 0 for every example, so no step computes on
-padding; whether the model keeps them isolated is measured at start-up (trainer/probes.py), else
+padding; whether the model keeps them isolated is measured at start-up (trainer/model/probes.py), else
 each example gets a padded row of its own. A step sees the same examples as the padded recipe would,
 so training converges the same way (same number and size of updates) with less compute; packing
 into fixed-length bins instead would put several times more examples into each step and, at the

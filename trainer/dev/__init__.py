@@ -1,0 +1,1 @@
+"""Development fixtures: random tiny models, the real pretrained model shipped as a wheel, the demo."""
