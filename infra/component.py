@@ -13,7 +13,7 @@ from infra.config import DATA_MOUNT, TOKEN_KEY, TRACKER_SECRETS, StackConfig
 from infra.data_access import TENSORBOARD_PORT, data_access_pod_manifest
 from infra.rendezvous import etcd_manifests
 from infra.secret import secret_manifest, tracking_secret_manifest
-from infra.jobs import for_api, pod_volumes, trainjob
+from infra.jobs import JobApi, for_api, pod_volumes
 from infra.storage import claim_manifest, ownership_job_manifest, storage_class_manifest
 from infra.trainer_config import config_map_manifest, config_map_name
 
@@ -66,97 +66,98 @@ def commands(cfg: StackConfig) -> dict[str, str]:
     return result
 
 
+@dataclass
+class SharedVolume:
+    """The claim every pod mounts, the class created for it (storage.createClass), and the one-shot Job
+    that makes a root-owned share writable by the pods' uid before any of them mounts it."""
+
+    claim: k8s.core.v1.PersistentVolumeClaim
+    name: pulumi.Output  # the claim's created name: pods that mount it wait for it
+    storage_class: Optional[k8s.storage.v1.StorageClass]
+    prep: Optional[k8s.batch.v1.Job]
+
+    @property
+    def ready(self) -> list[pulumi.Resource]:
+        """What a pod mounting the volume must wait for (no value flows from the Job: depends_on)."""
+        return [self.prep] if self.prep is not None else []
+
+
+@dataclass
+class Credentials:
+    """The Secrets (Hugging Face token, tracker credentials) and the trainer config's ConfigMap, mounted
+    as files by the pods, never env values; pods name them by their created names."""
+
+    hf_token: Optional[k8s.core.v1.Secret]
+    tracking: Optional[k8s.core.v1.Secret]
+    config_map: k8s.core.v1.ConfigMap
+
+    def link(self, manifest: dict) -> dict:
+        """Dependencies flow through outputs: the pod volumes name the ConfigMap and Secrets by their
+        created names, so the job (or runtime) is submitted only after they exist."""
+        for volumes in pod_volumes(manifest):
+            for volume in volumes:
+                if "configMap" in volume:
+                    volume["configMap"] = {"name": self.config_map.metadata.apply(lambda m: m["name"])}
+                created = {"hf-token": self.hf_token, "tracking": self.tracking}.get(volume["name"])
+                if "secret" in volume and created is not None:
+                    volume["secret"] = {**volume["secret"],
+                                        "secretName": created.metadata.apply(lambda m: m["name"])}
+        return manifest
+
+
 class FineTuneJob(pulumi.ComponentResource):
+    """Composes the stack: the shared volume, the credentials, the data-access pod, the rendezvous and
+    the job of the configured job API (infra/jobs). Built from small functions rather than child
+    components: a component between the stack and its resources would change every resource's URN,
+    and `pulumi up` would replace the claim (and the model on it) of every existing stack."""
+
     def __init__(self, name: str, args: FineTuneJobArgs, opts: Optional[pulumi.ResourceOptions] = None):
         super().__init__("llm-finetune:index:FineTuneJob", name, None, opts)
         cfg = args.config
         child = pulumi.ResourceOptions(parent=self)
-
-        storage_class = None
-        sc = storage_class_manifest(cfg)
-        if sc is not None:
-            storage_class = k8s.storage.v1.StorageClass(
-                f"{name}-storage-class", metadata=sc["metadata"], provisioner=sc["provisioner"],
-                parameters=sc["parameters"], reclaim_policy=sc["reclaimPolicy"],
-                volume_binding_mode=sc["volumeBindingMode"], allow_volume_expansion=sc["allowVolumeExpansion"],
-                opts=child)
-
-        pvc = claim_manifest(cfg)
-        spec = dict(pvc["spec"])
-        if storage_class is not None:
-            spec["storageClassName"] = storage_class.metadata.apply(lambda m: m["name"])
-        self.claim = k8s.core.v1.PersistentVolumeClaim(f"{name}-data", metadata=pvc["metadata"], spec=cast(Any, spec),
-                                                       opts=claim_options(cfg, self, name))
-        claim_name = self.claim.metadata.apply(lambda m: m["name"])
-
-        # Make a root-owned RWX share writable by the pods' uid before any of them mounts it. The
-        # ordering is the point (no value flows from the Job), hence depends_on.
-        self.volume_prep = None
-        prep = ownership_job_manifest(cfg)
-        if prep is not None:
-            prep = _with_claim(prep, claim_name)
-            self.volume_prep = k8s.batch.v1.Job(f"{name}-volume-prep", metadata=prep["metadata"], spec=prep["spec"],
-                                                opts=child)
-        after_prep = [self.volume_prep] if self.volume_prep is not None else []
-
-        self.secret = None
-        sec = secret_manifest(cfg)
-        if sec is not None:
-            if args.hf_token is None:
-                raise ValueError("config says there is a token but none was passed")
-            # The only place the token goes; Pulumi keeps it encrypted in state as a secret.
-            self.secret = k8s.core.v1.Secret(
-                f"{name}-hf-token", metadata=sec["metadata"], type=sec["type"],
-                string_data={TOKEN_KEY: pulumi.Output.secret(args.hf_token)},
-                opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["data", "stringData"]))
-
-        self.tracking_secret = None
-        tsec = tracking_secret_manifest(cfg)
-        if tsec is not None:
-            creds = args.tracker_credentials or {}
-            missing = [k for k in cfg.tracker_secrets if creds.get(k) is None]
-            if missing:
-                raise ValueError(f"config says there are tracker credentials {missing} but none were passed")
-            self.tracking_secret = k8s.core.v1.Secret(
-                f"{name}-tracking", metadata=tsec["metadata"], type=tsec["type"],
-                string_data={TRACKER_SECRETS[k][1]: pulumi.Output.secret(creds[k]) for k in cfg.tracker_secrets},
-                opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["data", "stringData"]))
-
-        cm = config_map_manifest(cfg)
-        self.config_map = k8s.core.v1.ConfigMap(f"{name}-config", metadata=cm["metadata"], data=cm["data"],
-                                                opts=child)
-
-        pod = _with_claim(data_access_pod_manifest(cfg), claim_name)
+        self.volume = shared_volume(name, cfg, self)
+        self.claim, self.volume_prep = self.volume.claim, self.volume.prep
+        self.credentials = credentials(name, args, self)
+        self.secret, self.tracking_secret = self.credentials.hf_token, self.credentials.tracking
+        self.config_map = self.credentials.config_map
+        pod = _with_claim(data_access_pod_manifest(cfg), self.volume.name)
         self.data_access = k8s.core.v1.Pod(f"{name}-data-access", metadata=pod["metadata"], spec=pod["spec"],
-                                           opts=pulumi.ResourceOptions(parent=self, depends_on=after_prep))
-
-        self.etcd = []
-        for manifest in etcd_manifests(cfg):
-            kind = manifest["kind"]
-            suffix = {"StatefulSet": "etcd", "NetworkPolicy": "etcd-policy"}.get(
-                kind, manifest["metadata"]["name"][len(cfg.job_name) + 1:])
-            cls = {"StatefulSet": k8s.apps.v1.StatefulSet, "Service": k8s.core.v1.Service,
-                   "NetworkPolicy": k8s.networking.v1.NetworkPolicy}[kind]
-            self.etcd.append(cls(f"{name}-{suffix}", metadata=manifest["metadata"], spec=manifest["spec"],
-                                 opts=child))
-
+                                           opts=pulumi.ResourceOptions(parent=self, depends_on=self.volume.ready))
+        self.etcd = rendezvous_resources(name, cfg, child)
         api = for_api(cfg.job_api)
+        self.runtime, self.job = self._job(name, cfg, api)
+        self.outputs = {
+            "jobName": _created_name(self.job),
+            "namespace": cfg.namespace,
+            "volumeClaim": self.volume.name,
+            "dataAccessPod": self.data_access.metadata.apply(lambda m: m["name"]),
+            "outputDir": cfg.output_dir,
+            "run": cfg.run_hash,
+            "rendezvousId": api.rendezvous(api.manifest(cfg)),
+            "jobApi": cfg.job_api,
+            "rendezvous": cfg.rendezvous,
+            "commands": commands(cfg),
+        }
+        self.register_outputs(self.outputs)
+
+    def _job(self, name: str, cfg: StackConfig,
+             api: JobApi) -> tuple[Optional[k8s.apiextensions.CustomResource], k8s.apiextensions.CustomResource]:
+        """The job API's runtime object where it has one (created first: the job names it), and the job."""
         job = api.manifest(cfg)
-        job_with_claim = self._linked(_with_claim(job, claim_name))
-        job_spec = job_with_claim["spec"]
-        self.runtime = None
-        runtime = trainjob.runtime_manifest(cfg) if job["kind"] == "TrainJob" else None
+        job_spec = self.credentials.link(_with_claim(job, self.volume.name))["spec"]
+        created_runtime = None
+        runtime = api.runtime(cfg)
         if runtime is not None:
-            runtime = self._linked(_with_claim(runtime, claim_name))
+            runtime = self.credentials.link(_with_claim(runtime, self.volume.name))
             # The TrainJob names it, so it must exist first: its name flows from the created object.
-            self.runtime = k8s.apiextensions.CustomResource(
+            created_runtime = k8s.apiextensions.CustomResource(
                 f"{name}-runtime", api_version=runtime["apiVersion"], kind=runtime["kind"],
-                metadata=runtime["metadata"], spec=runtime["spec"], opts=child)
-            job_spec["runtimeRef"] = {**job_spec["runtimeRef"], "name": _created_name(self.runtime)}
-        depends = list(self.etcd) + after_prep  # etcd up, volume prepared; no output links them
+                metadata=runtime["metadata"], spec=runtime["spec"], opts=pulumi.ResourceOptions(parent=self))
+            job_spec["runtimeRef"] = {**job_spec["runtimeRef"], "name": _created_name(created_runtime)}
+        depends = list(self.etcd) + self.volume.ready  # etcd up, volume prepared; no output links them
         # A changed pod template, elastic policy or process count replaces the job (the operator would
         # ignore it); same name, so the old one goes first.
-        self.job = k8s.apiextensions.CustomResource(
+        created_job = k8s.apiextensions.CustomResource(
             f"{name}-job", api_version=job["apiVersion"], kind=job["kind"], metadata=job["metadata"],
             spec=job_spec, opts=pulumi.ResourceOptions(
                 parent=self, depends_on=depends, delete_before_replace=True,
@@ -167,33 +168,75 @@ class FineTuneJob(pulumi.ComponentResource):
                 # Kueue unsuspends an admitted job: that is not drift for `pulumi up` to undo (or,
                 # on a TrainJob, to replace the job for).
                 ignore_changes=list(api.IGNORED_AFTER_CREATE) if cfg.queue_name else None))
+        return created_runtime, created_job
 
-        self.outputs = {
-            "jobName": _created_name(self.job),
-            "namespace": cfg.namespace,
-            "volumeClaim": claim_name,
-            "dataAccessPod": self.data_access.metadata.apply(lambda m: m["name"]),
-            "outputDir": cfg.output_dir,
-            "run": cfg.run_hash,
-            "rendezvousId": api.rendezvous(job),
-            "jobApi": cfg.job_api,
-            "rendezvous": cfg.rendezvous,
-            "commands": commands(cfg),
-        }
-        self.register_outputs(self.outputs)
 
-    def _linked(self, manifest: dict) -> dict:
-        """Dependencies flow through outputs: the pod volumes name the ConfigMap and Secrets by their
-        created names, so the job (or runtime) is submitted only after they exist."""
-        for volumes in pod_volumes(manifest):
-            for volume in volumes:
-                if "configMap" in volume:
-                    volume["configMap"] = {"name": self.config_map.metadata.apply(lambda m: m["name"])}
-                created = {"hf-token": self.secret, "tracking": self.tracking_secret}.get(volume["name"])
-                if "secret" in volume and created is not None:
-                    volume["secret"] = {**volume["secret"],
-                                        "secretName": created.metadata.apply(lambda m: m["name"])}
-        return manifest
+def shared_volume(name: str, cfg: StackConfig, parent: pulumi.Resource) -> SharedVolume:
+    child = pulumi.ResourceOptions(parent=parent)
+    storage_class = None
+    sc = storage_class_manifest(cfg)
+    if sc is not None:
+        storage_class = k8s.storage.v1.StorageClass(
+            f"{name}-storage-class", metadata=sc["metadata"], provisioner=sc["provisioner"],
+            parameters=sc["parameters"], reclaim_policy=sc["reclaimPolicy"],
+            volume_binding_mode=sc["volumeBindingMode"], allow_volume_expansion=sc["allowVolumeExpansion"],
+            opts=child)
+    pvc = claim_manifest(cfg)
+    spec = dict(pvc["spec"])
+    if storage_class is not None:
+        spec["storageClassName"] = storage_class.metadata.apply(lambda m: m["name"])
+    claim = k8s.core.v1.PersistentVolumeClaim(f"{name}-data", metadata=pvc["metadata"], spec=cast(Any, spec),
+                                              opts=claim_options(cfg, parent, name))
+    claim_name = claim.metadata.apply(lambda m: m["name"])
+    prep = None
+    manifest = ownership_job_manifest(cfg)
+    if manifest is not None:
+        manifest = _with_claim(manifest, claim_name)
+        prep = k8s.batch.v1.Job(f"{name}-volume-prep", metadata=manifest["metadata"], spec=manifest["spec"],
+                                opts=child)
+    return SharedVolume(claim, claim_name, storage_class, prep)
+
+
+def credentials(name: str, args: FineTuneJobArgs, parent: pulumi.Resource) -> Credentials:
+    cfg = args.config
+    hf_token = None
+    sec = secret_manifest(cfg)
+    if sec is not None:
+        if args.hf_token is None:
+            raise ValueError("config says there is a token but none was passed")
+        # The only place the token goes; Pulumi keeps it encrypted in state as a secret.
+        hf_token = k8s.core.v1.Secret(
+            f"{name}-hf-token", metadata=sec["metadata"], type=sec["type"],
+            string_data={TOKEN_KEY: pulumi.Output.secret(args.hf_token)},
+            opts=pulumi.ResourceOptions(parent=parent, additional_secret_outputs=["data", "stringData"]))
+    tracking = None
+    tsec = tracking_secret_manifest(cfg)
+    if tsec is not None:
+        creds = args.tracker_credentials or {}
+        missing = [k for k in cfg.tracker_secrets if creds.get(k) is None]
+        if missing:
+            raise ValueError(f"config says there are tracker credentials {missing} but none were passed")
+        tracking = k8s.core.v1.Secret(
+            f"{name}-tracking", metadata=tsec["metadata"], type=tsec["type"],
+            string_data={TRACKER_SECRETS[k][1]: pulumi.Output.secret(creds[k]) for k in cfg.tracker_secrets},
+            opts=pulumi.ResourceOptions(parent=parent, additional_secret_outputs=["data", "stringData"]))
+    cm = config_map_manifest(cfg)
+    config_map = k8s.core.v1.ConfigMap(f"{name}-config", metadata=cm["metadata"], data=cm["data"],
+                                       opts=pulumi.ResourceOptions(parent=parent))
+    return Credentials(hf_token, tracking, config_map)
+
+
+def rendezvous_resources(name: str, cfg: StackConfig, child: pulumi.ResourceOptions) -> list[pulumi.CustomResource]:
+    """The etcd the workers rendezvous through (training-operator-v1 with rendezvous etcd; none otherwise)."""
+    created: list[pulumi.CustomResource] = []
+    for manifest in etcd_manifests(cfg):
+        kind = manifest["kind"]
+        suffix = {"StatefulSet": "etcd", "NetworkPolicy": "etcd-policy"}.get(
+            kind, manifest["metadata"]["name"][len(cfg.job_name) + 1:])
+        cls = {"StatefulSet": k8s.apps.v1.StatefulSet, "Service": k8s.core.v1.Service,
+               "NetworkPolicy": k8s.networking.v1.NetworkPolicy}[kind]
+        created.append(cls(f"{name}-{suffix}", metadata=manifest["metadata"], spec=manifest["spec"], opts=child))
+    return created
 
 
 def _created_name(resource: pulumi.CustomResource) -> pulumi.Output:

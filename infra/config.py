@@ -54,7 +54,7 @@ TRACKING_MOUNT = "/var/run/secrets/llm-finetune-tracking"
 SYSTEM_PRIORITIES = ("system-node-critical", "system-cluster-critical")
 ACCESS_MODES = ("ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod", "ReadOnlyMany")
 ADOPT = ("upsert", "import", "none")
-JOB_APIS = ("training-operator-v1", "trainer-v2")
+JOB_APIS = ("training-operator-v1", "trainer-v2")  # one module each in infra/jobs
 # Trainer v2 (v2.2+) has no elastic policy and no etcd rendezvous (its torch plugin injects a static
 # rendezvous on node 0), and no run policy of the PyTorchJob kind.
 V1_ONLY = ("minWorkers", "maxWorkers", "maxRestarts", "etcdReplicas", "etcdImage", "etcdStorage", "runPolicy")
@@ -290,7 +290,9 @@ def _known_keys(ctx: _Ctx) -> None:
 
 def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[tuple[str, ...], int]] = None,
           token_is_secret: Optional[bool] = None, plain: tuple[str, ...] = ()) -> StackConfig:
-    """Parse raw stack config (key -> value, objects already decoded) into a validated StackConfig.
+    """Parse raw stack config (key -> value, objects already decoded) into a validated StackConfig, one
+    section at a time; what spans sections (the world size against the trainer config, GPUs against
+    processes) is checked last.
 
     ``token_is_secret`` is False when hfToken was set without --secret, and ``plain`` names the other
     secret keys (tracker credentials) set that way: refused, since the value would then sit in plain
@@ -298,7 +300,40 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
     """
     ctx = _Ctx(raw, source, lines or {})
     _known_keys(ctx)
+    has_token, tracker_secrets = _secrets(ctx, token_is_secret, plain)
+    job_name, namespace = _names(ctx)
+    job_api, trainer_runtime = _job_api(ctx)
+    workers = _workers(ctx)
+    rendezvous, etcd_replicas, etcd_image = _rendezvous(ctx, job_api)
+    image, pull = _image(ctx)
+    resources = _resources(ctx)
+    storage = _storage(ctx, workers.maximum)
+    extra_env = _extra_env(ctx)
+    run_id = str(ctx.get("runId") or "")
+    trainer_cfg, run_hash = _trainer_config(ctx, job_name, run_id)
+    _world(ctx, trainer_cfg, workers, resources.gpus)
+    queue, priority, workload_priority = _scheduling(ctx, job_api, trainer_runtime)
+    _trackers(ctx, trainer_cfg, tracker_secrets)
+    return StackConfig(
+        namespace=namespace, job_name=job_name, image=image, image_pull_policy=pull,
+        workers=workers.workers, min_workers=workers.minimum, max_workers=workers.maximum,
+        procs_per_worker=workers.procs, max_restarts=ctx.integer("maxRestarts", 0), rendezvous=rendezvous,
+        etcd_replicas=etcd_replicas, etcd_image=etcd_image, data_access_image=ctx.string("dataAccessImage"),
+        resources=resources, storage=storage, intel_runtime=ctx.boolean("intelRuntime"), extra_env=extra_env,
+        clean_pod_policy=ctx.string("runPolicy.cleanPodPolicy", CLEAN_POD_POLICIES),
+        ttl_seconds_after_finished=ctx.integer("runPolicy.ttlSecondsAfterFinished", 0), has_token=has_token,
+        job_api=job_api, trainer_runtime=trainer_runtime, run_id=run_id, run_hash=run_hash,
+        grace_seconds=ctx.integer("terminationGracePeriodSeconds", 30),
+        launch_attempts=ctx.integer("launchAttempts", 1), etcd_storage=ctx.quantity("etcdStorage"),
+        queue_name=queue, priority_class=priority, workload_priority_class=workload_priority,
+        active_deadline_seconds=ctx.integer("activeDeadlineSeconds", 0), tracker_secrets=tracker_secrets,
+        trainer=trainer_cfg,
+    )
 
+
+def _secrets(ctx: _Ctx, token_is_secret: Optional[bool], plain: tuple[str, ...]) -> tuple[bool, tuple[str, ...]]:
+    """hfToken and the tracker credentials: whether each is set, refused where set without --secret."""
+    raw = ctx.raw
     has_token = raw.get("hfToken") not in (None, "")
     if has_token and token_is_secret is False:
         ctx.fail("hfToken", "is stored in plain text. Fix: pulumi config rm hfToken && "
@@ -306,8 +341,11 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
     for key in TRACKER_SECRETS:
         if key in plain and raw.get(key) not in (None, ""):
             ctx.fail(key, f"is stored in plain text. Fix: pulumi config rm {key} && pulumi config set --secret {key} ...")
-    tracker_secrets = tuple(k for k in TRACKER_SECRETS if raw.get(k) not in (None, ""))
+    return has_token, tuple(k for k in TRACKER_SECRETS if raw.get(k) not in (None, ""))
 
+
+def _names(ctx: _Ctx) -> tuple[str, str]:
+    """jobName and namespace, as the names of what they become."""
     job_name = ctx.string("jobName")
     if not _DNS1035.match(job_name):
         ctx.fail("jobName", f"{job_name!r} is not a DNS-1035 label: lower-case letters, digits and '-', "
@@ -320,14 +358,18 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
     namespace = ctx.string("namespace")
     if not _DNS1123.match(namespace):
         ctx.fail("namespace", f"{namespace!r} is not a valid namespace name (DNS-1123 label, e.g. ml-training)")
+    return job_name, namespace
 
+
+def _job_api(ctx: _Ctx) -> tuple[str, str]:
+    """jobApi and trainerRuntime; the Training Operator v1's keys refused on Trainer v2."""
     job_api = ctx.string("jobApi", JOB_APIS)
     trainer_runtime = ctx.string("trainerRuntime")
     if not _DNS1123.match(trainer_runtime):
         ctx.fail("trainerRuntime", f"{trainer_runtime!r} is not a runtime name (e.g. torch-distributed)")
     if job_api == "trainer-v2":
-        set_v1 = [k for k in V1_ONLY if k in raw]
-        if raw.get("rendezvous") == "etcd":
+        set_v1 = [k for k in V1_ONLY if k in ctx.raw]
+        if ctx.raw.get("rendezvous") == "etcd":
             set_v1.insert(0, "rendezvous")
         if set_v1:
             ctx.fail(set_v1[0], f"{', '.join(set_v1)} only mean something to the Training Operator v1: Trainer v2 "
@@ -335,6 +377,19 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
                                 "rendezvous on node 0) and no run policy; restarts of the whole job are the "
                                 "launcher's (launchAttempts). Fix: pulumi config rm " + " && pulumi config rm ".join(
                                     set_v1) + ", or jobApi training-operator-v1")
+    return job_api, trainer_runtime
+
+
+@dataclass(frozen=True)
+class _Workers:
+    workers: int
+    minimum: int
+    maximum: int
+    procs: int
+
+
+def _workers(ctx: _Ctx) -> _Workers:
+    """workers, minWorkers, maxWorkers (the elastic range) and procsPerWorker."""
     workers = ctx.integer("workers", 1)
     min_workers = ctx.integer("minWorkers", 0) or workers  # 0: same as workers (Pulumi.yaml)
     max_workers = ctx.integer("maxWorkers", 0) or workers
@@ -347,10 +402,12 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
                                "PyTorchJob up only through an HPA on elasticPolicy.metrics, which this stack does not "
                                f"create (only PET_NNODES would widen). Fix: pulumi config set maxWorkers {workers} "
                                "(minWorkers below workers lets the job go on without lost pods)")
-    procs = ctx.integer("procsPerWorker", 1)
-    max_restarts = ctx.integer("maxRestarts", 0)
+    return _Workers(workers, min_workers, max_workers, ctx.integer("procsPerWorker", 1))
 
-    # Trainer v2: torchrun's static c10d store on node 0, injected by the runtime.
+
+def _rendezvous(ctx: _Ctx, job_api: str) -> tuple[str, int, str]:
+    """rendezvous, etcdReplicas and etcdImage. Trainer v2: torchrun's static c10d store on node 0,
+    injected by the runtime."""
     rendezvous = "c10d" if job_api == "trainer-v2" else ctx.string("rendezvous", ("etcd", "c10d"))
     etcd_replicas = ctx.integer("etcdReplicas", 1)
     if etcd_replicas not in (1, 3):
@@ -361,19 +418,21 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
         ctx.fail("etcdImage", f"{etcd_image!r} must be pinned to an etcd 3.5.x tag (e.g. "
                               "quay.io/coreos/etcd:v3.5.17): torchrun's etcd-v2 rendezvous needs the v2 API, "
                               "which etcd 3.6 removed")
+    return rendezvous, etcd_replicas, etcd_image
 
+
+def _image(ctx: _Ctx) -> tuple[str, str]:
+    """image (pinned: every worker runs the same trainer) and imagePullPolicy."""
     image = ctx.string("image")
     if image.endswith(":latest") or ("@" not in image and ":" not in image.rsplit("/", 1)[-1]):
         ctx.fail("image", f"{image!r} is not pinned; use a version tag or digest "
                           "(e.g. ghcr.io/you/llm-finetune-cpu:0.1.0) so every worker runs the same trainer")
-    pull = ctx.string("imagePullPolicy", ("IfNotPresent", "Always", "Never"))
-    data_access_image = ctx.string("dataAccessImage")
+    return image, ctx.string("imagePullPolicy", ("IfNotPresent", "Always", "Never"))
 
+
+def _resources(ctx: _Ctx) -> Resources:
+    """resources.*: a worker pod's requests, GPUs, shared memory, node selector and tolerations."""
     res = ctx.mapping("resources")
-    cpu = ctx.quantity("resources.cpu")
-    memory = ctx.quantity("resources.memory")
-    shm = ctx.quantity("resources.shmSize")
-    gpus = ctx.integer("resources.gpus", 0)
     node_selector = res.get("nodeSelector") or {}
     if not isinstance(node_selector, Mapping) or not all(isinstance(v, str) for v in node_selector.values()):
         ctx.fail("resources.nodeSelector", "must map label names to string values, e.g. "
@@ -385,7 +444,14 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
             ctx.fail("resources.tolerations", f"entry {i} {t!r} is not a toleration: {{key, operator: "
                                                "Equal|Exists, value, effect: NoSchedule|PreferNoSchedule|NoExecute}")
         tolerations.append(Toleration(t.get("key"), t.get("operator", "Equal"), t.get("value"), t.get("effect") or None))
+    return Resources(cpu=ctx.quantity("resources.cpu"), memory=ctx.quantity("resources.memory"),
+                     gpus=ctx.integer("resources.gpus", 0), shm_size=ctx.quantity("resources.shmSize"),
+                     node_selector=tuple(sorted((str(k), str(v)) for k, v in node_selector.items())),
+                     tolerations=tuple(tolerations))
 
+
+def _storage(ctx: _Ctx, max_workers: int) -> Storage:
+    """storage.*: the shared volume's claim, its class (created or named) and what destroy does to it."""
     storage = ctx.mapping("storage")
     access_mode = ctx.string("storage.accessMode", ACCESS_MODES)
     if access_mode in ("ReadWriteOnce", "ReadWriteOncePod") and max_workers > 1:
@@ -410,11 +476,15 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
                                       "or storage.createClass true with a provisioner")
     provisioner = ctx.string("storage.provisioner") if create_class else str(ctx.get("storage.provisioner") or "")
     parameters = ctx.mapping("storage.parameters")
-    binding = ctx.string("storage.volumeBindingMode", ("WaitForFirstConsumer", "Immediate"))
-    retain = ctx.boolean("storage.retainOnDestroy")
-    adopt = ctx.string("storage.adopt", ADOPT)
-    prepare = ctx.boolean("storage.prepareOwnership")
+    return Storage(class_name=class_name, size=size, access_mode=access_mode, create_class=create_class,
+                   provisioner=provisioner, parameters=tuple(sorted((str(k), str(v)) for k, v in parameters.items())),
+                   volume_binding_mode=ctx.string("storage.volumeBindingMode", ("WaitForFirstConsumer", "Immediate")),
+                   retain_on_destroy=ctx.boolean("storage.retainOnDestroy"), adopt=ctx.string("storage.adopt", ADOPT),
+                   prepare_ownership=ctx.boolean("storage.prepareOwnership"))
 
+
+def _extra_env(ctx: _Ctx) -> tuple[tuple[str, str], ...]:
+    """extraEnv: names torchrun's operator sets and token variables refused."""
     extra_env = ctx.mapping("extraEnv")
     for name, value in extra_env.items():
         if not _ENV_NAME.match(name):
@@ -427,50 +497,21 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
                                  "pulumi config set --secret hfToken hf_... (mounted as a file)")
         if not isinstance(value, (str, int, float, bool)):
             ctx.fail("extraEnv", f"{name} must be a string value, got {value!r}")
+    return tuple(sorted((str(k), str(v)) for k, v in extra_env.items()))
 
-    clean = ctx.string("runPolicy.cleanPodPolicy", CLEAN_POD_POLICIES)
-    ttl = ctx.integer("runPolicy.ttlSecondsAfterFinished", 0)
 
-    run_id = str(ctx.get("runId") or "")
-    grace = ctx.integer("terminationGracePeriodSeconds", 30)
-    attempts = ctx.integer("launchAttempts", 1)
-    etcd_storage = ctx.quantity("etcdStorage")
-    trainer_cfg, run_hash = _trainer_config(ctx, job_name, run_id)
-    problem = world_problem(trainer_cfg, min_workers * procs)
+def _world(ctx: _Ctx, cfg: TrainerConfig, workers: _Workers, gpus: int) -> None:
+    """What spans sections: the trainer config against the processes the job starts and its GPUs."""
+    problem = world_problem(cfg, workers.minimum * workers.procs)
     if problem:
         ctx.fail("training", problem.replace("training.fsdp: false", "pulumi config set --path training.fsdp false")
                  .replace("(python -m trainer.runtime.launch --nproc-per-node 2 ..., or workers/procsPerWorker in the stack)",
                           "(pulumi config set workers 2, or procsPerWorker 2)"))
-    queue, priority, workload_priority = _scheduling(ctx, job_api, trainer_runtime)
-    deadline = ctx.integer("activeDeadlineSeconds", 0)
-    _trackers(ctx, trainer_cfg, tracker_secrets)
-    if gpus == 0 and trainer_cfg.training.ddp_backend == "nccl":
+    if gpus == 0 and cfg.training.ddp_backend == "nccl":
         ctx.fail("training", "ddp_backend nccl needs GPUs; set resources.gpus or use gloo/ccl")
-    if gpus > 0 and procs > gpus:
-        ctx.fail("procsPerWorker", f"{procs} processes per worker but only {gpus} GPUs each; one process per GPU. "
-                                   f"Fix: pulumi config set procsPerWorker {gpus}")
-
-    return StackConfig(
-        namespace=namespace, job_name=job_name, image=image, image_pull_policy=pull,
-        workers=workers, min_workers=min_workers, max_workers=max_workers, procs_per_worker=procs,
-        max_restarts=max_restarts, rendezvous=rendezvous, etcd_replicas=etcd_replicas,
-        etcd_image=etcd_image, data_access_image=data_access_image,
-        resources=Resources(cpu=cpu, memory=memory, gpus=gpus, shm_size=shm,
-                            node_selector=tuple(sorted((str(k), str(v)) for k, v in node_selector.items())),
-                            tolerations=tuple(tolerations)),
-        storage=Storage(class_name=class_name, size=size, access_mode=access_mode, create_class=create_class,
-                        provisioner=provisioner,
-                        parameters=tuple(sorted((str(k), str(v)) for k, v in parameters.items())),
-                        volume_binding_mode=binding, retain_on_destroy=retain, adopt=adopt,
-                        prepare_ownership=prepare),
-        intel_runtime=ctx.boolean("intelRuntime"),
-        extra_env=tuple(sorted((str(k), str(v)) for k, v in extra_env.items())),
-        clean_pod_policy=clean, ttl_seconds_after_finished=ttl, has_token=has_token,
-        job_api=job_api, trainer_runtime=trainer_runtime, run_id=run_id, run_hash=run_hash, grace_seconds=grace,
-        launch_attempts=attempts, etcd_storage=etcd_storage, queue_name=queue, priority_class=priority,
-        workload_priority_class=workload_priority, active_deadline_seconds=deadline,
-        tracker_secrets=tracker_secrets, trainer=trainer_cfg,
-    )
+    if gpus > 0 and workers.procs > gpus:
+        ctx.fail("procsPerWorker", f"{workers.procs} processes per worker but only {gpus} GPUs each; one process per "
+                                   f"GPU. Fix: pulumi config set procsPerWorker {gpus}")
 
 
 def _scheduling(ctx: _Ctx, job_api: str, trainer_runtime: str) -> tuple[str, str, str]:

@@ -1,20 +1,35 @@
-"""The training job, one module per job API; each renders the same pod (infra/jobs/pod.py).
-
-Each module offers `manifest(cfg)`, `commands(cfg)` and `REPLACED_BY` (the spec fields whose change
-replaces the job).
-"""
+"""The training job, one module per job API; each renders the same pod (infra/jobs/pod.py) and offers
+what `JobApi` names."""
 
 from __future__ import annotations
 
-from types import ModuleType
+from typing import TYPE_CHECKING, Optional, Protocol, cast
 
-JOB_APIS = ("training-operator-v1", "trainer-v2")
+if TYPE_CHECKING:
+    from infra.config import StackConfig
 
 
-def for_api(name: str) -> ModuleType:
+
+class JobApi(Protocol):
+    """What the stack needs of a job API (infra/jobs/pytorchjob.py, infra/jobs/trainjob.py)."""
+
+    KIND: str
+    REPLACED_BY: tuple[str, ...]  # the spec fields whose change replaces the job
+    IGNORED_AFTER_CREATE: tuple[str, ...]  # what Kueue changes on an admitted job (not drift)
+
+    def manifest(self, cfg: StackConfig) -> dict: ...  # the job
+
+    def runtime(self, cfg: StackConfig) -> Optional[dict]: ...  # a runtime object it names, created first
+
+    def commands(self, cfg: StackConfig) -> dict[str, str]: ...  # the stack outputs' kubectl commands
+
+    def rendezvous(self, job: dict) -> str: ...  # the run's rendezvous id, from the job manifest
+
+
+def for_api(name: str) -> JobApi:
     from infra.jobs import pytorchjob, trainjob
 
-    return {"training-operator-v1": pytorchjob, "trainer-v2": trainjob}[name]
+    return cast(JobApi, {"training-operator-v1": pytorchjob, "trainer-v2": trainjob}[name])
 
 
 def pod_volumes(manifest: dict) -> list[list[dict]]:

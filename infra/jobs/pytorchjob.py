@@ -89,5 +89,10 @@ def commands(cfg: StackConfig) -> dict[str, str]:
     }
 
 
+def runtime(cfg: StackConfig) -> None:
+    """The job API's protocol: a PyTorchJob needs no runtime object."""
+    return None
+
+
 def rendezvous(job: dict) -> str:
     return job["spec"]["elasticPolicy"]["rdzvId"]

@@ -29,13 +29,12 @@ import json
 from typing import Any, Optional
 
 from infra.common import Names, labels, metadata
-from infra.config import TORCH_RUNTIME, StackConfig
+from infra.config import RESERVED_ENV, TORCH_RUNTIME, StackConfig
 from infra.jobs import pod, queue
 
 API_VERSION = "trainer.kubeflow.org/v1alpha1"
 KIND = "TrainJob"
 CONTAINER = "node"  # the torch-distributed runtime's replicated job and container
-RESERVED_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
 PATCH_MANAGER = "llm-finetune.pulumi.com/stack"
 REPLACED_BY = ("spec",)  # runtimeRef, trainer, activeDeadlineSeconds and the pod-level patches are immutable
 ANCESTOR_LABEL = "trainer.kubeflow.org/trainjob-ancestor-step"  # which replicated job gets spec.trainer
@@ -124,6 +123,11 @@ def runtime_name(cfg: StackConfig, spec: Optional[dict] = None) -> str:
     spec = runtime_spec(cfg) if spec is None else spec
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
     return f"{Names(cfg.job_name).runtime}-{digest}"
+
+
+def runtime(cfg: StackConfig) -> Optional[dict]:
+    """The job API's protocol (infra/jobs/__init__.py): the TrainingRuntime this stack creates, if any."""
+    return runtime_manifest(cfg)
 
 
 def runtime_manifest(cfg: StackConfig) -> Optional[dict]:
