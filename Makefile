@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(shell cat $(LOCK) constraints.txt models.lock pypr
 # (no -march=native), library only; ~4 minutes on 2 cores, once: pip keeps the built wheel in its cache.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: setup lock etcd lint test test-fast demo bench bench-real bench-attention bench-data bench-scale bench-checkpoint bench-gpu llama-cpp clean
+.PHONY: setup lock etcd lint format test test-fast demo bench bench-real bench-attention bench-data bench-scale bench-checkpoint bench-gpu llama-cpp clean
 
 # Idempotent: re-runs only when the lock changes. torch first, from the exact pin (the CPU wheel on
 # disk), so nothing resolves a newer (CUDA) build; then the lock file: every package at the exact
@@ -53,10 +53,15 @@ etcd:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q etcd-server; \
 	  else echo "etcd not found: sudo apt-get install etcd-server (the etcd tests skip without it)"; fi; }
 
-# Lint (ruff, settings in pyproject.toml): part of `make test`, so CI fails on a finding.
+# Lint (ruff's linter everywhere, its formatter over the product, mypy over the product; settings in
+# pyproject.toml): part of `make test`, so CI fails on a finding. `make format` applies the formatter.
 lint: setup
 	$(PY) -m ruff check trainer infra bench tests __main__.py
+	$(PY) -m ruff format --check trainer infra __main__.py
 	$(PY) -m mypy
+
+format: setup
+	$(PY) -m ruff format trainer infra __main__.py
 
 test: setup etcd lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder

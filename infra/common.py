@@ -78,8 +78,7 @@ def metadata(name: str, namespace: str, job: str, component: str, **extra) -> di
 
 def pod_security_context(uid: int, fs_group: bool = True) -> dict:
     """Pod-level half of the restricted Pod Security Standard."""
-    ctx = {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid,
-           "seccompProfile": {"type": "RuntimeDefault"}}
+    ctx = {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "seccompProfile": {"type": "RuntimeDefault"}}
     if fs_group:
         ctx["fsGroup"] = uid
         ctx["fsGroupChangePolicy"] = "OnRootMismatch"  # no recursive chown of a large volume on every start
@@ -88,5 +87,9 @@ def pod_security_context(uid: int, fs_group: bool = True) -> dict:
 
 def container_security_context(read_only_root: bool = True) -> dict:
     """Container-level half of the restricted Pod Security Standard."""
-    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-            "readOnlyRootFilesystem": read_only_root, "runAsNonRoot": True}
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": read_only_root,
+        "runAsNonRoot": True,
+    }

@@ -36,8 +36,10 @@ def commands(cfg: StackConfig) -> dict[str, str]:
     result = {
         **for_api(cfg.job_api).commands(cfg),
         # Upload under a temporary name, then rename: the workers never see a half-copied file.
-        "uploadDataset": (f"kubectl -n {ns} cp ./{data_file.rsplit('/', 1)[-1]} {pod}:{data_file}.partial && "
-                          f"kubectl -n {ns} exec {pod} -- mv {data_file}.partial {data_file}"),
+        "uploadDataset": (
+            f"kubectl -n {ns} cp ./{data_file.rsplit('/', 1)[-1]} {pod}:{data_file}.partial && "
+            f"kubectl -n {ns} exec {pod} -- mv {data_file}.partial {data_file}"
+        ),
         "copyModel": f"kubectl -n {ns} cp {pod}:{run_dir}/final ./{job}-final",
         "copyQuantizedModel": f"kubectl -n {ns} cp {pod}:{run_dir}/quantized ./{job}-quantized",
         "copyReport": f"kubectl -n {ns} cp {pod}:{run_dir}/report.json ./{job}-report.json",
@@ -45,8 +47,9 @@ def commands(cfg: StackConfig) -> dict[str, str]:
         "listRuns": f"kubectl -n {ns} exec {pod} -- ls -la {DATA_MOUNT}/output/{job}",
         # Step of total, time left, the last losses (written by the trainer at every logging step).
         "progress": f"kubectl -n {ns} exec {pod} -- cat {run_dir}/progress.txt",
-        "getTrainerConfig": (f"kubectl -n {ns} get configmap {config_map_name(cfg)} "
-                             "-o jsonpath='{.data.config\\.yaml}' > config.yaml"),
+        "getTrainerConfig": (
+            f"kubectl -n {ns} get configmap {config_map_name(cfg)} -o jsonpath='{{.data.config\\.yaml}}' > config.yaml"
+        ),
     }
     q = cfg.trainer.quantize
     if q.enabled:
@@ -54,8 +57,10 @@ def commands(cfg: StackConfig) -> dict[str, str]:
         local = f"./{job}-quantized"
         if q.format.startswith("gguf:"):
             gguf = f"model-{q.format.split(':', 1)[1]}.gguf"
-            result["serveQuantized"] = (f"ollama create {job} -f {local}/Modelfile && ollama run {job}   # or: "
-                                        f"llama-cli -m {local}/{gguf} -p 'Question: ...' -n 64")
+            result["serveQuantized"] = (
+                f"ollama create {job} -f {local}/Modelfile && ollama run {job}   # or: "
+                f"llama-cli -m {local}/{gguf} -p 'Question: ...' -n 64"
+            )
         elif q.format == "inc":
             result["serveQuantized"] = f"python -c \"from trainer.post.measure import load_quantized; load_quantized('{local}')\""
         else:
@@ -100,8 +105,7 @@ class Credentials:
                     volume["configMap"] = {"name": self.config_map.metadata.apply(lambda m: m["name"])}
                 created = {"hf-token": self.hf_token, "tracking": self.tracking}.get(volume["name"])
                 if "secret" in volume and created is not None:
-                    volume["secret"] = {**volume["secret"],
-                                        "secretName": created.metadata.apply(lambda m: m["name"])}
+                    volume["secret"] = {**volume["secret"], "secretName": created.metadata.apply(lambda m: m["name"])}
         return manifest
 
 
@@ -121,8 +125,12 @@ class FineTuneJob(pulumi.ComponentResource):
         self.secret, self.tracking_secret = self.credentials.hf_token, self.credentials.tracking
         self.config_map = self.credentials.config_map
         pod = _with_claim(data_access_pod_manifest(cfg), self.volume.name)
-        self.data_access = k8s.core.v1.Pod(f"{name}-data-access", metadata=pod["metadata"], spec=pod["spec"],
-                                           opts=pulumi.ResourceOptions(parent=self, depends_on=self.volume.ready))
+        self.data_access = k8s.core.v1.Pod(
+            f"{name}-data-access",
+            metadata=pod["metadata"],
+            spec=pod["spec"],
+            opts=pulumi.ResourceOptions(parent=self, depends_on=self.volume.ready),
+        )
         self.etcd = rendezvous_resources(name, cfg, child)
         api = for_api(cfg.job_api)
         self.runtime, self.job = self._job(name, cfg, api)
@@ -140,8 +148,9 @@ class FineTuneJob(pulumi.ComponentResource):
         }
         self.register_outputs(self.outputs)
 
-    def _job(self, name: str, cfg: StackConfig,
-             api: JobApi) -> tuple[Optional[k8s.apiextensions.CustomResource], k8s.apiextensions.CustomResource]:
+    def _job(
+        self, name: str, cfg: StackConfig, api: JobApi
+    ) -> tuple[Optional[k8s.apiextensions.CustomResource], k8s.apiextensions.CustomResource]:
         """The job API's runtime object where it has one (created first: the job names it), and the job."""
         job = api.manifest(cfg)
         job_spec = self.credentials.link(_with_claim(job, self.volume.name))["spec"]
@@ -151,23 +160,35 @@ class FineTuneJob(pulumi.ComponentResource):
             runtime = self.credentials.link(_with_claim(runtime, self.volume.name))
             # The TrainJob names it, so it must exist first: its name flows from the created object.
             created_runtime = k8s.apiextensions.CustomResource(
-                f"{name}-runtime", api_version=runtime["apiVersion"], kind=runtime["kind"],
-                metadata=runtime["metadata"], spec=runtime["spec"], opts=pulumi.ResourceOptions(parent=self))
+                f"{name}-runtime",
+                api_version=runtime["apiVersion"],
+                kind=runtime["kind"],
+                metadata=runtime["metadata"],
+                spec=runtime["spec"],
+                opts=pulumi.ResourceOptions(parent=self),
+            )
             job_spec["runtimeRef"] = {**job_spec["runtimeRef"], "name": _created_name(created_runtime)}
         depends = list(self.etcd) + self.volume.ready  # etcd up, volume prepared; no output links them
         # A changed pod template, elastic policy or process count replaces the job (the operator would
         # ignore it); same name, so the old one goes first.
         created_job = k8s.apiextensions.CustomResource(
-            f"{name}-job", api_version=job["apiVersion"], kind=job["kind"], metadata=job["metadata"],
-            spec=job_spec, opts=pulumi.ResourceOptions(
-                parent=self, depends_on=depends, delete_before_replace=True,
+            f"{name}-job",
+            api_version=job["apiVersion"],
+            kind=job["kind"],
+            metadata=job["metadata"],
+            spec=job_spec,
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                depends_on=depends,
+                delete_before_replace=True,
                 # And a new Kueue queue or WorkloadPriorityClass label: Kueue's webhook refuses either on a
                 # running job (jobframework.ValidateJobOnUpdate), so it is a new workload, queued afresh.
-                replace_on_changes=["spec" if key == "spec" else f"spec.{key}" for key in api.REPLACED_BY]
-                + ["metadata.labels"],
+                replace_on_changes=["spec" if key == "spec" else f"spec.{key}" for key in api.REPLACED_BY] + ["metadata.labels"],
                 # Kueue unsuspends an admitted job: that is not drift for `pulumi up` to undo (or,
                 # on a TrainJob, to replace the job for).
-                ignore_changes=list(api.IGNORED_AFTER_CREATE) if cfg.queue_name else None))
+                ignore_changes=list(api.IGNORED_AFTER_CREATE) if cfg.queue_name else None,
+            ),
+        )
         return created_runtime, created_job
 
 
@@ -177,23 +198,28 @@ def shared_volume(name: str, cfg: StackConfig, parent: pulumi.Resource) -> Share
     sc = storage_class_manifest(cfg)
     if sc is not None:
         storage_class = k8s.storage.v1.StorageClass(
-            f"{name}-storage-class", metadata=sc["metadata"], provisioner=sc["provisioner"],
-            parameters=sc["parameters"], reclaim_policy=sc["reclaimPolicy"],
-            volume_binding_mode=sc["volumeBindingMode"], allow_volume_expansion=sc["allowVolumeExpansion"],
-            opts=child)
+            f"{name}-storage-class",
+            metadata=sc["metadata"],
+            provisioner=sc["provisioner"],
+            parameters=sc["parameters"],
+            reclaim_policy=sc["reclaimPolicy"],
+            volume_binding_mode=sc["volumeBindingMode"],
+            allow_volume_expansion=sc["allowVolumeExpansion"],
+            opts=child,
+        )
     pvc = claim_manifest(cfg)
     spec = dict(pvc["spec"])
     if storage_class is not None:
         spec["storageClassName"] = storage_class.metadata.apply(lambda m: m["name"])
-    claim = k8s.core.v1.PersistentVolumeClaim(f"{name}-data", metadata=pvc["metadata"], spec=cast(Any, spec),
-                                              opts=claim_options(cfg, parent, name))
+    claim = k8s.core.v1.PersistentVolumeClaim(
+        f"{name}-data", metadata=pvc["metadata"], spec=cast(Any, spec), opts=claim_options(cfg, parent, name)
+    )
     claim_name = claim.metadata.apply(lambda m: m["name"])
     prep = None
     manifest = ownership_job_manifest(cfg)
     if manifest is not None:
         manifest = _with_claim(manifest, claim_name)
-        prep = k8s.batch.v1.Job(f"{name}-volume-prep", metadata=manifest["metadata"], spec=manifest["spec"],
-                                opts=child)
+        prep = k8s.batch.v1.Job(f"{name}-volume-prep", metadata=manifest["metadata"], spec=manifest["spec"], opts=child)
     return SharedVolume(claim, claim_name, storage_class, prep)
 
 
@@ -206,9 +232,12 @@ def credentials(name: str, args: FineTuneJobArgs, parent: pulumi.Resource) -> Cr
             raise ValueError("config says there is a token but none was passed")
         # The only place the token goes; Pulumi keeps it encrypted in state as a secret.
         hf_token = k8s.core.v1.Secret(
-            f"{name}-hf-token", metadata=sec["metadata"], type=sec["type"],
+            f"{name}-hf-token",
+            metadata=sec["metadata"],
+            type=sec["type"],
             string_data={TOKEN_KEY: pulumi.Output.secret(args.hf_token)},
-            opts=pulumi.ResourceOptions(parent=parent, additional_secret_outputs=["data", "stringData"]))
+            opts=pulumi.ResourceOptions(parent=parent, additional_secret_outputs=["data", "stringData"]),
+        )
     tracking = None
     tsec = tracking_secret_manifest(cfg)
     if tsec is not None:
@@ -217,12 +246,16 @@ def credentials(name: str, args: FineTuneJobArgs, parent: pulumi.Resource) -> Cr
         if missing:
             raise ValueError(f"config says there are tracker credentials {missing} but none were passed")
         tracking = k8s.core.v1.Secret(
-            f"{name}-tracking", metadata=tsec["metadata"], type=tsec["type"],
+            f"{name}-tracking",
+            metadata=tsec["metadata"],
+            type=tsec["type"],
             string_data={TRACKER_SECRETS[k][1]: pulumi.Output.secret(creds[k]) for k in cfg.tracker_secrets},
-            opts=pulumi.ResourceOptions(parent=parent, additional_secret_outputs=["data", "stringData"]))
+            opts=pulumi.ResourceOptions(parent=parent, additional_secret_outputs=["data", "stringData"]),
+        )
     cm = config_map_manifest(cfg)
-    config_map = k8s.core.v1.ConfigMap(f"{name}-config", metadata=cm["metadata"], data=cm["data"],
-                                       opts=pulumi.ResourceOptions(parent=parent))
+    config_map = k8s.core.v1.ConfigMap(
+        f"{name}-config", metadata=cm["metadata"], data=cm["data"], opts=pulumi.ResourceOptions(parent=parent)
+    )
     return Credentials(hf_token, tracking, config_map)
 
 
@@ -232,9 +265,13 @@ def rendezvous_resources(name: str, cfg: StackConfig, child: pulumi.ResourceOpti
     for manifest in etcd_manifests(cfg):
         kind = manifest["kind"]
         suffix = {"StatefulSet": "etcd", "NetworkPolicy": "etcd-policy"}.get(
-            kind, manifest["metadata"]["name"][len(cfg.job_name) + 1:])
-        cls = {"StatefulSet": k8s.apps.v1.StatefulSet, "Service": k8s.core.v1.Service,
-               "NetworkPolicy": k8s.networking.v1.NetworkPolicy}[kind]
+            kind, manifest["metadata"]["name"][len(cfg.job_name) + 1 :]
+        )
+        cls = {
+            "StatefulSet": k8s.apps.v1.StatefulSet,
+            "Service": k8s.core.v1.Service,
+            "NetworkPolicy": k8s.networking.v1.NetworkPolicy,
+        }[kind]
         created.append(cls(f"{name}-{suffix}", metadata=manifest["metadata"], spec=manifest["spec"], opts=child))
     return created
 
@@ -251,12 +288,12 @@ def claim_options(cfg: StackConfig, parent: pulumi.Resource, name: str = "llm-fi
     (only for the claim: everything else still refuses to overwrite what it does not own), or `import`."""
     opts = pulumi.ResourceOptions(parent=parent, retain_on_delete=cfg.storage.retain_on_destroy)
     if cfg.storage.adopt == "upsert":
-        provider = k8s.Provider(f"{name}-claim-provider", upsert_existing_objects=True,
-                                opts=pulumi.ResourceOptions(parent=parent))
+        provider = k8s.Provider(
+            f"{name}-claim-provider", upsert_existing_objects=True, opts=pulumi.ResourceOptions(parent=parent)
+        )
         return pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(provider=provider))
     if cfg.storage.adopt == "import":
-        return pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(
-            import_=f"{cfg.namespace}/{Names(cfg.job_name).claim}"))
+        return pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(import_=f"{cfg.namespace}/{Names(cfg.job_name).claim}"))
     return opts
 
 

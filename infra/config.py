@@ -22,8 +22,17 @@ import yaml
 from pulumi import RunError  # printed without a traceback
 
 from infra import quantity
-from trainer.config import (ConfigError, DataConfig, LoraConfig, QuantizeConfig, TrainerConfig,
-                            TrackingConfig, TrainingConfig, key_lines, world_problem)
+from trainer.config import (
+    ConfigError,
+    DataConfig,
+    LoraConfig,
+    QuantizeConfig,
+    TrainerConfig,
+    TrackingConfig,
+    TrainingConfig,
+    key_lines,
+    world_problem,
+)
 
 PROJECT = "llm-finetune"
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,8 +84,7 @@ def schema() -> dict[str, dict[str, Any]]:
     keys = {k.split(":", 1)[-1]: v for k, v in doc["config"].items()}
     for name, spec in doc["x-nested-config"].items():
         props = spec.get("properties")
-        keys[name] = {**spec, "type": "object",
-                      "default": {k: p.get("default") for k, p in props.items()} if props else {}}
+        keys[name] = {**spec, "type": "object", "default": {k: p.get("default") for k, p in props.items()} if props else {}}
     return keys
 
 
@@ -255,8 +263,11 @@ class _Ctx:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)
         if not isinstance(value, str) or not _QUANTITY.match(value.strip()):
-            self.fail(key, f"{value!r} is not a Kubernetes quantity; write it like 16Gi, 512Mi, 8 or 500m "
-                           "(binary suffixes Ki Mi Gi Ti, no space)")
+            self.fail(
+                key,
+                f"{value!r} is not a Kubernetes quantity; write it like 16Gi, 512Mi, 8 or 500m "
+                "(binary suffixes Ki Mi Gi Ti, no space)",
+            )
         try:
             # The form the API's Go clients write back (Kueue's update of a queued job): "2000m" -> "2".
             return quantity.canonical(value)
@@ -288,8 +299,14 @@ def _known_keys(ctx: _Ctx) -> None:
                 ctx.fail(f"{section}.{sub}", f"unknown key{hint}; valid keys: {', '.join(allowed)}")
 
 
-def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[tuple[str, ...], int]] = None,
-          token_is_secret: Optional[bool] = None, plain: tuple[str, ...] = ()) -> StackConfig:
+def parse(
+    raw: Mapping[str, Any],
+    *,
+    source: str = "",
+    lines: Optional[Mapping[tuple[str, ...], int]] = None,
+    token_is_secret: Optional[bool] = None,
+    plain: tuple[str, ...] = (),
+) -> StackConfig:
     """Parse raw stack config (key -> value, objects already decoded) into a validated StackConfig, one
     section at a time; what spans sections (the world size against the trainer config, GPUs against
     processes) is checked last.
@@ -315,18 +332,38 @@ def parse(raw: Mapping[str, Any], *, source: str = "", lines: Optional[Mapping[t
     queue, priority, workload_priority = _scheduling(ctx, job_api, trainer_runtime)
     _trackers(ctx, trainer_cfg, tracker_secrets)
     return StackConfig(
-        namespace=namespace, job_name=job_name, image=image, image_pull_policy=pull,
-        workers=workers.workers, min_workers=workers.minimum, max_workers=workers.maximum,
-        procs_per_worker=workers.procs, max_restarts=ctx.integer("maxRestarts", 0), rendezvous=rendezvous,
-        etcd_replicas=etcd_replicas, etcd_image=etcd_image, data_access_image=ctx.string("dataAccessImage"),
-        resources=resources, storage=storage, intel_runtime=ctx.boolean("intelRuntime"), extra_env=extra_env,
+        namespace=namespace,
+        job_name=job_name,
+        image=image,
+        image_pull_policy=pull,
+        workers=workers.workers,
+        min_workers=workers.minimum,
+        max_workers=workers.maximum,
+        procs_per_worker=workers.procs,
+        max_restarts=ctx.integer("maxRestarts", 0),
+        rendezvous=rendezvous,
+        etcd_replicas=etcd_replicas,
+        etcd_image=etcd_image,
+        data_access_image=ctx.string("dataAccessImage"),
+        resources=resources,
+        storage=storage,
+        intel_runtime=ctx.boolean("intelRuntime"),
+        extra_env=extra_env,
         clean_pod_policy=ctx.string("runPolicy.cleanPodPolicy", CLEAN_POD_POLICIES),
-        ttl_seconds_after_finished=ctx.integer("runPolicy.ttlSecondsAfterFinished", 0), has_token=has_token,
-        job_api=job_api, trainer_runtime=trainer_runtime, run_id=run_id, run_hash=run_hash,
+        ttl_seconds_after_finished=ctx.integer("runPolicy.ttlSecondsAfterFinished", 0),
+        has_token=has_token,
+        job_api=job_api,
+        trainer_runtime=trainer_runtime,
+        run_id=run_id,
+        run_hash=run_hash,
         grace_seconds=ctx.integer("terminationGracePeriodSeconds", 30),
-        launch_attempts=ctx.integer("launchAttempts", 1), etcd_storage=ctx.quantity("etcdStorage"),
-        queue_name=queue, priority_class=priority, workload_priority_class=workload_priority,
-        active_deadline_seconds=ctx.integer("activeDeadlineSeconds", 0), tracker_secrets=tracker_secrets,
+        launch_attempts=ctx.integer("launchAttempts", 1),
+        etcd_storage=ctx.quantity("etcdStorage"),
+        queue_name=queue,
+        priority_class=priority,
+        workload_priority_class=workload_priority,
+        active_deadline_seconds=ctx.integer("activeDeadlineSeconds", 0),
+        tracker_secrets=tracker_secrets,
         trainer=trainer_cfg,
     )
 
@@ -336,8 +373,7 @@ def _secrets(ctx: _Ctx, token_is_secret: Optional[bool], plain: tuple[str, ...])
     raw = ctx.raw
     has_token = raw.get("hfToken") not in (None, "")
     if has_token and token_is_secret is False:
-        ctx.fail("hfToken", "is stored in plain text. Fix: pulumi config rm hfToken && "
-                            "pulumi config set --secret hfToken hf_...")
+        ctx.fail("hfToken", "is stored in plain text. Fix: pulumi config rm hfToken && pulumi config set --secret hfToken hf_...")
     for key in TRACKER_SECRETS:
         if key in plain and raw.get(key) not in (None, ""):
             ctx.fail(key, f"is stored in plain text. Fix: pulumi config rm {key} && pulumi config set --secret {key} ...")
@@ -348,13 +384,19 @@ def _names(ctx: _Ctx) -> tuple[str, str]:
     """jobName and namespace, as the names of what they become."""
     job_name = ctx.string("jobName")
     if not _DNS1035.match(job_name):
-        ctx.fail("jobName", f"{job_name!r} is not a DNS-1035 label: lower-case letters, digits and '-', "
-                            "starting with a letter, ending with a letter or digit, at most 63 characters "
-                            "(e.g. llama2-medical)")
+        ctx.fail(
+            "jobName",
+            f"{job_name!r} is not a DNS-1035 label: lower-case letters, digits and '-', "
+            "starting with a letter, ending with a letter or digit, at most 63 characters "
+            "(e.g. llama2-medical)",
+        )
     # The longest child name is "<job>-etcd-client"/"<job>-data-access"; StatefulSet pods add "-N".
     if len(job_name) > 40:
-        ctx.fail("jobName", f"{job_name!r} is {len(job_name)} characters; at most 40, so derived names "
-                            "(<jobName>-data-access, <jobName>-etcd-0) stay valid labels")
+        ctx.fail(
+            "jobName",
+            f"{job_name!r} is {len(job_name)} characters; at most 40, so derived names "
+            "(<jobName>-data-access, <jobName>-etcd-0) stay valid labels",
+        )
     namespace = ctx.string("namespace")
     if not _DNS1123.match(namespace):
         ctx.fail("namespace", f"{namespace!r} is not a valid namespace name (DNS-1123 label, e.g. ml-training)")
@@ -372,11 +414,15 @@ def _job_api(ctx: _Ctx) -> tuple[str, str]:
         if ctx.raw.get("rendezvous") == "etcd":
             set_v1.insert(0, "rendezvous")
         if set_v1:
-            ctx.fail(set_v1[0], f"{', '.join(set_v1)} only mean something to the Training Operator v1: Trainer v2 "
-                                "has no elastic range, no etcd rendezvous (its torch runtime injects a static "
-                                "rendezvous on node 0) and no run policy; restarts of the whole job are the "
-                                "launcher's (launchAttempts). Fix: pulumi config rm " + " && pulumi config rm ".join(
-                                    set_v1) + ", or jobApi training-operator-v1")
+            ctx.fail(
+                set_v1[0],
+                f"{', '.join(set_v1)} only mean something to the Training Operator v1: Trainer v2 "
+                "has no elastic range, no etcd rendezvous (its torch runtime injects a static "
+                "rendezvous on node 0) and no run policy; restarts of the whole job are the "
+                "launcher's (launchAttempts). Fix: pulumi config rm "
+                + " && pulumi config rm ".join(set_v1)
+                + ", or jobApi training-operator-v1",
+            )
     return job_api, trainer_runtime
 
 
@@ -395,13 +441,19 @@ def _workers(ctx: _Ctx) -> _Workers:
     max_workers = ctx.integer("maxWorkers", 0) or workers
     if not min_workers <= workers <= max_workers:
         key = "minWorkers" if min_workers > workers else "maxWorkers"
-        ctx.fail(key, f"need minWorkers <= workers <= maxWorkers, got {min_workers} <= {workers} <= {max_workers}. "
-                      f"Fix: pulumi config set {key} {workers}")
+        ctx.fail(
+            key,
+            f"need minWorkers <= workers <= maxWorkers, got {min_workers} <= {workers} <= {max_workers}. "
+            f"Fix: pulumi config set {key} {workers}",
+        )
     if max_workers > workers:
-        ctx.fail("maxWorkers", f"{max_workers} > workers {workers} would never add a pod: the operator scales a "
-                               "PyTorchJob up only through an HPA on elasticPolicy.metrics, which this stack does not "
-                               f"create (only PET_NNODES would widen). Fix: pulumi config set maxWorkers {workers} "
-                               "(minWorkers below workers lets the job go on without lost pods)")
+        ctx.fail(
+            "maxWorkers",
+            f"{max_workers} > workers {workers} would never add a pod: the operator scales a "
+            "PyTorchJob up only through an HPA on elasticPolicy.metrics, which this stack does not "
+            f"create (only PET_NNODES would widen). Fix: pulumi config set maxWorkers {workers} "
+            "(minWorkers below workers lets the job go on without lost pods)",
+        )
     return _Workers(workers, min_workers, max_workers, ctx.integer("procsPerWorker", 1))
 
 
@@ -411,13 +463,19 @@ def _rendezvous(ctx: _Ctx, job_api: str) -> tuple[str, int, str]:
     rendezvous = "c10d" if job_api == "trainer-v2" else ctx.string("rendezvous", ("etcd", "c10d"))
     etcd_replicas = ctx.integer("etcdReplicas", 1)
     if etcd_replicas not in (1, 3):
-        ctx.fail("etcdReplicas", f"must be 1 or 3 (an etcd cluster needs an odd quorum; 1 for a single job, "
-                                 f"3 to survive a node loss), got {etcd_replicas}")
+        ctx.fail(
+            "etcdReplicas",
+            f"must be 1 or 3 (an etcd cluster needs an odd quorum; 1 for a single job, "
+            f"3 to survive a node loss), got {etcd_replicas}",
+        )
     etcd_image = ctx.string("etcdImage")
     if not _ETCD_TAG.search(etcd_image):
-        ctx.fail("etcdImage", f"{etcd_image!r} must be pinned to an etcd 3.5.x tag (e.g. "
-                              "quay.io/coreos/etcd:v3.5.17): torchrun's etcd-v2 rendezvous needs the v2 API, "
-                              "which etcd 3.6 removed")
+        ctx.fail(
+            "etcdImage",
+            f"{etcd_image!r} must be pinned to an etcd 3.5.x tag (e.g. "
+            "quay.io/coreos/etcd:v3.5.17): torchrun's etcd-v2 rendezvous needs the v2 API, "
+            "which etcd 3.6 removed",
+        )
     return rendezvous, etcd_replicas, etcd_image
 
 
@@ -425,8 +483,11 @@ def _image(ctx: _Ctx) -> tuple[str, str]:
     """image (pinned: every worker runs the same trainer) and imagePullPolicy."""
     image = ctx.string("image")
     if image.endswith(":latest") or ("@" not in image and ":" not in image.rsplit("/", 1)[-1]):
-        ctx.fail("image", f"{image!r} is not pinned; use a version tag or digest "
-                          "(e.g. ghcr.io/you/llm-finetune-cpu:0.1.0) so every worker runs the same trainer")
+        ctx.fail(
+            "image",
+            f"{image!r} is not pinned; use a version tag or digest "
+            "(e.g. ghcr.io/you/llm-finetune-cpu:0.1.0) so every worker runs the same trainer",
+        )
     return image, ctx.string("imagePullPolicy", ("IfNotPresent", "Always", "Never"))
 
 
@@ -435,19 +496,31 @@ def _resources(ctx: _Ctx) -> Resources:
     res = ctx.mapping("resources")
     node_selector = res.get("nodeSelector") or {}
     if not isinstance(node_selector, Mapping) or not all(isinstance(v, str) for v in node_selector.values()):
-        ctx.fail("resources.nodeSelector", "must map label names to string values, e.g. "
-                                           "{\"node.kubernetes.io/instance-type\": \"c7i.8xlarge\"}")
+        ctx.fail(
+            "resources.nodeSelector",
+            'must map label names to string values, e.g. {"node.kubernetes.io/instance-type": "c7i.8xlarge"}',
+        )
     tolerations = []
     for i, t in enumerate(res.get("tolerations") or []):
-        if not isinstance(t, Mapping) or t.get("operator", "Equal") not in ("Equal", "Exists") \
-                or t.get("effect") not in (None, "", "NoSchedule", "PreferNoSchedule", "NoExecute"):
-            ctx.fail("resources.tolerations", f"entry {i} {t!r} is not a toleration: {{key, operator: "
-                                               "Equal|Exists, value, effect: NoSchedule|PreferNoSchedule|NoExecute}")
+        if (
+            not isinstance(t, Mapping)
+            or t.get("operator", "Equal") not in ("Equal", "Exists")
+            or t.get("effect") not in (None, "", "NoSchedule", "PreferNoSchedule", "NoExecute")
+        ):
+            ctx.fail(
+                "resources.tolerations",
+                f"entry {i} {t!r} is not a toleration: {{key, operator: "
+                "Equal|Exists, value, effect: NoSchedule|PreferNoSchedule|NoExecute}",
+            )
         tolerations.append(Toleration(t.get("key"), t.get("operator", "Equal"), t.get("value"), t.get("effect") or None))
-    return Resources(cpu=ctx.quantity("resources.cpu"), memory=ctx.quantity("resources.memory"),
-                     gpus=ctx.integer("resources.gpus", 0), shm_size=ctx.quantity("resources.shmSize"),
-                     node_selector=tuple(sorted((str(k), str(v)) for k, v in node_selector.items())),
-                     tolerations=tuple(tolerations))
+    return Resources(
+        cpu=ctx.quantity("resources.cpu"),
+        memory=ctx.quantity("resources.memory"),
+        gpus=ctx.integer("resources.gpus", 0),
+        shm_size=ctx.quantity("resources.shmSize"),
+        node_selector=tuple(sorted((str(k), str(v)) for k, v in node_selector.items())),
+        tolerations=tuple(tolerations),
+    )
 
 
 def _storage(ctx: _Ctx, max_workers: int) -> Storage:
@@ -455,10 +528,13 @@ def _storage(ctx: _Ctx, max_workers: int) -> Storage:
     storage = ctx.mapping("storage")
     access_mode = ctx.string("storage.accessMode", ACCESS_MODES)
     if access_mode in ("ReadWriteOnce", "ReadWriteOncePod") and max_workers > 1:
-        ctx.fail("storage.accessMode", f"{access_mode} lets only one node mount the volume, but up to "
-                                       f"{max_workers} workers share it. Fix: pulumi config set --path "
-                                       "storage.accessMode ReadWriteMany (with a class that supports it: "
-                                       "NFS, Filestore, EFS, CephFS), or workers 1")
+        ctx.fail(
+            "storage.accessMode",
+            f"{access_mode} lets only one node mount the volume, but up to "
+            f"{max_workers} workers share it. Fix: pulumi config set --path "
+            "storage.accessMode ReadWriteMany (with a class that supports it: "
+            "NFS, Filestore, EFS, CephFS), or workers 1",
+        )
     if access_mode == "ReadOnlyMany":
         ctx.fail("storage.accessMode", "ReadOnlyMany cannot hold checkpoints; use ReadWriteMany")
     size = ctx.quantity("storage.size")
@@ -469,18 +545,28 @@ def _storage(ctx: _Ctx, max_workers: int) -> Storage:
     if create_class and class_name is None:
         ctx.fail("storage.className", "is required when storage.createClass is true (the name of the class to create)")
     if access_mode == "ReadWriteMany" and class_name is None:
-        ctx.fail("storage.className", "is empty, so the claim would use the cluster's default class, and most "
-                                      "managed defaults are ReadWriteOnce block storage: a ReadWriteMany claim "
-                                      "would never bind. Fix: pulumi config set --path storage.className <an RWX "
-                                      "class: NFS, Filestore, EFS, Azure Files, CephFS> (kubectl get storageclass), "
-                                      "or storage.createClass true with a provisioner")
+        ctx.fail(
+            "storage.className",
+            "is empty, so the claim would use the cluster's default class, and most "
+            "managed defaults are ReadWriteOnce block storage: a ReadWriteMany claim "
+            "would never bind. Fix: pulumi config set --path storage.className <an RWX "
+            "class: NFS, Filestore, EFS, Azure Files, CephFS> (kubectl get storageclass), "
+            "or storage.createClass true with a provisioner",
+        )
     provisioner = ctx.string("storage.provisioner") if create_class else str(ctx.get("storage.provisioner") or "")
     parameters = ctx.mapping("storage.parameters")
-    return Storage(class_name=class_name, size=size, access_mode=access_mode, create_class=create_class,
-                   provisioner=provisioner, parameters=tuple(sorted((str(k), str(v)) for k, v in parameters.items())),
-                   volume_binding_mode=ctx.string("storage.volumeBindingMode", ("WaitForFirstConsumer", "Immediate")),
-                   retain_on_destroy=ctx.boolean("storage.retainOnDestroy"), adopt=ctx.string("storage.adopt", ADOPT),
-                   prepare_ownership=ctx.boolean("storage.prepareOwnership"))
+    return Storage(
+        class_name=class_name,
+        size=size,
+        access_mode=access_mode,
+        create_class=create_class,
+        provisioner=provisioner,
+        parameters=tuple(sorted((str(k), str(v)) for k, v in parameters.items())),
+        volume_binding_mode=ctx.string("storage.volumeBindingMode", ("WaitForFirstConsumer", "Immediate")),
+        retain_on_destroy=ctx.boolean("storage.retainOnDestroy"),
+        adopt=ctx.string("storage.adopt", ADOPT),
+        prepare_ownership=ctx.boolean("storage.prepareOwnership"),
+    )
 
 
 def _extra_env(ctx: _Ctx) -> tuple[tuple[str, str], ...]:
@@ -490,11 +576,17 @@ def _extra_env(ctx: _Ctx) -> tuple[tuple[str, str], ...]:
         if not _ENV_NAME.match(name):
             ctx.fail("extraEnv", f"{name!r} is not a valid environment variable name")
         if name in RESERVED_ENV:
-            ctx.fail("extraEnv", f"{name} is set by the job's operator for torchrun (PET_NNODES, PET_NPROC_PER_NODE, "
-                                 "PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT); use workers and procsPerWorker")
+            ctx.fail(
+                "extraEnv",
+                f"{name} is set by the job's operator for torchrun (PET_NNODES, PET_NPROC_PER_NODE, "
+                "PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT); use workers and procsPerWorker",
+            )
         if name.upper() in TOKEN_ENV_NAMES:
-            ctx.fail("extraEnv", f"{name} would put the token in a plain env value; use "
-                                 "pulumi config set --secret hfToken hf_... (mounted as a file)")
+            ctx.fail(
+                "extraEnv",
+                f"{name} would put the token in a plain env value; use "
+                "pulumi config set --secret hfToken hf_... (mounted as a file)",
+            )
         if not isinstance(value, (str, int, float, bool)):
             ctx.fail("extraEnv", f"{name} must be a string value, got {value!r}")
     return tuple(sorted((str(k), str(v)) for k, v in extra_env.items()))
@@ -504,14 +596,21 @@ def _world(ctx: _Ctx, cfg: TrainerConfig, workers: _Workers, gpus: int) -> None:
     """What spans sections: the trainer config against the processes the job starts and its GPUs."""
     problem = world_problem(cfg, workers.minimum * workers.procs)
     if problem:
-        ctx.fail("training", problem.replace("training.fsdp: false", "pulumi config set --path training.fsdp false")
-                 .replace("(python -m trainer.runtime.launch --nproc-per-node 2 ..., or workers/procsPerWorker in the stack)",
-                          "(pulumi config set workers 2, or procsPerWorker 2)"))
+        ctx.fail(
+            "training",
+            problem.replace("training.fsdp: false", "pulumi config set --path training.fsdp false").replace(
+                "(python -m trainer.runtime.launch --nproc-per-node 2 ..., or workers/procsPerWorker in the stack)",
+                "(pulumi config set workers 2, or procsPerWorker 2)",
+            ),
+        )
     if gpus == 0 and cfg.training.ddp_backend == "nccl":
         ctx.fail("training", "ddp_backend nccl needs GPUs; set resources.gpus or use gloo/ccl")
     if gpus > 0 and workers.procs > gpus:
-        ctx.fail("procsPerWorker", f"{workers.procs} processes per worker but only {gpus} GPUs each; one process per "
-                                   f"GPU. Fix: pulumi config set procsPerWorker {gpus}")
+        ctx.fail(
+            "procsPerWorker",
+            f"{workers.procs} processes per worker but only {gpus} GPUs each; one process per "
+            f"GPU. Fix: pulumi config set procsPerWorker {gpus}",
+        )
 
 
 def _scheduling(ctx: _Ctx, job_api: str, trainer_runtime: str) -> tuple[str, str, str]:
@@ -519,40 +618,61 @@ def _scheduling(ctx: _Ctx, job_api: str, trainer_runtime: str) -> tuple[str, str
     label values and the names of a PriorityClass and a WorkloadPriorityClass object."""
     queue = str(ctx.get("queueName") or "")
     if queue and (len(queue) > 63 or not _LABEL_VALUE.match(queue)):
-        ctx.fail("queueName", f"{queue!r} is not a label value (Kueue reads the kueue.x-k8s.io/queue-name label): "
-                              "at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or "
-                              "digit. Fix: pulumi config set queueName <your LocalQueue> (kubectl get localqueues)")
+        ctx.fail(
+            "queueName",
+            f"{queue!r} is not a label value (Kueue reads the kueue.x-k8s.io/queue-name label): "
+            "at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or "
+            "digit. Fix: pulumi config set queueName <your LocalQueue> (kubectl get localqueues)",
+        )
     if queue and job_api == "trainer-v2" and trainer_runtime != TORCH_RUNTIME:
-        ctx.fail("queueName", f"a queued TrainJob on your trainerRuntime {trainer_runtime!r} would carry the stack's pod "
-                              "settings as runtimePatches, which Kueue's start of the job may fail to reproduce (CEL "
-                              "'field is immutable': kubeflow/trainer#3888), leaving it suspended. Fix: pulumi config "
-                              "rm trainerRuntime (the stack's own runtime, built like torch-distributed, carries the "
-                              "pod), or pulumi config rm queueName")
+        ctx.fail(
+            "queueName",
+            f"a queued TrainJob on your trainerRuntime {trainer_runtime!r} would carry the stack's pod "
+            "settings as runtimePatches, which Kueue's start of the job may fail to reproduce (CEL "
+            "'field is immutable': kubeflow/trainer#3888), leaving it suspended. Fix: pulumi config "
+            "rm trainerRuntime (the stack's own runtime, built like torch-distributed, carries the "
+            "pod), or pulumi config rm queueName",
+        )
     workload_priority = str(ctx.get("workloadPriorityClass") or "")
     if workload_priority:
         # A label value (kueue.x-k8s.io/priority-class) that names a cluster-scoped object: both rules.
         if len(workload_priority) > 63 or not _DNS1123_SUBDOMAIN.match(workload_priority):
-            ctx.fail("workloadPriorityClass", f"{workload_priority!r} is not a WorkloadPriorityClass name (lower-case "
-                                              "letters, digits, '-' and '.', at most 63). Fix: pulumi config set "
-                                              "workloadPriorityClass <name> (kubectl get workloadpriorityclasses)")
+            ctx.fail(
+                "workloadPriorityClass",
+                f"{workload_priority!r} is not a WorkloadPriorityClass name (lower-case "
+                "letters, digits, '-' and '.', at most 63). Fix: pulumi config set "
+                "workloadPriorityClass <name> (kubectl get workloadpriorityclasses)",
+            )
         if not queue:
-            ctx.fail("workloadPriorityClass", "only Kueue reads it, and the job is not queued. Fix: pulumi config set "
-                                              "queueName <your LocalQueue>, or pulumi config rm workloadPriorityClass")
+            ctx.fail(
+                "workloadPriorityClass",
+                "only Kueue reads it, and the job is not queued. Fix: pulumi config set "
+                "queueName <your LocalQueue>, or pulumi config rm workloadPriorityClass",
+            )
     priority = str(ctx.get("priorityClassName") or "")
     if priority:
         if len(priority) > 253 or not _DNS1123_SUBDOMAIN.match(priority):
-            ctx.fail("priorityClassName", f"{priority!r} is not a PriorityClass name (lower-case DNS subdomain). "
-                                          "Fix: pulumi config set priorityClassName <name> (kubectl get priorityclasses)")
+            ctx.fail(
+                "priorityClassName",
+                f"{priority!r} is not a PriorityClass name (lower-case DNS subdomain). "
+                "Fix: pulumi config set priorityClassName <name> (kubectl get priorityclasses)",
+            )
         if priority in SYSTEM_PRIORITIES:
-            ctx.fail("priorityClassName", f"{priority} is for the cluster's own components (the API server admits "
-                                          "it only in kube-system). Fix: pulumi config set priorityClassName "
-                                          "<a class of yours> (kubectl get priorityclasses)")
+            ctx.fail(
+                "priorityClassName",
+                f"{priority} is for the cluster's own components (the API server admits "
+                "it only in kube-system). Fix: pulumi config set priorityClassName "
+                "<a class of yours> (kubectl get priorityclasses)",
+            )
         if job_api == "trainer-v2" and trainer_runtime != TORCH_RUNTIME:
-            ctx.fail("priorityClassName", f"on Trainer v2 the stack sets it through a TrainingRuntime of its own, "
-                                          f"built like {TORCH_RUNTIME}; your trainerRuntime {trainer_runtime!r} is not "
-                                          "one the stack can copy. Fix: set priorityClassName in that runtime's "
-                                          "pod template and pulumi config rm priorityClassName, or pulumi config "
-                                          f"rm trainerRuntime")
+            ctx.fail(
+                "priorityClassName",
+                f"on Trainer v2 the stack sets it through a TrainingRuntime of its own, "
+                f"built like {TORCH_RUNTIME}; your trainerRuntime {trainer_runtime!r} is not "
+                "one the stack can copy. Fix: set priorityClassName in that runtime's "
+                "pod template and pulumi config rm priorityClassName, or pulumi config "
+                f"rm trainerRuntime",
+            )
     return queue, priority, workload_priority
 
 
@@ -560,20 +680,32 @@ def _trackers(ctx: _Ctx, cfg: TrainerConfig, secrets: tuple[str, ...]) -> None:
     """What a tracker in training.reportTo needs from the stack, at preview."""
     trackers = cfg.training.trackers
     if "wandb" in trackers and cfg.tracking.wandb_mode == "online" and "wandbApiKey" not in secrets:
-        ctx.fail("training", "reportTo includes wandb (online) but the stack has no wandbApiKey. Fix: pulumi config "
-                             "set --secret wandbApiKey <key>, or pulumi config set --path tracking.wandbMode offline")
+        ctx.fail(
+            "training",
+            "reportTo includes wandb (online) but the stack has no wandbApiKey. Fix: pulumi config "
+            "set --secret wandbApiKey <key>, or pulumi config set --path tracking.wandbMode offline",
+        )
     uri = cfg.tracking.mlflow_tracking_uri or ""
-    if "mlflow" in trackers and uri.startswith("file:") and not uri[len("file:"):].lstrip("/").startswith(
-            DATA_MOUNT.lstrip("/") + "/"):
-        ctx.fail("tracking.mlflowTrackingUri", f"{uri} is a file store inside the pod, lost with it. Fix: an MLflow "
-                                               f"server (http://...), or a path on the shared volume "
-                                               f"(file:{DATA_MOUNT}/mlruns)")
+    if (
+        "mlflow" in trackers
+        and uri.startswith("file:")
+        and not uri[len("file:") :].lstrip("/").startswith(DATA_MOUNT.lstrip("/") + "/")
+    ):
+        ctx.fail(
+            "tracking.mlflowTrackingUri",
+            f"{uri} is a file store inside the pod, lost with it. Fix: an MLflow "
+            f"server (http://...), or a path on the shared volume "
+            f"(file:{DATA_MOUNT}/mlruns)",
+        )
     for key in secrets:
         tracker = TRACKER_SECRETS[key][0]
         if tracker not in trackers:
-            ctx.fail(key, f"is set but training.reportTo does not include {tracker}: the secret would be mounted "
-                          f"for nothing. Fix: pulumi config set --path 'training.reportTo[0]' {tracker}, or "
-                          f"pulumi config rm {key}")
+            ctx.fail(
+                key,
+                f"is set but training.reportTo does not include {tracker}: the secret would be mounted "
+                f"for nothing. Fix: pulumi config set --path 'training.reportTo[0]' {tracker}, or "
+                f"pulumi config rm {key}",
+            )
 
 
 def _trainer_config(ctx: _Ctx, job_name: str, run_id: str) -> tuple[TrainerConfig, str]:
@@ -604,8 +736,7 @@ def _trainer_config(ctx: _Ctx, job_name: str, run_id: str) -> tuple[TrainerConfi
         "training": _typed(TrainingConfig, {_snake(k): v for k, v in ctx.mapping("training").items()}),
         "lora": _typed(LoraConfig, {_snake(k): v for k, v in ctx.mapping("lora").items()}),
         "quantize": _typed(QuantizeConfig, {_snake(k): v for k, v in ctx.mapping("quantize").items()}),
-        "tracking": _typed(TrackingConfig, {_snake(k): v for k, v in ctx.mapping("tracking").items()
-                                            if v not in (None, "")}),
+        "tracking": _typed(TrackingConfig, {_snake(k): v for k, v in ctx.mapping("tracking").items() if v not in (None, "")}),
         "output_dir": f"{DATA_MOUNT}/output/{job_name}",
     }
     try:
@@ -681,7 +812,8 @@ def load() -> StackConfig:
     prefix = PROJECT + ":"
     # The language host hands config over with set_all_config; PULUMI_CONFIG is the older route.
     all_config = {**runtime_config.get_config_env(), **runtime_config.CONFIG.get()}
-    raw = {k[len(prefix):]: _decode(v) for k, v in all_config.items() if k.startswith(prefix)}
+    raw = {k[len(prefix) :]: _decode(v) for k, v in all_config.items() if k.startswith(prefix)}
+
     def is_secret(key: str) -> bool:
         return runtime_config.is_config_secret(prefix + key) or prefix + key in runtime_config.get_config_secret_keys_env()
 

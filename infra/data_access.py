@@ -20,18 +20,19 @@ def data_access_pod_manifest(cfg: StackConfig) -> dict:
             "automountServiceAccountToken": False,
             "restartPolicy": "Always",
             "terminationGracePeriodSeconds": 1,
-            "containers": [{
-                "name": "data-access",
-                "image": cfg.data_access_image,
-                "imagePullPolicy": "IfNotPresent",
-                # `sleep infinity` as PID 1 ignores SIGTERM; trap it so deletes are quick.
-                "command": ["sh", "-c", "trap 'exit 0' TERM INT; while true; do sleep 3600 & wait $!; done"],
-                "workingDir": DATA_MOUNT,
-                "securityContext": container_security_context(),
-                "resources": {"requests": {"cpu": "10m", "memory": "16Mi"},
-                              "limits": {"cpu": "500m", "memory": "256Mi"}},
-                "volumeMounts": [{"name": "data", "mountPath": DATA_MOUNT}],
-            }],
+            "containers": [
+                {
+                    "name": "data-access",
+                    "image": cfg.data_access_image,
+                    "imagePullPolicy": "IfNotPresent",
+                    # `sleep infinity` as PID 1 ignores SIGTERM; trap it so deletes are quick.
+                    "command": ["sh", "-c", "trap 'exit 0' TERM INT; while true; do sleep 3600 & wait $!; done"],
+                    "workingDir": DATA_MOUNT,
+                    "securityContext": container_security_context(),
+                    "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"cpu": "500m", "memory": "256Mi"}},
+                    "volumeMounts": [{"name": "data", "mountPath": DATA_MOUNT}],
+                }
+            ],
             "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": names.claim}}],
         },
     }
@@ -48,8 +49,19 @@ def tensorboard_command(cfg: StackConfig) -> list[str]:
     """Every run of this job (one directory per run identity) side by side. Bound to the pod's
     loopback: reachable only through `kubectl port-forward` (the API server's authorisation), never
     from other pods or outside the cluster."""
-    return ["python", "-m", "tensorboard.main", "--logdir", f"{DATA_MOUNT}/output/{cfg.job_name}",
-            "--host", "127.0.0.1", "--port", str(TENSORBOARD_PORT), "--reload_interval", "30"]
+    return [
+        "python",
+        "-m",
+        "tensorboard.main",
+        "--logdir",
+        f"{DATA_MOUNT}/output/{cfg.job_name}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(TENSORBOARD_PORT),
+        "--reload_interval",
+        "30",
+    ]
 
 
 def tensorboard_container(cfg: StackConfig) -> dict:
@@ -61,6 +73,8 @@ def tensorboard_container(cfg: StackConfig) -> dict:
         "env": [{"name": "HOME", "value": "/home/tensorboard"}, {"name": "TMPDIR", "value": "/home/tensorboard"}],
         "securityContext": container_security_context(),
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
-        "volumeMounts": [{"name": "data", "mountPath": DATA_MOUNT, "readOnly": True},
-                         {"name": "tensorboard-home", "mountPath": "/home/tensorboard"}],
+        "volumeMounts": [
+            {"name": "data", "mountPath": DATA_MOUNT, "readOnly": True},
+            {"name": "tensorboard-home", "mountPath": "/home/tensorboard"},
+        ],
     }

@@ -27,8 +27,10 @@ def model_config(name_or_path: str, revision: Optional[str] = None) -> tuple[Opt
     local = Path(name_or_path).expanduser()
     if name_or_path.lower().endswith(".gguf"):
         if not local.is_file():
-            return None, (f"{name_or_path} is not readable here (a GGUF file on the volume or the hub: the trainer "
-                          "plans from its metadata at start-up)")
+            return None, (
+                f"{name_or_path} is not readable here (a GGUF file on the volume or the hub: the trainer "
+                "plans from its metadata at start-up)"
+            )
         from trainer.model import gguf
         from trainer.errors import UserError
 
@@ -76,8 +78,10 @@ def check(cfg, config: dict, where: str) -> Check:
 
     t = cfg.trainer
     if cfg.resources.gpus > 0:
-        return Check(f"not planned against resources.memory: on GPUs the trainer plans against the device's "
-                     f"free memory at start-up (model config from {where})")
+        return Check(
+            f"not planned against resources.memory: on GPUs the trainer plans against the device's "
+            f"free memory at start-up (model config from {where})"
+        )
     procs = cfg.procs_per_worker
     limit = quantity_bytes(cfg.resources.memory)
     budget = limit // procs
@@ -85,24 +89,37 @@ def check(cfg, config: dict, where: str) -> Check:
     shape = memplan.Shape.from_config(config)
     s = plan.setting
     gib = memplan.GIB
-    line = (f"{plan.peak / gib:.1f} GiB per process x {procs} of resources.memory {cfg.resources.memory} "
-            f"({budget / gib:.1f} GiB each): {plan.describe()}")
+    line = (
+        f"{plan.peak / gib:.1f} GiB per process x {procs} of resources.memory {cfg.resources.memory} "
+        f"({budget / gib:.1f} GiB each): {plan.describe()}"
+    )
     decision = memplan.decide(shape, s, plan.terms["runtime"], budget, "resources.memory")
     if decision.fits and decision.turned_on_checkpointing is None:
         return Check("fits: " + line, per_process=plan)
     with_gc = decision.plan  # the plan with gradient checkpointing (decide turns it on, or quotes it)
     if decision.fits:
-        return Check("fits with gradient checkpointing: " + line,
-                     warning=f"memory plan: {plan.peak / gib:.1f} GiB per process does not fit resources.memory "
-                             f"{cfg.resources.memory} / {procs} process(es); the trainer will turn on gradient "
-                             f"checkpointing ({with_gc.peak / gib:.1f} GiB, slower steps). To avoid it: "
-                             f"pulumi config set --path resources.memory {_quantity(plan.peak * procs * 1.2)}",
-                     per_process=plan)
+        return Check(
+            "fits with gradient checkpointing: " + line,
+            warning=f"memory plan: {plan.peak / gib:.1f} GiB per process does not fit resources.memory "
+            f"{cfg.resources.memory} / {procs} process(es); the trainer will turn on gradient "
+            f"checkpointing ({with_gc.peak / gib:.1f} GiB, slower steps). To avoid it: "
+            f"pulumi config set --path resources.memory {_quantity(plan.peak * procs * 1.2)}",
+            per_process=plan,
+        )
     # Every fix the stack can make by itself: LoRA, FSDP over every process, checkpointing, one example
     # of 256 tokens per micro-batch.
-    best = memplan.estimate(shape, replace(s, lora=True, fsdp=s.world > 1, gradient_checkpointing=True,
-                                           tokens=min(s.tokens, 256), lora_trainable=memplan.lora_trainable(
-                                               shape, 16, ("auto",))), plan.terms["runtime"])
+    best = memplan.estimate(
+        shape,
+        replace(
+            s,
+            lora=True,
+            fsdp=s.world > 1,
+            gradient_checkpointing=True,
+            tokens=min(s.tokens, 256),
+            lora_trainable=memplan.lora_trainable(shape, 16, ("auto",)),
+        ),
+        plan.terms["runtime"],
+    )
     need = _quantity(with_gc.peak * procs * 1.2)
     if best.peak > budget:
         raise StackConfigError(
@@ -110,13 +127,16 @@ def check(cfg, config: dict, where: str) -> Check:
             f"memory plan for {where} needs {with_gc.peak / gib:.1f} GiB per process ({procs} per worker) as "
             f"configured, and {best.peak / gib:.1f} GiB even with LoRA, FSDP over every process, gradient "
             f"checkpointing and 256-token micro-batches. Fix: pulumi config set --path resources.memory {need} "
-            f"(or {_quantity(best.peak * procs * 1.2)} with those changes)")
+            f"(or {_quantity(best.peak * procs * 1.2)} with those changes)"
+        )
     fixes = memplan.fixes(t, s, shape)
-    return Check("does not fit as configured: " + line,
-                 warning=f"memory plan: {with_gc.peak / gib:.1f} GiB per process even with gradient checkpointing "
-                         f"does not fit resources.memory {cfg.resources.memory} / {procs} process(es): the trainer "
-                         f"will refuse to start. Fix: pulumi config set --path resources.memory {need}, or "
-                         + "; or ".join(fixes[:-1]), per_process=plan)
+    return Check(
+        "does not fit as configured: " + line,
+        warning=f"memory plan: {with_gc.peak / gib:.1f} GiB per process even with gradient checkpointing "
+        f"does not fit resources.memory {cfg.resources.memory} / {procs} process(es): the trainer "
+        f"will refuse to start. Fix: pulumi config set --path resources.memory {need}, or " + "; or ".join(fixes[:-1]),
+        per_process=plan,
+    )
 
 
 def _quantity(nbytes: float) -> str:
@@ -132,19 +152,25 @@ def on_avx2(cfg, config: dict) -> Optional[str]:
         return None
     plan = plan_for(t, config, cfg.workers, cfg.procs_per_worker, 0)
     s = replace(plan.setting, mixed=False, compute_bytes=4, frozen_bytes=2 if t.lora.enabled else 4)
-    slow = memplan.decide(memplan.Shape.from_config(config), s, memplan.DEFAULT_RUNTIME + memplan.workspace(4),
-                          quantity_bytes(cfg.resources.memory) // cfg.procs_per_worker, "resources.memory")
-    return (f"on CPUs without fast bf16 (AVX2-only: fp32 compute) {slow.plan.peak / memplan.GIB:.1f} GiB per process"
-            + (", gradient checkpointing turned on" if slow.turned_on_checkpointing is not None else "")
-            + ("" if slow.fits else ", does not fit: the trainer would refuse there"))
+    slow = memplan.decide(
+        memplan.Shape.from_config(config),
+        s,
+        memplan.DEFAULT_RUNTIME + memplan.workspace(4),
+        quantity_bytes(cfg.resources.memory) // cfg.procs_per_worker,
+        "resources.memory",
+    )
+    return (
+        f"on CPUs without fast bf16 (AVX2-only: fp32 compute) {slow.plan.peak / memplan.GIB:.1f} GiB per process"
+        + (", gradient checkpointing turned on" if slow.turned_on_checkpointing is not None else "")
+        + ("" if slow.fits else ", does not fit: the trainer would refuse there")
+    )
 
 
 def preview(cfg) -> Check:
     """The check of a parsed stack config, where its model's config.json can be read."""
     config, where = model_config(cfg.trainer.model.name_or_path, cfg.trainer.model.revision)
     if config is None:
-        return Check(f"not planned at preview: {where}; the trainer plans before loading and refuses a run that "
-                     "cannot fit")
+        return Check(f"not planned at preview: {where}; the trainer plans before loading and refuses a run that cannot fit")
     try:
         result = check(cfg, config, where)
         other = on_avx2(cfg, config)

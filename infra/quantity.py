@@ -59,7 +59,7 @@ def canonical(text: str) -> str:
         return f"{negative}{amount}{suffix}"
     mantissa, exponent = _without_tens(value)
     shift = exponent % 3  # down to a multiple of 3: "1.5" -> 1500m, "50k" stays 50k
-    mantissa, exponent = mantissa * 10 ** shift, exponent - shift
+    mantissa, exponent = mantissa * 10**shift, exponent - shift
     if form == "decimal" and exponent in _DECIMAL_SUFFIX:
         return f"{negative}{mantissa}{_DECIMAL_SUFFIX[exponent]}"
     return f"{negative}{mantissa}" + (f"e{exponent}" if exponent else "")

@@ -10,10 +10,14 @@ from infra.config import TOKEN_KEY, TRACKER_SECRETS, StackConfig
 
 
 def _secret(cfg: StackConfig, name: str, keys: dict[str, str]) -> dict:
-    return {"apiVersion": "v1", "kind": "Secret",
-            "metadata": metadata(name, cfg.namespace, cfg.job_name, "credentials"),
-            "type": "Opaque", "immutable": False,
-            "stringData": {key: f"<from pulumi config --secret {stack_key}>" for key, stack_key in keys.items()}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata(name, cfg.namespace, cfg.job_name, "credentials"),
+        "type": "Opaque",
+        "immutable": False,
+        "stringData": {key: f"<from pulumi config --secret {stack_key}>" for key, stack_key in keys.items()},
+    }
 
 
 def secret_manifest(cfg: StackConfig) -> Optional[dict]:

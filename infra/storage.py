@@ -41,8 +41,7 @@ def claim_manifest(cfg: StackConfig) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": metadata(Names(cfg.job_name).claim, cfg.namespace, cfg.job_name, "storage",
-                             annotations=annotations),
+        "metadata": metadata(Names(cfg.job_name).claim, cfg.namespace, cfg.job_name, "storage", annotations=annotations),
         "spec": spec,
     }
 
@@ -64,10 +63,12 @@ def ownership_job_manifest(cfg: StackConfig) -> Optional[dict]:
         return None
     names = Names(cfg.job_name)
     uid = APP_UID
-    script = (f"set -e; if [ -f /data/{PREPARED_MARKER} ]; then echo 'volume already prepared'; exit 0; fi; "
-              f"mkdir -p /data/cache /data/output; chown {uid}:{uid} /data /data/cache /data/output; "
-              f"chmod 2775 /data /data/cache /data/output; touch /data/{PREPARED_MARKER}; "
-              f"chown {uid}:{uid} /data/{PREPARED_MARKER}; echo 'volume prepared for uid {uid}'")
+    script = (
+        f"set -e; if [ -f /data/{PREPARED_MARKER} ]; then echo 'volume already prepared'; exit 0; fi; "
+        f"mkdir -p /data/cache /data/output; chown {uid}:{uid} /data /data/cache /data/output; "
+        f"chmod 2775 /data /data/cache /data/output; touch /data/{PREPARED_MARKER}; "
+        f"chown {uid}:{uid} /data/{PREPARED_MARKER}; echo 'volume prepared for uid {uid}'"
+    )
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -79,20 +80,30 @@ def ownership_job_manifest(cfg: StackConfig) -> Optional[dict]:
                 "spec": {
                     "restartPolicy": "OnFailure",
                     "automountServiceAccountToken": False,
-                    "securityContext": {"runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False,
-                                        "seccompProfile": {"type": "RuntimeDefault"}},
-                    "containers": [{
-                        "name": "prepare",
-                        "image": cfg.data_access_image,
-                        "imagePullPolicy": "IfNotPresent",
-                        "command": ["sh", "-c", script],
-                        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                            "capabilities": {"drop": ["ALL"],
-                                                             "add": ["CHOWN", "FOWNER", "DAC_OVERRIDE"]}},
-                        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"},
-                                      "limits": {"cpu": "200m", "memory": "64Mi"}},
-                        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-                    }],
+                    "securityContext": {
+                        "runAsUser": 0,
+                        "runAsGroup": 0,
+                        "runAsNonRoot": False,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [
+                        {
+                            "name": "prepare",
+                            "image": cfg.data_access_image,
+                            "imagePullPolicy": "IfNotPresent",
+                            "command": ["sh", "-c", script],
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "readOnlyRootFilesystem": True,
+                                "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "FOWNER", "DAC_OVERRIDE"]},
+                            },
+                            "resources": {
+                                "requests": {"cpu": "10m", "memory": "16Mi"},
+                                "limits": {"cpu": "200m", "memory": "64Mi"},
+                            },
+                            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                        }
+                    ],
                     "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": names.claim}}],
                 },
             },

@@ -1,11 +1,11 @@
 """Command line: python -m trainer finetune|evaluate|quantize|report ...
 
-    python -m trainer finetune --config config.yaml --set training.max_steps=20
-    torchrun --nproc-per-node 2 -m trainer finetune --config config.yaml
-    python -m trainer prepare --config config.yaml [--export subset.jsonl --max-examples 1000]
-    python -m trainer quantize --config config.yaml
-    python -m trainer evaluate --config config.yaml
-    python -m trainer report OUTPUT_DIR
+python -m trainer finetune --config config.yaml --set training.max_steps=20
+torchrun --nproc-per-node 2 -m trainer finetune --config config.yaml
+python -m trainer prepare --config config.yaml [--export subset.jsonl --max-examples 1000]
+python -m trainer quantize --config config.yaml
+python -m trainer evaluate --config config.yaml
+python -m trainer report OUTPUT_DIR
 """
 
 from __future__ import annotations
@@ -19,43 +19,67 @@ from trainer import envvars
 from trainer.errors import UserError
 from trainer.runtime.preemption import Preempted
 
-SET_HELP = ("override one config value, e.g. --set training.max_steps=20 --set lora.enabled=false "
-            "(values parsed as YAML; repeatable)")
+SET_HELP = (
+    "override one config value, e.g. --set training.max_steps=20 --set lora.enabled=false (values parsed as YAML; repeatable)"
+)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer", description="Distributed LLM fine-tuning, evaluation and "
-                                "quantization. The config file has sections model, data, training (Hugging Face "
-                                "TrainingArguments names), lora, quantize, tracking and output_dir; see trainer/config.py.")
+    p = argparse.ArgumentParser(
+        prog="python -m trainer",
+        description="Distributed LLM fine-tuning, evaluation and "
+        "quantization. The config file has sections model, data, training (Hugging Face "
+        "TrainingArguments names), lora, quantize, tracking and output_dir; see trainer/config.py.",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, text in (("finetune", "fine-tune (resumes from the newest complete checkpoint), save final/, "
-                                    "then quantize when quantize.enabled"),
-                       ("prepare", "validate and tokenize the data into the shared cache without training; print "
-                                   "statistics; optionally export a cleaned subset"),
-                       ("evaluate", "perplexity, size, latency and sample generations of final/ (and quantized/), "
-                                    "the base model or a checkpoint, on the validation data or a file"),
-                       ("quantize", "quantize final/ into quantize.format (AutoRound; INC for format inc) in quantized/, "
-                                    "each of quantize.also beside it, measured in its engine, and report")):
+    for name, text in (
+        ("finetune", "fine-tune (resumes from the newest complete checkpoint), save final/, then quantize when quantize.enabled"),
+        (
+            "prepare",
+            "validate and tokenize the data into the shared cache without training; print "
+            "statistics; optionally export a cleaned subset",
+        ),
+        (
+            "evaluate",
+            "perplexity, size, latency and sample generations of final/ (and quantized/), "
+            "the base model or a checkpoint, on the validation data or a file",
+        ),
+        (
+            "quantize",
+            "quantize final/ into quantize.format (AutoRound; INC for format inc) in quantized/, "
+            "each of quantize.also beside it, measured in its engine, and report",
+        ),
+    ):
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("--config", required=True, metavar="FILE", help="trainer config YAML (the stack renders it)")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help=SET_HELP)
         if name == "prepare":
-            s.add_argument("--export", metavar="FILE", help="write the valid records, cleaned, to FILE (.jsonl lines, "
-                                                            ".json an array)")
+            s.add_argument(
+                "--export", metavar="FILE", help="write the valid records, cleaned, to FILE (.jsonl lines, .json an array)"
+            )
             s.add_argument("--max-examples", type=int, metavar="N", help="export at most N records")
         if name == "evaluate":
-            s.add_argument("--model", default="final", metavar="WHICH",
-                           help="final (default), base, a model directory, or a checkpoint directory of this run")
+            s.add_argument(
+                "--model",
+                default="final",
+                metavar="WHICH",
+                help="final (default), base, a model directory, or a checkpoint directory of this run",
+            )
             s.add_argument("--data", metavar="FILE", help="score every record of FILE instead of the validation data")
-    text = ("the memory plan of this config per process, from the model's config.json alone (no weights read), "
-            "against what a process can have here or under --memory")
+    text = (
+        "the memory plan of this config per process, from the model's config.json alone (no weights read), "
+        "against what a process can have here or under --memory"
+    )
     m = sub.add_parser("plan", help=text, description=text)
     m.add_argument("--config", required=True, metavar="FILE", help="trainer config YAML (the stack renders it)")
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help=SET_HELP)
     m.add_argument("--processes", type=int, default=1, metavar="N", help="processes per worker (procsPerWorker)")
     m.add_argument("--workers", type=int, default=1, metavar="N", help="workers (FSDP shards over all processes)")
-    m.add_argument("--memory", metavar="QUANTITY", help="the container's limit (resources.memory, e.g. 46Gi); "
-                                                        "default: this machine's available memory")
+    m.add_argument(
+        "--memory",
+        metavar="QUANTITY",
+        help="the container's limit (resources.memory, e.g. 46Gi); default: this machine's available memory",
+    )
     r = sub.add_parser("report", help="regenerate plots and print the summary table of an output directory")
     r.add_argument("output_dir", metavar="OUTPUT_DIR")
     return p
@@ -120,15 +144,18 @@ def prepare(cfg, export: Optional[str], max_examples: Optional[int]) -> None:
     if d.is_main:
         log(f"data: {prepared.summary()}")
         invalid = prepared.invalid()
-        log(f"validation: {len(prepared.val)} examples ({prepared.val_stats.records} records, "
-            f"{invalid['validation']} invalid skipped)")
+        log(
+            f"validation: {len(prepared.val)} examples ({prepared.val_stats.records} records, "
+            f"{invalid['validation']} invalid skipped)"
+        )
         log(f"invalid records skipped: {invalid['training']} training, {invalid['validation']} validation")
         prepared.log_invalid(log)
         if prepared.stats.split_conversations:
-            log(f"{prepared.stats.split_conversations} conversations became one example per assistant turn (the "
-                "chat template renders earlier turns differently)")
-        log(f"cache: {prepared.cache} ({'already there' if prepared.hit else 'written'}); "
-            f"{time.perf_counter() - started:.1f}s")
+            log(
+                f"{prepared.stats.split_conversations} conversations became one example per assistant turn (the "
+                "chat template renders earlier turns differently)"
+            )
+        log(f"cache: {prepared.cache} ({'already there' if prepared.hit else 'written'}); {time.perf_counter() - started:.1f}s")
 
 
 def plan(cfg, processes: int, workers: int, memory: Optional[str]) -> str:
@@ -148,8 +175,7 @@ def plan(cfg, processes: int, workers: int, memory: Optional[str]) -> str:
     import torch
 
     single = distributed.Dist(0, 0, 1, 1, None, torch.device("cpu"))
-    gguf_path = gguf.resolve_file(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.revision,
-                                  modeling.read_token(), True)
+    gguf_path = gguf.resolve_file(cfg.model.name_or_path, cfg.model.gguf_file, cfg.model.revision, modeling.read_token(), True)
     if gguf_path is not None:  # the shape from the file's metadata; nothing dequantized
         shape = memplan.Shape.from_config(gguf.config_dict(gguf_path))
     else:
@@ -169,8 +195,15 @@ def plan(cfg, processes: int, workers: int, memory: Optional[str]) -> str:
         budget, source = memplan.available_memory(processes, 0)
     plans = []  # per storage dtype of the frozen base, widest first, as the trainer plans them
     for dtype in storage:
-        setting = memplan.setting_for(cfg, shape, workers * processes, processes, precision.mixed,
-                                      compute_bytes=precision.compute.itemsize, frozen_bytes=dtype.itemsize)
+        setting = memplan.setting_for(
+            cfg,
+            shape,
+            workers * processes,
+            processes,
+            precision.mixed,
+            compute_bytes=precision.compute.itemsize,
+            frozen_bytes=dtype.itemsize,
+        )
         runtime = memplan.DEFAULT_RUNTIME + memplan.workspace(setting.compute_bytes)
         plans.append((setting, memplan.decide(shape, setting, runtime, budget, source)))
     index, why = memplan.pick([(d.fits, d.turned_on_checkpointing is not None) for _, d in plans])
@@ -180,14 +213,19 @@ def plan(cfg, processes: int, workers: int, memory: Optional[str]) -> str:
     decision, dtype = plans[index][1], storage[index]
     if why:
         reason = f"memory: {distributed._short(storage[0])} would {why}"
-    frozen = (f"; frozen base {distributed._short(dtype)}" + (f" ({reason})" if dtype != precision.compute else "")
-              if cfg.lora.enabled else "")
+    frozen = (
+        f"; frozen base {distributed._short(dtype)}" + (f" ({reason})" if dtype != precision.compute else "")
+        if cfg.lora.enabled
+        else ""
+    )
     if cfg.lora.enabled and cfg.lora.base_bits:
         from trainer.model.qlora import short_name
 
-        frozen += (f", its linear layers in {short_name(cfg.lora.base_bits)} (lora.base_bits: "
-                   f"{cfg.lora.base_bits}, bitsandbytes), dequantized per layer into {distributed._short(precision.compute)}")
-    return (f"compute: {precision.describe()}{frozen}; {measured.describe()}\n" + decision.log_line())
+        frozen += (
+            f", its linear layers in {short_name(cfg.lora.base_bits)} (lora.base_bits: "
+            f"{cfg.lora.base_bits}, bitsandbytes), dequantized per layer into {distributed._short(precision.compute)}"
+        )
+    return f"compute: {precision.describe()}{frozen}; {measured.describe()}\n" + decision.log_line()
 
 
 def report_once(line: str, wait_s: float = 20.0) -> None:

@@ -88,12 +88,21 @@ class ModelConfig:
     eager); an explicit choice the model does not support is refused with the ones it does."""
 
     def validate(self, check) -> None:
-        check(bool(self.name_or_path.strip()), ("name_or_path",),
-              "is required: a hub id such as meta-llama/Llama-2-7b-hf or a local model directory")
-        check(self.gguf_file is None or self.gguf_file.lower().endswith(".gguf"), ("gguf_file",),
-              f"must name a .gguf file, got {self.gguf_file!r}")
-        check(self.gguf_file is None or not self.name_or_path.lower().endswith(".gguf"), ("gguf_file",),
-              "is set, but name_or_path already names a .gguf file. Fix: one of the two")
+        check(
+            bool(self.name_or_path.strip()),
+            ("name_or_path",),
+            "is required: a hub id such as meta-llama/Llama-2-7b-hf or a local model directory",
+        )
+        check(
+            self.gguf_file is None or self.gguf_file.lower().endswith(".gguf"),
+            ("gguf_file",),
+            f"must name a .gguf file, got {self.gguf_file!r}",
+        )
+        check(
+            self.gguf_file is None or not self.name_or_path.lower().endswith(".gguf"),
+            ("gguf_file",),
+            "is set, but name_or_path already names a .gguf file. Fix: one of the two",
+        )
 
 
 @dataclass(frozen=True)
@@ -157,25 +166,40 @@ class DataConfig:
     every rank and restart. null: a `cache` directory beside output_dir."""
 
     def validate(self, check) -> None:
-        check((self.dataset is None) != (self.file is None), ("dataset",),
-              "set exactly one of data.dataset (a hub dataset id) and data.file (a file path); "
-              + ("both are set" if self.dataset else "neither is set"))
+        check(
+            (self.dataset is None) != (self.file is None),
+            ("dataset",),
+            "set exactly one of data.dataset (a hub dataset id) and data.file (a file path); "
+            + ("both are set" if self.dataset else "neither is set"),
+        )
         for key in ("file", "validation_file"):
             path = getattr(self, key)
             if path is not None:
                 kind = data_file_type(path)
-                check(kind is not None, (key,),
-                      f"unsupported file type {Path(path).name!r}; use one of {', '.join(DATA_FILE_TYPES)} "
-                      "(optionally .gz or .zst compressed)")
-        check(not (self.file and self.validation_split), ("validation_split",),
-              "names a split of a hub dataset, but data is a file. Fix: data.validation_file: <a file of "
-              "validation records>, or data.validation_fraction")
-        check(not (self.validation_file and self.validation_split), ("validation_file",),
-              "and data.validation_split are both set; use one")
+                check(
+                    kind is not None,
+                    (key,),
+                    f"unsupported file type {Path(path).name!r}; use one of {', '.join(DATA_FILE_TYPES)} "
+                    "(optionally .gz or .zst compressed)",
+                )
+        check(
+            not (self.file and self.validation_split),
+            ("validation_split",),
+            "names a split of a hub dataset, but data is a file. Fix: data.validation_file: <a file of "
+            "validation records>, or data.validation_fraction",
+        )
+        check(
+            not (self.validation_file and self.validation_split),
+            ("validation_file",),
+            "and data.validation_split are both set; use one",
+        )
         check(self.max_seq_length >= 16, ("max_seq_length",), "must be at least 16 tokens")
         check(self.file_settle_seconds >= 0, ("file_settle_seconds",), "must be >= 0")
-        check(0.0 <= self.validation_fraction < 0.5, ("validation_fraction",),
-              "must be in [0, 0.5) (e.g. 0.05 holds out 5% of the examples)")
+        check(
+            0.0 <= self.validation_fraction < 0.5,
+            ("validation_fraction",),
+            "must be in [0, 0.5) (e.g. 0.05 holds out 5% of the examples)",
+        )
         check(self.max_examples is None or self.max_examples > 0, ("max_examples",), "must be > 0 or null")
         if self.prompt_with_input is not None:
             for name in ("{instruction}", "{input}"):
@@ -254,16 +278,24 @@ class TrainingConfig:
     tensorboard, mlflow, wandb (settings in the tracking section); empty or none: metrics.jsonl only."""
 
     def validate(self, check) -> None:
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "logging_steps", "save_steps", "save_total_limit"):
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "save_steps",
+            "save_total_limit",
+        ):
             check(getattr(self, name) >= 1, (name,), "must be >= 1")
         check(self.max_steps == -1 or self.max_steps > 0, ("max_steps",), "must be > 0, or -1 to use num_train_epochs")
-        check(self.max_steps > 0 or self.num_train_epochs > 0, ("num_train_epochs",),
-              "must be > 0 when max_steps is -1")
+        check(self.max_steps > 0 or self.num_train_epochs > 0, ("num_train_epochs",), "must be > 0 when max_steps is -1")
         check(self.learning_rate > 0, ("learning_rate",), "must be > 0")
         check(0.0 <= self.warmup_ratio < 1.0, ("warmup_ratio",), "must be in [0, 1)")
-        check(self.warmup_steps >= 0 and (self.warmup_steps < 1 or float(self.warmup_steps).is_integer()),
-              ("warmup_steps",), "must be a whole number of steps, or a fraction in (0, 1)")
+        check(
+            self.warmup_steps >= 0 and (self.warmup_steps < 1 or float(self.warmup_steps).is_integer()),
+            ("warmup_steps",),
+            "must be a whole number of steps, or a fraction in (0, 1)",
+        )
         check(self.max_grad_norm >= 0, ("max_grad_norm",), "must be >= 0 (0 disables clipping)")
         check(self.eval_steps is None or self.eval_steps >= 1, ("eval_steps",), "must be >= 1 or null")
         check(self.cpu_threads is None or self.cpu_threads >= 1, ("cpu_threads",), "must be >= 1 or null")
@@ -271,12 +303,14 @@ class TrainingConfig:
         check(self.tokens_per_micro_batch >= 0, ("tokens_per_micro_batch",), "must be >= 0 (0: a fixed count)")
         for name in self.report_to:
             near = difflib.get_close_matches(name, REPORT_TO, n=1)
-            check(name in REPORT_TO + ("none",), ("report_to",),
-                  f"unknown tracker {name!r}{f' (did you mean {near[0]!r}?)' if near else ''}; use any of "
-                  f"{', '.join(REPORT_TO)}, or none")
+            check(
+                name in REPORT_TO + ("none",),
+                ("report_to",),
+                f"unknown tracker {name!r}{f' (did you mean {near[0]!r}?)' if near else ''}; use any of "
+                f"{', '.join(REPORT_TO)}, or none",
+            )
         check(len(set(self.report_to)) == len(self.report_to), ("report_to",), "names a tracker twice")
-        check("none" not in self.report_to or len(self.report_to) == 1, ("report_to",),
-              "none cannot be combined with a tracker")
+        check("none" not in self.report_to or len(self.report_to) == 1, ("report_to",), "none cannot be combined with a tracker")
 
     @property
     def trackers(self) -> tuple[str, ...]:
@@ -324,8 +358,11 @@ class LoraConfig:
     The adapters, embeddings, norms and head stay as for LoRA; final/ merges into the base re-read from its files."""
 
     def validate(self, check) -> None:
-        check(self.base_bits in (None, 4, 8), ("base_bits",),
-              "must be 4 (NF4, QLoRA) or 8 (int8), or null for a base in model.dtype")
+        check(
+            self.base_bits in (None, 4, 8),
+            ("base_bits",),
+            "must be 4 (NF4, QLoRA) or 8 (int8), or null for a base in model.dtype",
+        )
         check(self.r >= 1, ("r",), "must be >= 1 (typical: 8 to 64)")
         check(self.alpha >= 1, ("alpha",), "must be >= 1 (typical: 2 x r)")
         check(0.0 <= self.dropout < 1.0, ("dropout",), "must be in [0, 1)")
@@ -375,36 +412,56 @@ class QuantizeConfig:
 
     def validate(self, check) -> None:
         check(self.bits in QUANT_BITS, ("bits",), f"unsupported bits {self.bits}; use 4 or 8")
-        check(self.algorithm in QUANT_ALGORITHMS, ("algorithm",),
-              f"unsupported algorithm {self.algorithm!r}; use one of {', '.join(QUANT_ALGORITHMS)}")
+        check(
+            self.algorithm in QUANT_ALGORITHMS,
+            ("algorithm",),
+            f"unsupported algorithm {self.algorithm!r}; use one of {', '.join(QUANT_ALGORITHMS)}",
+        )
         near = difflib.get_close_matches(self.format, QUANT_FORMATS, n=1)
-        check(self.format in QUANT_FORMATS, ("format",),
-              f"unsupported format {self.format!r}{f' (did you mean {near[0]!r}?)' if near else ''}; use one of "
-              f"{', '.join(QUANT_FORMATS)}")
-        check(self.algorithm not in ("gptq", "awq") or self.format == "inc", ("format",),
-              f"{self.format} cannot hold a {self.algorithm.upper()} result: GPTQ and AWQ run through Intel Neural "
-              "Compressor, whose checkpoints load with its own loader only. Fix: quantize.format: inc, or "
-              "quantize.algorithm: rtn or autoround for a format that transformers, vLLM or llama.cpp serve")
-        check(self.algorithm not in ("autoround", "opt-rtn") or self.format != "inc", ("algorithm",),
-              f"{self.algorithm} writes compressed-tensors, auto-round or gguf, not INC's format. Fix: quantize.format: "
-              "compressed-tensors (or another served format), or quantize.algorithm: rtn")
-        check(not (self.format == "compressed-tensors" or "compressed-tensors" in self.also) or self.scheme == "sym",
-              ("scheme",), "asym with compressed-tensors: AutoRound writes asymmetric compressed-tensors checkpoints that "
-              "transformers cannot load (a zero-point shape mismatch, measured with transformers 5.23 and "
-              "compressed-tensors 0.20), so the result would fail after training. Fix: quantize.scheme: sym, or "
-              "quantize.format: auto-round or gguf:q4_k_m (asymmetric in llama.cpp's own way)")
+        check(
+            self.format in QUANT_FORMATS,
+            ("format",),
+            f"unsupported format {self.format!r}{f' (did you mean {near[0]!r}?)' if near else ''}; use one of "
+            f"{', '.join(QUANT_FORMATS)}",
+        )
+        check(
+            self.algorithm not in ("gptq", "awq") or self.format == "inc",
+            ("format",),
+            f"{self.format} cannot hold a {self.algorithm.upper()} result: GPTQ and AWQ run through Intel Neural "
+            "Compressor, whose checkpoints load with its own loader only. Fix: quantize.format: inc, or "
+            "quantize.algorithm: rtn or autoround for a format that transformers, vLLM or llama.cpp serve",
+        )
+        check(
+            self.algorithm not in ("autoround", "opt-rtn") or self.format != "inc",
+            ("algorithm",),
+            f"{self.algorithm} writes compressed-tensors, auto-round or gguf, not INC's format. Fix: quantize.format: "
+            "compressed-tensors (or another served format), or quantize.algorithm: rtn",
+        )
+        check(
+            not (self.format == "compressed-tensors" or "compressed-tensors" in self.also) or self.scheme == "sym",
+            ("scheme",),
+            "asym with compressed-tensors: AutoRound writes asymmetric compressed-tensors checkpoints that "
+            "transformers cannot load (a zero-point shape mismatch, measured with transformers 5.23 and "
+            "compressed-tensors 0.20), so the result would fail after training. Fix: quantize.scheme: sym, or "
+            "quantize.format: auto-round or gguf:q4_k_m (asymmetric in llama.cpp's own way)",
+        )
         if self.format.startswith("gguf:"):
             wants = 8 if self.format == "gguf:q8_0" else 4
             check(self.bits == wants, ("bits",), f"{self.format} stores {wants}-bit weights. Fix: quantize.bits: {wants}")
         for extra in self.also:
             near = difflib.get_close_matches(extra, QUANT_FORMATS, n=1)
-            check(extra in QUANT_FORMATS and extra != "inc", ("also",),
-                  f"unsupported format {extra!r}{f' (did you mean {near[0]!r}?)' if near and near[0] != extra else ''}"
-                  f"; use served formats: {', '.join(f for f in QUANT_FORMATS if f != 'inc')}")
+            check(
+                extra in QUANT_FORMATS and extra != "inc",
+                ("also",),
+                f"unsupported format {extra!r}{f' (did you mean {near[0]!r}?)' if near and near[0] != extra else ''}"
+                f"; use served formats: {', '.join(f for f in QUANT_FORMATS if f != 'inc')}",
+            )
             check(extra != self.format, ("also",), f"repeats quantize.format {extra}")
-            check(self.algorithm in ("rtn", "opt-rtn", "autoround"), ("also",),
-                  f"needs quantize.algorithm rtn, opt-rtn or autoround (AutoRound writes the served formats), not "
-                  f"{self.algorithm}")
+            check(
+                self.algorithm in ("rtn", "opt-rtn", "autoround"),
+                ("also",),
+                f"needs quantize.algorithm rtn, opt-rtn or autoround (AutoRound writes the served formats), not {self.algorithm}",
+            )
         check(len(set(self.also)) == len(self.also), ("also",), "names a format twice")
         check(self.iters >= 0, ("iters",), "must be >= 0 (0: round to nearest)")
         check(self.group_size == -1 or self.group_size >= 8, ("group_size",), "must be -1 (per channel) or >= 8")
@@ -426,20 +483,32 @@ class TrainerConfig:
 
     def validate(self, check) -> None:
         bits = self.lora.base_bits
-        check(bits is None or self.lora.enabled, ("lora", "base_bits"),
-              "quantizes the frozen base of a LoRA run, and lora.enabled is false. Fix: lora.enabled: true, or "
-              "remove lora.base_bits for a full fine-tune")
+        check(
+            bits is None or self.lora.enabled,
+            ("lora", "base_bits"),
+            "quantizes the frozen base of a LoRA run, and lora.enabled is false. Fix: lora.enabled: true, or "
+            "remove lora.base_bits for a full fine-tune",
+        )
         # bitsandbytes' quantized weights (Params4bit, Int8Params) are not DTensors: FSDP2 cannot shard them.
-        check(bits is None or not self.training.fsdp, ("training", "fsdp"),
-              f"cannot shard the {bits}-bit base of lora.base_bits (bitsandbytes' weights are not shardable by "
-              "FSDP2). Fix: training.fsdp: false (each process holds the quantized base: ~0.52 bytes a weight in "
-              "4 bits), or remove lora.base_bits to shard a bf16 base")
+        check(
+            bits is None or not self.training.fsdp,
+            ("training", "fsdp"),
+            f"cannot shard the {bits}-bit base of lora.base_bits (bitsandbytes' weights are not shardable by "
+            "FSDP2). Fix: training.fsdp: false (each process holds the quantized base: ~0.52 bytes a weight in "
+            "4 bits), or remove lora.base_bits to shard a bf16 base",
+        )
         trackers = self.training.trackers
-        check("mlflow" not in trackers or bool(self.tracking.mlflow_tracking_uri), ("tracking", "mlflow_tracking_uri"),
-              "is required when training.report_to includes mlflow. Fix: set it to your server "
-              "(http://mlflow.mlflow.svc:5000) or, for a local run, file:./output/mlruns")
-        check("wandb" not in trackers or bool(self.tracking.wandb_project), ("tracking", "wandb_project"),
-              "is required when training.report_to includes wandb. Fix: tracking.wandb_project: my-project")
+        check(
+            "mlflow" not in trackers or bool(self.tracking.mlflow_tracking_uri),
+            ("tracking", "mlflow_tracking_uri"),
+            "is required when training.report_to includes mlflow. Fix: set it to your server "
+            "(http://mlflow.mlflow.svc:5000) or, for a local run, file:./output/mlruns",
+        )
+        check(
+            "wandb" not in trackers or bool(self.tracking.wandb_project),
+            ("tracking", "wandb_project"),
+            "is required when training.report_to includes wandb. Fix: tracking.wandb_project: my-project",
+        )
 
     # ---- construction -------------------------------------------------------------------
 
@@ -502,10 +571,12 @@ def world_problem(cfg: TrainerConfig, world: int) -> Optional[str]:
     """What the config asks of the number of processes that this world cannot give (None: fine). One
     process is a world of one: FSDP there would shard nothing, so it is refused, never ignored."""
     if cfg.training.fsdp and world == 1:
-        return ("training.fsdp: true with a single process: FSDP shards weights, gradients and optimizer state "
-                "over the processes, and with one there is nothing to shard over (it used to be ignored "
-                "silently). Fix: training.fsdp: false for one process, or run 2 or more (python -m "
-                "trainer.runtime.launch --nproc-per-node 2 ..., or workers/procsPerWorker in the stack)")
+        return (
+            "training.fsdp: true with a single process: FSDP shards weights, gradients and optimizer state "
+            "over the processes, and with one there is nothing to shard over (it used to be ignored "
+            "silently). Fix: training.fsdp: false for one process, or run 2 or more (python -m "
+            "trainer.runtime.launch --nproc-per-node 2 ..., or workers/procsPerWorker in the stack)"
+        )
     return None
 
 
@@ -519,10 +590,10 @@ def world_problem(cfg: TrainerConfig, world: int) -> Optional[str]:
 # Keys and values a release took away, with what to write instead (a key path, or a key path and value).
 RETIRED = {
     ("training", "use_ipex"): "Intel Extension for PyTorch is discontinued (archived); the CPU path is upstream "
-                              "PyTorch (bf16 autocast through oneDNN where the CPU has AMX/AVX512-BF16). Fix: "
-                              "remove training.use_ipex",
+    "PyTorch (bf16 autocast through oneDNN where the CPU has AMX/AVX512-BF16). Fix: "
+    "remove training.use_ipex",
     ("training", "ddp_backend", "ccl"): "the oneCCL bindings are discontinued with Intel Extension for PyTorch. "
-                                        "Fix: training.ddp_backend: gloo (or leave it unset)",
+    "Fix: training.ddp_backend: gloo (or leave it unset)",
 }
 
 
@@ -553,6 +624,7 @@ def _build(cls, raw: Any, path: tuple[str, ...], where: _Where):
     obj = cls(**values)
     validate = getattr(obj, "validate", None)
     if validate is not None:
+
         def check(ok: bool, sub: tuple[str, ...], message: str) -> None:
             if not ok:
                 _fail(path + sub, message, where)

@@ -9,7 +9,6 @@ if TYPE_CHECKING:
     from infra.config import StackConfig
 
 
-
 class JobApi(Protocol):
     """What the stack needs of a job API (infra/jobs/pytorchjob.py, infra/jobs/trainjob.py)."""
 
@@ -37,8 +36,11 @@ def pod_volumes(manifest: dict) -> list[list[dict]]:
     if manifest["kind"] == "PyTorchJob":
         return [r["template"]["spec"]["volumes"] for r in manifest["spec"]["pytorchReplicaSpecs"].values()]
     if manifest["kind"] == "TrainJob":  # the stack's patch of a user's runtime (none on its own runtime)
-        return [v for patch in manifest["spec"].get("runtimePatches", [])
-                for v in _replicated_job_volumes(patch["trainingRuntimeSpec"])]
+        return [
+            v
+            for patch in manifest["spec"].get("runtimePatches", [])
+            for v in _replicated_job_volumes(patch["trainingRuntimeSpec"])
+        ]
     if manifest["kind"] == "TrainingRuntime":
         return _replicated_job_volumes(manifest["spec"])
     raise ValueError(manifest["kind"])

@@ -10,8 +10,7 @@ import json
 from typing import Any
 
 from infra.common import APP_UID, Names, container_security_context, pod_security_context
-from infra.config import (CONFIG_MOUNT, DATA_MOUNT, TOKEN_KEY, TOKEN_MOUNT, TRACKER_SECRETS, TRACKING_MOUNT,
-                          StackConfig)
+from infra.config import CONFIG_MOUNT, DATA_MOUNT, TOKEN_KEY, TOKEN_MOUNT, TRACKER_SECRETS, TRACKING_MOUNT, StackConfig
 from infra.trainer_config import config_map_name
 from trainer import envvars
 from trainer.config import CREDENTIAL_FILES
@@ -89,13 +88,24 @@ def volumes(cfg: StackConfig) -> tuple[list[dict], list[dict]]:
     ]
     if cfg.has_token:
         mounts.append({"name": "hf-token", "mountPath": TOKEN_MOUNT, "readOnly": True})
-        vols.append({"name": "hf-token", "secret": {"secretName": names.secret, "defaultMode": 0o440,
-                                                    "items": [{"key": TOKEN_KEY, "path": TOKEN_KEY}]}})
+        vols.append(
+            {
+                "name": "hf-token",
+                "secret": {"secretName": names.secret, "defaultMode": 0o440, "items": [{"key": TOKEN_KEY, "path": TOKEN_KEY}]},
+            }
+        )
     if cfg.tracker_secrets:
         mounts.append({"name": "tracking", "mountPath": TRACKING_MOUNT, "readOnly": True})
-        vols.append({"name": "tracking", "secret": {
-            "secretName": names.tracking_secret, "defaultMode": 0o440,
-            "items": [{"key": TRACKER_SECRETS[k][1], "path": TRACKER_SECRETS[k][1]} for k in cfg.tracker_secrets]}})
+        vols.append(
+            {
+                "name": "tracking",
+                "secret": {
+                    "secretName": names.tracking_secret,
+                    "defaultMode": 0o440,
+                    "items": [{"key": TRACKER_SECRETS[k][1], "path": TRACKER_SECRETS[k][1]} for k in cfg.tracker_secrets],
+                },
+            }
+        )
     return vols, mounts
 
 

@@ -52,9 +52,17 @@ def manifest(cfg: StackConfig) -> dict:
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
-        "metadata": queue.queued(cfg, metadata(cfg.job_name, cfg.namespace, cfg.job_name, "training",
-                                         # Return once submitted: training runs for hours, watch it with kubectl.
-                                         annotations={"pulumi.com/skipAwait": "true"})),
+        "metadata": queue.queued(
+            cfg,
+            metadata(
+                cfg.job_name,
+                cfg.namespace,
+                cfg.job_name,
+                "training",
+                # Return once submitted: training runs for hours, watch it with kubectl.
+                annotations={"pulumi.com/skipAwait": "true"},
+            ),
+        ),
         "spec": spec,
     }
 

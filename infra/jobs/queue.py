@@ -31,5 +31,6 @@ def commands(cfg: StackConfig, kind: str) -> dict[str, str]:
     """With a queue: the job's Kueue Workload (QUOTA RESERVED, ADMITTED; `describe` says why it waits)."""
     if not cfg.queue_name:
         return {}
-    return {"watchAdmission": f"kubectl -n {cfg.namespace} get workloads -w | grep -e '^NAME' "
-                              f"-e '^{kind.lower()}-{cfg.job_name}-'"}
+    return {
+        "watchAdmission": f"kubectl -n {cfg.namespace} get workloads -w | grep -e '^NAME' -e '^{kind.lower()}-{cfg.job_name}-'"
+    }

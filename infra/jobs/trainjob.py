@@ -63,9 +63,15 @@ def node_pod(cfg: StackConfig) -> dict:
     """The `node` pod template the stack adds to the runtime: everything but what spec.trainer sets."""
     container = pod.container(cfg, name=CONTAINER)
     spec = pod.pod_spec(cfg)
-    spec["containers"] = [{"name": CONTAINER, "image": cfg.image, "imagePullPolicy": container["imagePullPolicy"],
-                           "volumeMounts": container["volumeMounts"],
-                           "securityContext": container["securityContext"]}]
+    spec["containers"] = [
+        {
+            "name": CONTAINER,
+            "image": cfg.image,
+            "imagePullPolicy": container["imagePullPolicy"],
+            "volumeMounts": container["volumeMounts"],
+            "securityContext": container["securityContext"],
+        }
+    ]
     return {"metadata": {"labels": labels(cfg.job_name, "worker")}, "spec": spec}
 
 
@@ -73,17 +79,31 @@ def manifest(cfg: StackConfig) -> dict:
     spec: dict[str, Any] = {"runtimeRef": runtime_ref(cfg), "trainer": trainer(cfg)}
     if not own_runtime(cfg):
         node = node_pod(cfg)
-        patch_pod = {k: v for k, v in node["spec"].items() if k in (
-            "securityContext", "terminationGracePeriodSeconds", "volumes", "nodeSelector", "tolerations")}
-        patch_pod["containers"] = [{k: v for k, v in node["spec"]["containers"][0].items()
-                                    if k in ("name", "volumeMounts", "securityContext")}]
-        spec["runtimePatches"] = [{
-            "manager": PATCH_MANAGER,
-            "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{
-                "name": CONTAINER,
-                "template": {"spec": {"template": {"metadata": node["metadata"], "spec": patch_pod}}},
-            }]}}},
-        }]
+        patch_pod = {
+            k: v
+            for k, v in node["spec"].items()
+            if k in ("securityContext", "terminationGracePeriodSeconds", "volumes", "nodeSelector", "tolerations")
+        }
+        patch_pod["containers"] = [
+            {k: v for k, v in node["spec"]["containers"][0].items() if k in ("name", "volumeMounts", "securityContext")}
+        ]
+        spec["runtimePatches"] = [
+            {
+                "manager": PATCH_MANAGER,
+                "trainingRuntimeSpec": {
+                    "template": {
+                        "spec": {
+                            "replicatedJobs": [
+                                {
+                                    "name": CONTAINER,
+                                    "template": {"spec": {"template": {"metadata": node["metadata"], "spec": patch_pod}}},
+                                }
+                            ]
+                        }
+                    }
+                },
+            }
+        ]
     if cfg.active_deadline_seconds:
         spec["activeDeadlineSeconds"] = cfg.active_deadline_seconds
     if cfg.queue_name:
@@ -91,8 +111,9 @@ def manifest(cfg: StackConfig) -> dict:
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
-        "metadata": queue.queued(cfg, metadata(cfg.job_name, cfg.namespace, cfg.job_name, "training",
-                                         annotations={"pulumi.com/skipAwait": "true"})),
+        "metadata": queue.queued(
+            cfg, metadata(cfg.job_name, cfg.namespace, cfg.job_name, "training", annotations={"pulumi.com/skipAwait": "true"})
+        ),
         "spec": spec,
     }
 
@@ -109,11 +130,16 @@ def runtime_ref(cfg: StackConfig) -> dict:
 def runtime_spec(cfg: StackConfig) -> dict:
     return {
         "mlPolicy": {"numNodes": 1, "torch": {}},
-        "template": {"spec": {"replicatedJobs": [{
-            "name": CONTAINER,
-            "template": {"metadata": {"labels": {ANCESTOR_LABEL: "trainer"}},
-                         "spec": {"template": node_pod(cfg)}},
-        }]}},
+        "template": {
+            "spec": {
+                "replicatedJobs": [
+                    {
+                        "name": CONTAINER,
+                        "template": {"metadata": {"labels": {ANCESTOR_LABEL: "trainer"}}, "spec": {"template": node_pod(cfg)}},
+                    }
+                ]
+            }
+        },
     }
 
 
@@ -141,10 +167,17 @@ def runtime_manifest(cfg: StackConfig) -> Optional[dict]:
     return {
         "apiVersion": API_VERSION,
         "kind": "TrainingRuntime",
-        "metadata": metadata(runtime_name(cfg, spec), cfg.namespace, cfg.job_name, "training-runtime",
-                             labels={**labels(cfg.job_name, "training-runtime"),
-                                     # The Kubeflow SDK's TrainerClient needs it to read the runtime.
-                                     "trainer.kubeflow.org/framework": "torch"}),
+        "metadata": metadata(
+            runtime_name(cfg, spec),
+            cfg.namespace,
+            cfg.job_name,
+            "training-runtime",
+            labels={
+                **labels(cfg.job_name, "training-runtime"),
+                # The Kubeflow SDK's TrainerClient needs it to read the runtime.
+                "trainer.kubeflow.org/framework": "torch",
+            },
+        ),
         "spec": spec,
     }
 
@@ -169,8 +202,14 @@ def effective_pod_spec(job: dict, runtime: dict) -> dict:
                 target.update(copy.deepcopy(c))
     node = next(x for x in spec["containers"] if x["name"] == CONTAINER)
     trainer = job["spec"]["trainer"]
-    node.update({"image": trainer["image"], "command": trainer["command"], "env": trainer["env"],
-                 "resources": trainer["resourcesPerNode"]})
+    node.update(
+        {
+            "image": trainer["image"],
+            "command": trainer["command"],
+            "env": trainer["env"],
+            "resources": trainer["resourcesPerNode"],
+        }
+    )
     return spec
 
 

@@ -49,15 +49,24 @@ class Prepared:
     def summary(self) -> str:
         s = self.stats
         lengths = self.train.lengths
-        pct = (f"; lengths p50 {int(np.percentile(lengths, 50))}, p90 {int(np.percentile(lengths, 90))}, "
-               f"p99 {int(np.percentile(lengths, 99))}, max {int(lengths.max())}") if len(lengths) else ""
+        pct = (
+            (
+                f"; lengths p50 {int(np.percentile(lengths, 50))}, p90 {int(np.percentile(lengths, 90))}, "
+                f"p99 {int(np.percentile(lengths, 99))}, max {int(lengths.max())}"
+            )
+            if len(lengths)
+            else ""
+        )
         dropped = sum(s.dropped.values())
         invalid = self.invalid()
-        return (f"{s.records + self.val_stats.records} records ({self.format}) -> {s.examples} training examples, "
-                f"{s.tokens} tokens ({s.trained_tokens} "
-                f"trained), {s.truncated} truncated to max_seq_length, {dropped} dropped"
-                + (f" ({', '.join(f'{k}: {v}' for k, v in s.dropped.items())})" if dropped else "")
-                + f", invalid skipped: {invalid['training']} training, {invalid['validation']} validation" + pct)
+        return (
+            f"{s.records + self.val_stats.records} records ({self.format}) -> {s.examples} training examples, "
+            f"{s.tokens} tokens ({s.trained_tokens} "
+            f"trained), {s.truncated} truncated to max_seq_length, {dropped} dropped"
+            + (f" ({', '.join(f'{k}: {v}' for k, v in s.dropped.items())})" if dropped else "")
+            + f", invalid skipped: {invalid['training']} training, {invalid['validation']} validation"
+            + pct
+        )
 
     def invalid(self) -> dict[str, int]:
         """Records skipped as invalid (data.skip_invalid), per split."""
@@ -100,9 +109,11 @@ def _content(cfg: DataConfig, train: Source, val: Optional[Source]) -> str:
 
 
 def _key(cfg: DataConfig, content: str, tokenizer_fp: str) -> str:
-    settings = {k: v for k, v in cfg.__dict__.items() if k not in ("file", "dataset", "validation_file",
-                                                                   "file_wait_seconds", "file_settle_seconds",
-                                                                   "cache_dir", "packing")}
+    settings = {
+        k: v
+        for k, v in cfg.__dict__.items()
+        if k not in ("file", "dataset", "validation_file", "file_wait_seconds", "file_settle_seconds", "cache_dir", "packing")
+    }
     return C.fingerprint({"content": content, "tokenizer": tokenizer_fp, "settings": settings})
 
 
@@ -112,7 +123,7 @@ def _held_out(n: int, cfg: DataConfig) -> set:
         return set()
     order = list(range(n))
     random.Random(cfg.validation_seed).shuffle(order)
-    return set(order[:max(1, int(round(n * cfg.validation_fraction)))])
+    return set(order[: max(1, int(round(n * cfg.validation_fraction)))])
 
 
 @dataclass
@@ -149,8 +160,7 @@ def build_part(job: Job, tokenizer=None) -> dict:
     held = _held_out(job.n_train, cfg) if val_src is None else set()
     encoder = Encoder(tok, cfg)
     out: dict[str, Any] = {"stats": {}, "prompts": [], "error": None, "exported": []}
-    writers = {"train": C.PartWriter(Path(job.build) / "train", job.part),
-               "val": C.PartWriter(Path(job.build) / "val", job.part)}
+    writers = {"train": C.PartWriter(Path(job.build) / "train", job.part), "val": C.PartWriter(Path(job.build) / "val", job.part)}
     stats = {"train": C.Stats(), "val": C.Stats()}
     dropped_prompts: list[int] = []
     coerce = train_src.__class__.__name__ == "Table"
@@ -227,9 +237,18 @@ def _pool_parts(n: int) -> int:
     return max(1, min(8, len(os.sched_getaffinity(0))))
 
 
-def prepare(cfg: DataConfig, tokenizer, model_path: str, token: Optional[str] = None, dist=None,
-            cache_root: Optional[Path] = None, log: Callable[[str], None] = lambda m: None,
-            export: Optional[str] = None, export_max: Optional[int] = None, parts: Optional[int] = None) -> Prepared:
+def prepare(
+    cfg: DataConfig,
+    tokenizer,
+    model_path: str,
+    token: Optional[str] = None,
+    dist=None,
+    cache_root: Optional[Path] = None,
+    log: Callable[[str], None] = lambda m: None,
+    export: Optional[str] = None,
+    export_max: Optional[int] = None,
+    parts: Optional[int] = None,
+) -> Prepared:
     """Tokenized train and validation splits of `cfg`, from the cache or built into it (collective)."""
     from trainer.runtime import distributed as D
 
@@ -241,16 +260,23 @@ def prepare(cfg: DataConfig, tokenizer, model_path: str, token: Optional[str] = 
     train_src, val_src = D.main_first(d, lambda: open_sources(cfg, token))
     plan = D.on_main(d, lambda: _plan(cfg, train_src, val_src, model_path, root))
     final = Path(plan["final"])
-    log(f"data: format {plan['format']}" + (" (detected from the columns)" if not cfg.format else "")
-        + f"; tokenized data {'found in' if plan['hit'] else 'building in'} {final}")
+    log(
+        f"data: format {plan['format']}"
+        + (" (detected from the columns)" if not cfg.format else "")
+        + f"; tokenized data {'found in' if plan['hit'] else 'building in'} {final}"
+    )
     if renders_as_chat(plan["format"], cfg) and not getattr(tokenizer, "chat_template", None):
-        log("data: the tokenizer has no chat template: conversations are rendered in the Llama 2 [INST] form "
-            "(the documented fallback; give the model directory a chat_template to use its own)")
+        log(
+            "data: the tokenizer has no chat template: conversations are rendered in the Llama 2 [INST] form "
+            "(the documented fallback; give the model directory a chat_template to use its own)"
+        )
     if not plan["hit"] or export:
         n_parts = d.world_size if d.enabled else (parts or _pool_parts(plan["n_train"] + plan["n_val"]))
         build = plan["build"]
-        jobs = [Job(cfg, model_path, token, build, k, n_parts, plan["format"], plan["n_train"], plan["n_val"],
-                    export, export_max) for k in range(n_parts)]
+        jobs = [
+            Job(cfg, model_path, token, build, k, n_parts, plan["format"], plan["n_train"], plan["n_val"], export, export_max)
+            for k in range(n_parts)
+        ]
         started = time.perf_counter()
         if d.enabled:
             results = d.all_gather_object(build_part(jobs[d.rank], tokenizer))
@@ -264,11 +290,22 @@ def prepare(cfg: DataConfig, tokenizer, model_path: str, token: Optional[str] = 
         D.on_main(d, lambda: _finish(cfg, plan, results, final, Path(build), export, export_max, started, log))
     d.barrier()
     train, val, meta = C.load(final)
-    prepared = Prepared(train, val, C.stats_from(meta["stats"]["train"]), C.stats_from(meta["stats"]["val"]),
-                        meta["format"], final, plan["content"], [tuple(p) for p in meta["prompts"]], plan["hit"])
+    prepared = Prepared(
+        train,
+        val,
+        C.stats_from(meta["stats"]["train"]),
+        C.stats_from(meta["stats"]["val"]),
+        meta["format"],
+        final,
+        plan["content"],
+        [tuple(p) for p in meta["prompts"]],
+        plan["hit"],
+    )
     if len(train) == 0:
-        raise UserError("data: no training examples are left after tokenization; check data.max_seq_length "
-                        f"and the records ({prepared.summary()})")
+        raise UserError(
+            "data: no training examples are left after tokenization; check data.max_seq_length "
+            f"and the records ({prepared.summary()})"
+        )
     return prepared
 
 
@@ -287,8 +324,10 @@ def _plan(cfg: DataConfig, train_src: Source, val_src: Optional[Source], model_p
         raise UserError(f"data: the validation data {val_src.name} has no records")
     record = first_record(train_src, min(n_train, 100))
     if record is None:
-        raise UserError(f"data: none of the first records of {train_src.name} can be read; the first error is in "
-                        "its first lines. Fix: check the file's format")
+        raise UserError(
+            f"data: none of the first records of {train_src.name} can be read; the first error is in "
+            "its first lines. Fix: check the file's format"
+        )
     fmt = detect(record, cfg)
     hit = C.complete(final) and C.verify(final, full=True) is None
     if not hit and final.exists():
@@ -296,12 +335,28 @@ def _plan(cfg: DataConfig, train_src: Source, val_src: Optional[Source], model_p
 
         shutil.rmtree(final, ignore_errors=True)  # a damaged cache: built again
     root.mkdir(parents=True, exist_ok=True)
-    return {"final": str(final), "build": str(C.build_dir(final)), "hit": hit, "format": fmt, "content": content,
-            "n_train": n_train, "n_val": n_val}
+    return {
+        "final": str(final),
+        "build": str(C.build_dir(final)),
+        "hit": hit,
+        "format": fmt,
+        "content": content,
+        "n_train": n_train,
+        "n_val": n_val,
+    }
 
 
-def _finish(cfg: DataConfig, plan: dict, results: list[dict], final: Path, build: Path, export: Optional[str],
-            export_max: Optional[int], started: float, log) -> None:
+def _finish(
+    cfg: DataConfig,
+    plan: dict,
+    results: list[dict],
+    final: Path,
+    build: Path,
+    export: Optional[str],
+    export_max: Optional[int],
+    started: float,
+    log,
+) -> None:
     import shutil
 
     errors = sorted(r["error"] for r in results if r["error"])
@@ -320,13 +375,19 @@ def _finish(cfg: DataConfig, plan: dict, results: list[dict], final: Path, build
         lengths = sorted(p for r in results for p in r["dropped_prompts"])
         median = lengths[len(lengths) // 2] if lengths else cfg.max_seq_length
         suggest = 1 << max(6, math.ceil(math.log2(median + 64)))
-        raise UserError(f"data.max_seq_length={cfg.max_seq_length} is too small for the prompts: {too_long} of "
-                        f"{total} examples have a prompt of at least that many tokens (median of those "
-                        f"{median}). Fix: set data.max_seq_length to {suggest} or more")
+        raise UserError(
+            f"data.max_seq_length={cfg.max_seq_length} is too small for the prompts: {too_long} of "
+            f"{total} examples have a prompt of at least that many tokens (median of those "
+            f"{median}). Fix: set data.max_seq_length to {suggest} or more"
+        )
     prompts = sorted(p for r in results for p in r["prompts"])[:PROMPTS_KEPT]
-    meta = {"format": plan["format"], "stats": {k: C.stats_dict(v) for k, v in stats.items()},
-            "parts": {k: [r["counts"][k] for r in results] for k in ("train", "val")},
-            "prompts": [[p, ref] for _, p, ref in prompts], "content": plan["content"]}
+    meta = {
+        "format": plan["format"],
+        "stats": {k: C.stats_dict(v) for k, v in stats.items()},
+        "parts": {k: [r["counts"][k] for r in results] for k in ("train", "val")},
+        "prompts": [[p, ref] for _, p, ref in prompts],
+        "content": plan["content"],
+    }
     if export:
         records = [rec for r in results for rec in r["exported"]][:export_max]
         _write_export(Path(export), records)
@@ -357,8 +418,15 @@ def cache_root(cfg: TrainerConfig) -> Path:
     return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.output_dir).resolve().parent / "cache"
 
 
-def for_config(cfg: TrainerConfig, tokenizer, model_path: str, token: Optional[str] = None, dist=None,
-               log: Callable[[str], None] = lambda m: None, **kwargs) -> Prepared:
+def for_config(
+    cfg: TrainerConfig,
+    tokenizer,
+    model_path: str,
+    token: Optional[str] = None,
+    dist=None,
+    log: Callable[[str], None] = lambda m: None,
+    **kwargs,
+) -> Prepared:
     return prepare(cfg.data, tokenizer, model_path, token, dist, cache_root(cfg), log, **kwargs)
 
 

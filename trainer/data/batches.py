@@ -42,7 +42,7 @@ class BatchOrder:
         return len(self.starts) - 1
 
     def __getitem__(self, b: int) -> np.ndarray:
-        return self.perm[self.starts[b]:self.starts[b + 1]]
+        return self.perm[self.starts[b] : self.starts[b + 1]]
 
     def counts(self, per_example: np.ndarray) -> np.ndarray:
         """Per batch, the sum of a per-example quantity (e.g. trained tokens)."""
@@ -59,7 +59,7 @@ def epoch_order(num_batches: int, seed: int, epoch: int) -> np.ndarray:
 def shard(order: Sequence[int] | np.ndarray, rank: int, world: int) -> np.ndarray:
     """This rank's batches; every rank gets the same count (the remainder is dropped)."""
     per_rank = len(order) // world
-    return np.asarray(order[rank * per_rank:(rank + 1) * per_rank]) if world > 1 else np.asarray(order)
+    return np.asarray(order[rank * per_rank : (rank + 1) * per_rank]) if world > 1 else np.asarray(order)
 
 
 def collate(examples: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int, packing: bool = True):
@@ -75,9 +75,11 @@ def collate(examples: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int, pack
         ids = np.concatenate([i for i, _ in examples])
         labels = np.concatenate([lab for _, lab in examples])
         positions = np.concatenate([np.arange(n) for n in lengths])
-        return {"input_ids": torch.from_numpy(ids.astype(np.int64))[None],
-                "labels": torch.from_numpy(labels.astype(np.int64))[None],
-                "position_ids": torch.from_numpy(positions.astype(np.int64))[None]}, real
+        return {
+            "input_ids": torch.from_numpy(ids.astype(np.int64))[None],
+            "labels": torch.from_numpy(labels.astype(np.int64))[None],
+            "position_ids": torch.from_numpy(positions.astype(np.int64))[None],
+        }, real
     width = max(lengths)
     ids = np.full((len(examples), width), pad_id, dtype=np.int64)
     labels = np.full((len(examples), width), IGNORE, dtype=np.int64)
@@ -87,5 +89,8 @@ def collate(examples: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int, pack
         labels[row, :n] = lab
         positions[row, :n] = np.arange(n)
         positions[row, n:] = np.arange(width - n)
-    return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
-            "position_ids": torch.from_numpy(positions)}, real
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "labels": torch.from_numpy(labels),
+        "position_ids": torch.from_numpy(positions),
+    }, real

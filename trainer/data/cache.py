@@ -96,15 +96,14 @@ class Split:
             arrays = {}
             for name, dtype in ARRAYS:
                 path = directory / f"part-{part:05d}.{name}"
-                arrays[name] = (np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size
-                                else np.zeros(0, dtype=dtype))
+                arrays[name] = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype=dtype)
             self.parts.append(arrays)
         counts = [len(p["trained"]) for p in self.parts]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.trained = (np.concatenate([p["trained"] for p in self.parts]) if self.parts
-                        else np.zeros(0, dtype=np.int32)).astype(np.int64)
-        self.lengths = (np.concatenate([np.diff(p["offsets"]) for p in self.parts]) if self.parts
-                        else np.zeros(0, dtype=np.int64))
+        self.trained = (np.concatenate([p["trained"] for p in self.parts]) if self.parts else np.zeros(0, dtype=np.int32)).astype(
+            np.int64
+        )
+        self.lengths = np.concatenate([np.diff(p["offsets"]) for p in self.parts]) if self.parts else np.zeros(0, dtype=np.int64)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -124,8 +123,6 @@ class Split:
         return ids, np.where(mask.astype(bool), ids, -100)
 
 
-
-
 def fingerprint(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps({"version": VERSION, **parts}, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -134,8 +131,19 @@ def tokenizer_fingerprint(model_path: str) -> str:
     """The files that define the tokens: vocabulary, merges, special tokens, the chat template."""
     h = hashlib.sha256()
     root = Path(model_path)
-    for name in sorted(("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                        "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "added_tokens.json")):
+    for name in sorted(
+        (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "tokenizer.model",
+            "chat_template.jinja",
+            "chat_template.json",
+            "vocab.json",
+            "merges.txt",
+            "added_tokens.json",
+        )
+    ):
         f = root / name
         if f.exists():
             h.update(name.encode())
@@ -199,4 +207,3 @@ def load(final: Path) -> tuple[Split, Split, dict]:
     train = Split(final / "train", meta["parts"]["train"])
     val = Split(final / "val", meta["parts"]["val"])
     return train, val, meta
-

@@ -83,10 +83,10 @@ class Encoder:
                 out[i].append(self._finish(self.bos + ids, self.eos, prompt_trained=True))
         if chats:
             if self.template:
-                for (i, chat) in chats:
+                for i, chat in chats:
                     out[i].extend(self._templated(chat))
             else:
-                for (i, chat) in chats:
+                for i, chat in chats:
                     out[i].append(self._llama2(chat))
         return out
 
@@ -107,7 +107,7 @@ class Encoder:
 
     def _pack(self, ids: list[int], mask: list[int]) -> "Encoded | Dropped":
         truncated = len(ids) > self.limit
-        ids, mask = ids[:self.limit], mask[:self.limit]
+        ids, mask = ids[: self.limit], mask[: self.limit]
         if mask:
             mask[0] = 0  # nothing precedes the first token inside its own example
         if not any(mask[1:]):
@@ -129,11 +129,11 @@ class Encoder:
             if turn.role != "assistant" or not turn.train or (only is not None and i != only):
                 continue
             before = self._render(messages[:i], generation_prompt=True)
-            through = self._render(messages[:i + 1])
+            through = self._render(messages[: i + 1])
             if not through.startswith(before) or not full.startswith(through):
                 consistent = False
                 continue
-            trained = through[len(before):].rstrip()  # content and end-of-turn token; not the newline after
+            trained = through[len(before) :].rstrip()  # content and end-of-turn token; not the newline after
             spans.append((len(before), len(before) + len(trained)))
         return full, spans, consistent
 
@@ -195,12 +195,13 @@ def render_prompt(sample: Sample, tokenizer, cfg: DataConfig) -> tuple[str, str]
         return sample.prompt, sample.response
     if isinstance(sample, Text):
         words = sample.text.split()
-        return " ".join(words[: max(1, len(words) // 2)]), " ".join(words[len(words) // 2:])
+        return " ".join(words[: max(1, len(words) // 2)]), " ".join(words[len(words) // 2 :])
     last = max(i for i, t in enumerate(sample.turns) if t.role == "assistant")
     context = [Turn(t.role, t.content) for t in sample.turns[:last]]
     if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template([{"role": t.role, "content": t.content} for t in context],
-                                               tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": t.role, "content": t.content} for t in context], tokenize=False, add_generation_prompt=True
+        )
     else:
         system = next((t.content for t in context if t.role == "system"), None)
         prompt = llama2_chat_prompt("\n\n".join(t.content for t in context if t.role == "user"), system)

@@ -72,15 +72,19 @@ def detect(record: dict[str, Any], cfg: DataConfig) -> str:
         return "prompt-completion"
     if {cfg.instruction_column, cfg.output_column} <= keys:
         return "instruction"
-    if keys == {cfg.text_column} or (cfg.text_column in keys and isinstance(record[cfg.text_column], str)
-                                      and not {cfg.instruction_column, cfg.output_column} & keys):
+    if keys == {cfg.text_column} or (
+        cfg.text_column in keys
+        and isinstance(record[cfg.text_column], str)
+        and not {cfg.instruction_column, cfg.output_column} & keys
+    ):
         return "text"
     raise UserError(
         f"data: cannot tell the format of records with columns {', '.join(sorted(keys)) or '(none)'}. Expected one of: "
         f"{cfg.messages_column} (a list of {{role, content}}: messages), {cfg.conversations_column} (a list of "
         f"{{from, value}}: sharegpt), {cfg.prompt_column}+{cfg.completion_column} (prompt-completion), "
         f"{cfg.instruction_column}+{cfg.output_column} (instruction), {cfg.text_column} (text). Fix: rename the "
-        "columns with data.<kind>_column (e.g. data.output_column: answer), or set data.format")
+        "columns with data.<kind>_column (e.g. data.output_column: answer), or set data.format"
+    )
 
 
 def _text(record: dict, key: str, required: bool = True, allow_empty: bool = False, coerce: bool = False) -> str:
@@ -139,8 +143,11 @@ def normalize(record: dict[str, Any], fmt: str, cfg: DataConfig, coerce: bool = 
     if fmt == "text":
         return Text(_text(record, cfg.text_column, coerce=coerce))
     if fmt == "prompt-completion":
-        return Pair(_text(record, cfg.prompt_column, allow_empty=True, coerce=coerce),
-                    _text(record, cfg.completion_column, coerce=coerce), raw=True)
+        return Pair(
+            _text(record, cfg.prompt_column, allow_empty=True, coerce=coerce),
+            _text(record, cfg.completion_column, coerce=coerce),
+            raw=True,
+        )
     if fmt == "instruction":
         instruction = _text(record, cfg.instruction_column, coerce=coerce).strip()
         context = _text(record, cfg.input_column, required=False, coerce=coerce).strip()
@@ -175,8 +182,10 @@ def normalize(record: dict[str, Any], fmt: str, cfg: DataConfig, coerce: bool = 
     return _chat(turns, key, cfg)
 
 
-ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
-                         "further context. Write a response that appropriately completes the request.")
+ALPACA_PREAMBLE_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request."
+)
 ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 ALPACA_WITH_INPUT = "{preamble}\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_NO_INPUT = "{preamble}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
@@ -201,4 +210,3 @@ def export_record(sample: Sample, fmt: str, cfg: DataConfig, record: dict) -> di
         return {cfg.text_column: record[cfg.text_column]}
     key = cfg.messages_column if fmt == "messages" else cfg.conversations_column
     return {key: record[key]}
-

@@ -45,8 +45,10 @@ def wait_for(path: Path, wait_seconds: float, settle: float = 3.0) -> None:
         time.sleep(min(10.0, max(0.1, deadline - time.monotonic())))
     if not path.exists():
         waited = f" after waiting {wait_seconds:.0f}s" if wait_seconds else ""
-        raise UserError(f"data file {path} does not exist{waited}. Fix: copy it there (the stack output "
-                        "`commands.uploadDataset` has the kubectl cp command) or correct data.file")
+        raise UserError(
+            f"data file {path} does not exist{waited}. Fix: copy it there (the stack output "
+            "`commands.uploadDataset` has the kubectl cp command) or correct data.file"
+        )
     wait_until_complete(path, max(wait_seconds, MIN_GROWTH_WAIT), settle)
 
 
@@ -61,9 +63,11 @@ def wait_until_complete(path: Path, wait_seconds: float, settle: float = 3.0) ->
     seen, steady_since = (st.st_size, st.st_mtime_ns), time.monotonic()
     while time.monotonic() - steady_since < settle:
         if time.monotonic() > deadline:
-            raise UserError(f"data file {path} is still being written (it changed in the last {settle:g}s "
-                            f"for {wait_seconds:.0f}s). Fix: upload to a temporary name and rename it when complete "
-                            "(the stack's uploadDataset command does), or raise data.file_wait_seconds")
+            raise UserError(
+                f"data file {path} is still being written (it changed in the last {settle:g}s "
+                f"for {wait_seconds:.0f}s). Fix: upload to a temporary name and rename it when complete "
+                "(the stack's uploadDataset command does), or raise data.file_wait_seconds"
+            )
         time.sleep(0.25)
         st = path.stat()
         now = (st.st_size, st.st_mtime_ns)
@@ -86,8 +90,9 @@ def _decode(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InvalidRecord(where, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}). Fix: "
-                                   "re-encode the file as UTF-8") from None
+        raise InvalidRecord(
+            where, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}). Fix: re-encode the file as UTF-8"
+        ) from None
 
 
 class Source:
@@ -118,7 +123,7 @@ class JsonLines(Source):
             if start_offset:
                 f.seek(start_offset)
             offset, lineno = start_offset, start_line
-            for raw in (f if not self.compressed else io.BufferedReader(f)):
+            for raw in f if not self.compressed else io.BufferedReader(f):
                 yield lineno, offset, raw
                 offset += len(raw)
                 lineno += 1
@@ -152,11 +157,11 @@ class JsonLines(Source):
                     try:
                         record = json.loads(text)
                     except json.JSONDecodeError as exc:
-                        raise InvalidRecord(where, f"malformed JSON line ({exc.msg}, column {exc.colno}). "
-                                                   "Fix: one JSON object per line") from None
+                        raise InvalidRecord(
+                            where, f"malformed JSON line ({exc.msg}, column {exc.colno}). Fix: one JSON object per line"
+                        ) from None
                     if not isinstance(record, dict):
-                        raise InvalidRecord(where, f"is a JSON {type(record).__name__}, expected an object with "
-                                                   "named fields")
+                        raise InvalidRecord(where, f"is a JSON {type(record).__name__}, expected an object with named fields")
                     yield Item(index, where, record)
                 except InvalidRecord as bad:
                     yield Item(index, where, None, bad.message)
@@ -193,13 +198,17 @@ class JsonDocument(Source):
             key = self.field
             if key is None:
                 if len(lists) != 1:
-                    raise UserError(f"{self.path}: a JSON object with {'no' if not lists else len(lists)} list-valued "
-                                    f"keys ({', '.join(lists) or 'none'}); say which holds the records. Fix: "
-                                    "data.field: <key>")
+                    raise UserError(
+                        f"{self.path}: a JSON object with {'no' if not lists else len(lists)} list-valued "
+                        f"keys ({', '.join(lists) or 'none'}); say which holds the records. Fix: "
+                        "data.field: <key>"
+                    )
                 key = lists[0]
             if key not in doc or not isinstance(doc[key], list):
-                raise UserError(f"{self.path}: data.field {key!r} is not a list of records in this file (its keys: "
-                                f"{', '.join(doc) or 'none'})")
+                raise UserError(
+                    f"{self.path}: data.field {key!r} is not a list of records in this file (its keys: "
+                    f"{', '.join(doc) or 'none'})"
+                )
             doc = doc[key]
         if not isinstance(doc, list):
             raise UserError(f"{self.path}: expected a JSON array of records, got a {type(doc).__name__}")
@@ -292,8 +301,11 @@ class Table(Source):
 
             # check_utf8 off: a block of a text column that holds bad bytes must not stop the reader;
             # read() decodes such columns value by value (see _text_columns_as_binary).
-            reader = pacsv.open_csv(_open_binary(self.path), read_options=pacsv.ReadOptions(block_size=1 << 22),
-                                    convert_options=pacsv.ConvertOptions(check_utf8=False))
+            reader = pacsv.open_csv(
+                _open_binary(self.path),
+                read_options=pacsv.ReadOptions(block_size=1 << 22),
+                convert_options=pacsv.ConvertOptions(check_utf8=False),
+            )
             for batch in reader:
                 yield batch
         except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
@@ -305,8 +317,7 @@ class Table(Source):
             self._bad_lines = []
             if self.kind == ".csv":
                 with _open_binary(self.path) as f:
-                    for lineno, raw in enumerate(io.BufferedReader(f) if self.path.suffix in COMPRESSIONS else f,
-                                                 start=1):
+                    for lineno, raw in enumerate(io.BufferedReader(f) if self.path.suffix in COMPRESSIONS else f, start=1):
                         try:
                             raw.decode("utf-8")
                         except UnicodeDecodeError as exc:
@@ -403,9 +414,11 @@ class HubDataset(Source):
             try:
                 self._ds = datasets.load_dataset(self.dataset, self.config, split=self.split, token=self.token)
             except Exception as exc:  # the library raises many types; name the data either way
-                raise UserError(f"data.dataset {self.dataset!r} (split {self.split!r}) cannot be loaded: "
-                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Fix: check the "
-                                "dataset id and split on the hub, or use data.file") from None
+                raise UserError(
+                    f"data.dataset {self.dataset!r} (split {self.split!r}) cannot be loaded: "
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Fix: check the "
+                    "dataset id and split on the hub, or use data.file"
+                ) from None
         return self._ds
 
     def count(self) -> int:
@@ -417,7 +430,7 @@ class HubDataset(Source):
     def read(self, lo: int, hi: int) -> Iterator[Item]:
         ds = self._load()
         for start in range(lo, hi, 4096):
-            rows = ds[start:min(hi, start + 4096)]
+            rows = ds[start : min(hi, start + 4096)]
             keys = list(rows)
             for j in range(len(rows[keys[0]]) if keys else 0):
                 i = start + j

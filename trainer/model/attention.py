@@ -89,11 +89,16 @@ def from_bounds(bounds: tuple[int, ...], device: torch.device) -> Segments:
     by_length: dict[int, list[int]] = {}
     for a, n in zip(bounds[:-1], lengths):
         by_length.setdefault(n, []).append(a)
-    host = [(n, len(starts), (torch.tensor(starts)[:, None] + torch.arange(n)[None]).flatten())
-            for n, starts in by_length.items()]
+    host = [
+        (n, len(starts), (torch.tensor(starts)[:, None] + torch.arange(n)[None]).flatten()) for n, starts in by_length.items()
+    ]
     order = torch.cat([index for _, _, index in host])
-    return Segments(bounds=tuple(bounds), cu_seqlens=_to(torch.tensor(bounds, dtype=torch.int32), device),
-                    groups=tuple((n, k, _to(index, device)) for n, k, index in host), order=_to(order, device))
+    return Segments(
+        bounds=tuple(bounds),
+        cu_seqlens=_to(torch.tensor(bounds, dtype=torch.int32), device),
+        groups=tuple((n, k, _to(index, device)) for n, k, index in host),
+        order=_to(order, device),
+    )
 
 
 def segments(position_ids: torch.Tensor) -> list[int]:
@@ -131,8 +136,16 @@ def kernel(query: torch.Tensor, dropout: float) -> str:
     return "sdpa"
 
 
-def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+def varlen_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling=None,
+    **kwargs,
+):
     """Attention over a packed row at the cost of Σ len², not (Σ len)²: each example attends causally
     to itself only, through a kernel that takes example boundaries (torch's varlen flash kernel on
     CUDA) or SDPA's causal kernel per group of equally long examples (no mask tensor either way).
@@ -158,20 +171,33 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     gqa = query.shape[1] != key.shape[1]
 
     def sdpa(q, k, v):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling,
-                                                                is_causal=q.shape[2] > 1, enable_gqa=gqa)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, scale=scaling, is_causal=q.shape[2] > 1, enable_gqa=gqa
+        )
 
     if seg is None or len(lengths) == 1:  # one sequence per row (padded rows: the padding comes last)
         return sdpa(query, key, value).transpose(1, 2).contiguous(), None
     if kernel(query, dropout) == "varlen_attn":  # [1, H, L, D] -> [L, H, D]
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-        out = _cuda_varlen()(q, k, v, seg.cu_seqlens, seg.cu_seqlens, seg.max_length, seg.max_length,
-                             scale=scaling, window_size=(-1, 0), enable_gqa=gqa)
+        out = _cuda_varlen()(
+            q,
+            k,
+            v,
+            seg.cu_seqlens,
+            seg.cu_seqlens,
+            seg.max_length,
+            seg.max_length,
+            scale=scaling,
+            window_size=(-1, 0),
+            enable_gqa=gqa,
+        )
         return out[None], None
     pieces = []
     for n, count, index in seg.groups:
+
         def take(t):  # [1, H, L, D] -> [count, H, n, D]
             return t[0].index_select(1, index).unflatten(1, (count, n)).transpose(0, 1)
+
         out = sdpa(take(query), take(key), take(value))  # [count, H, n, D]
         pieces.append(out.transpose(0, 1).flatten(1, 2))  # [H, count*n, D]
     joined = torch.cat(pieces, dim=1)  # the kernel's dtype (bf16 under autocast)

@@ -104,6 +104,7 @@ def rates() -> MatmulRates:
 
 # ---- frozen low-precision weights, computed in a wider dtype ---------------------------------------
 
+
 def _rows(weight: torch.Tensor, transposed: bool, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
     """Output features start..stop of a narrow weight, widened: [stop - start, in] in `dtype`."""
     narrow = weight[:, start:stop].t() if transposed else weight[start:stop]
@@ -124,8 +125,7 @@ class _WidenedLinear(torch.autograd.Function):
     outlives its chunk) and widens it again the same way for the input's gradient."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                transposed: bool) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], transposed: bool) -> torch.Tensor:
         outputs = weight.shape[1] if transposed else weight.shape[0]
         flat = x.reshape(-1, x.shape[-1])
         out = torch.empty(flat.shape[0], outputs, dtype=x.dtype, device=x.device)
@@ -154,8 +154,9 @@ class _WidenedLinear(torch.autograd.Function):
         return grad_x.view(*grad.shape[:-1], inputs), None, None, None
 
 
-def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                   transposed: bool = False) -> torch.Tensor:
+def widened_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, transposed: bool = False
+) -> torch.Tensor:
     return _WidenedLinear.apply(x, weight, bias, transposed)
 
 
@@ -165,12 +166,14 @@ def _linear_forward(transposed: bool) -> Callable[..., torch.Tensor]:
         if weight.dtype == x.dtype or weight.requires_grad:  # a trainable copy (modules_to_save) in fp32
             return type(self).forward(self, x)
         return widened_linear(x, weight, cast(Optional[torch.Tensor], self.bias), transposed)
+
     return forward
 
 
 def _cast_output(dtype: torch.dtype) -> Callable[..., Any]:
     def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
         return output.to(dtype) if isinstance(output, torch.Tensor) and output.is_floating_point() else output
+
     return hook
 
 
@@ -192,8 +195,10 @@ class Widened:
     def describe(self) -> str:
         text = f"{self.layers} linear layers widened one at a time, {self.embeddings} embeddings' outputs widened"
         if self.whole:
-            text += (f", {self.whole / 1e6:.3g}M parameters of {', '.join(self.whole_modules)} held wide "
-                     "(no per-layer widening for them)")
+            text += (
+                f", {self.whole / 1e6:.3g}M parameters of {', '.join(self.whole_modules)} held wide "
+                "(no per-layer widening for them)"
+            )
         return text
 
 
@@ -211,18 +216,22 @@ def widen(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> Widened
     done = Widened()
     whole_types: set[str] = set()
     for module in model.modules():
-        own = [p for p in module.parameters(recurse=False) if p.is_floating_point() and p.dtype != dtype
-               and p.element_size() < torch.empty((), dtype=dtype).element_size()]
+        own = [
+            p
+            for p in module.parameters(recurse=False)
+            if p.is_floating_point() and p.dtype != dtype and p.element_size() < torch.empty((), dtype=dtype).element_size()
+        ]
         if not own or getattr(module, "_widened", False):
             continue
         if any(p.requires_grad for p in own):
-            raise ValueError(f"{type(module).__name__} has trainable {own[0].dtype} weights: widening is for frozen "
-                             "ones (pure bf16 training computes in bf16)")
+            raise ValueError(
+                f"{type(module).__name__} has trainable {own[0].dtype} weights: widening is for frozen "
+                "ones (pure bf16 training computes in bf16)"
+            )
         weight = getattr(module, "weight", None)
         # (A quantized layer's weight is not floating point: bitsandbytes dequantizes it for its matmul
         # into its compute dtype itself; only its bias, if narrow, is widened below.)
-        if (isinstance(module, (torch.nn.Linear, Conv1D)) and isinstance(weight, torch.Tensor)
-                and weight.is_floating_point()):
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and isinstance(weight, torch.Tensor) and weight.is_floating_point():
             # An instance attribute: PEFT wraps this module as its base_layer and calls it; a deep copy
             # (modules_to_save) rebinds the method to the copy.
             module.forward = types.MethodType(_linear_forward(isinstance(module, Conv1D)), module)  # type: ignore[method-assign]
@@ -243,16 +252,15 @@ def widen(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> Widened
     return done
 
 
-
-
 @contextmanager
 def for_inference(model: torch.nn.Module) -> Iterator[str]:
     """A model measured or sampled on a CPU (evaluation, the quantize stage, the demo): weights held in
     bf16/fp16 are computed in fp32, layer by layer, where this CPU's bf16 matmul is slow, and the model
     is given back as it was (the quantize stage goes on to quantize it). Yields what was done, for the
     log and the report."""
-    narrow = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()
-                     if p.is_floating_point() and p.element_size() < 4})
+    narrow = sorted(
+        {str(p.dtype).replace("torch.", "") for p in model.parameters() if p.is_floating_point() and p.element_size() < 4}
+    )
     measured = rates() if narrow and next(model.parameters()).device.type == "cpu" else None
     if measured is None or measured.bf16_fast:
         yield f"as stored ({', '.join(narrow) or 'fp32'}{f'; {measured.describe()}' if measured else ''})"

@@ -44,8 +44,10 @@ def architecture(path: Path) -> str:
     import struct
 
     def refuse(why: str) -> UserError:
-        return UserError(f"model: {path} is not a readable GGUF file ({why}). Fix: the path of a complete .gguf file "
-                         "(llama.cpp / Ollama model)")
+        return UserError(
+            f"model: {path} is not a readable GGUF file ({why}). Fix: the path of a complete .gguf file "
+            "(llama.cpp / Ollama model)"
+        )
 
     sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # scalar value types
     try:
@@ -87,9 +89,11 @@ def check_architecture(path: Path) -> str:
     arch = architecture(path)
     readable = readable_architectures()
     if _RENAMED.get(arch, arch) not in readable:
-        raise UserError(f"model: {path.name} is a GGUF model of architecture {arch!r}, which transformers cannot read "
-                        f"from GGUF (it reads: {', '.join(readable)}). Fix: the model's Hugging Face checkpoint "
-                        "(model.name_or_path: a hub id or a directory saved with save_pretrained)")
+        raise UserError(
+            f"model: {path.name} is a GGUF model of architecture {arch!r}, which transformers cannot read "
+            f"from GGUF (it reads: {', '.join(readable)}). Fix: the model's Hugging Face checkpoint "
+            "(model.name_or_path: a hub id or a directory saved with save_pretrained)"
+        )
     return arch
 
 
@@ -130,8 +134,10 @@ def dequantize(path: Path, dtype: torch.dtype, target: Path) -> None:
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
-        raise UserError(f"model: {name}: transformers read no values for {missing[:3]} from the GGUF file. Fix: the "
-                        "model's Hugging Face checkpoint instead")
+        raise UserError(
+            f"model: {name}: transformers read no values for {missing[:3]} from the GGUF file. Fix: the "
+            "model's Hugging Face checkpoint instead"
+        )
     del loaded
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -140,8 +146,9 @@ def dequantize(path: Path, dtype: torch.dtype, target: Path) -> None:
     publish_dir(tmp, target)
 
 
-def resolve_file(name_or_path: str, gguf_file: Optional[str], revision: Optional[str], token: Optional[str],
-                 is_main: bool) -> Optional[Path]:
+def resolve_file(
+    name_or_path: str, gguf_file: Optional[str], revision: Optional[str], token: Optional[str], is_main: bool
+) -> Optional[Path]:
     """The local GGUF file a model config names, downloading it from the hub when it names one there;
     None when the config names no GGUF file. Forms: name_or_path a .gguf file (local, or
     `owner/repo/file.gguf` on the hub); or gguf_file, a file inside name_or_path (a directory or a
@@ -152,16 +159,19 @@ def resolve_file(name_or_path: str, gguf_file: Optional[str], revision: Optional
         local = Path(name_or_path).expanduser()
         if local.is_file() or name_or_path.startswith(("/", "./", "../")) or name_or_path.count("/") < 2:
             if not local.is_file():
-                raise UserError(f"model.name_or_path {name_or_path}: no such GGUF file. Fix: the path of a .gguf file "
-                                "(on the volume: /data/...), or owner/repo/file.gguf on the hub")
+                raise UserError(
+                    f"model.name_or_path {name_or_path}: no such GGUF file. Fix: the path of a .gguf file "
+                    "(on the volume: /data/...), or owner/repo/file.gguf on the hub"
+                )
             return local
         repo, _, name = name_or_path.rpartition("/")
     else:
         local = Path(name_or_path).expanduser() / gguf_file
         if Path(name_or_path).expanduser().is_dir():
             if not local.is_file():
-                raise UserError(f"model.gguf_file {gguf_file} is not in {name_or_path}. Fix: the name of a .gguf file "
-                                "in that directory")
+                raise UserError(
+                    f"model.gguf_file {gguf_file} is not in {name_or_path}. Fix: the name of a .gguf file in that directory"
+                )
             return local
         repo, name = name_or_path, gguf_file
     from huggingface_hub import hf_hub_download
@@ -169,9 +179,11 @@ def resolve_file(name_or_path: str, gguf_file: Optional[str], revision: Optional
     try:
         return Path(hf_hub_download(repo, name, revision=revision, token=token, local_files_only=not is_main))
     except Exception as error:  # hub errors come in many types; the message is what matters
-        raise UserError(f"model: the GGUF file {name} of {repo} cannot be loaded: {type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''}. Fix: check the repo id, the file name, "
-                        "the network, and the token for private or gated models") from None
+        raise UserError(
+            f"model: the GGUF file {name} of {repo} cannot be loaded: {type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}. Fix: check the repo id, the file name, "
+            "the network, and the token for private or gated models"
+        ) from None
 
 
 def as_model_dir(path: Path, dtype: torch.dtype, cache_root: Path, log) -> str:
@@ -182,7 +194,9 @@ def as_model_dir(path: Path, dtype: torch.dtype, cache_root: Path, log) -> str:
         log(f"model: {path.name} read from its dequantized copy {target}")
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    log(f"model: dequantizing {path.name} into {str(dtype).replace('torch.', '')} once ({target}); the fine-tune "
-        "starts from these weights, the ones llama.cpp runs")
+    log(
+        f"model: dequantizing {path.name} into {str(dtype).replace('torch.', '')} once ({target}); the fine-tune "
+        "starts from these weights, the ones llama.cpp runs"
+    )
     dequantize(path, dtype, target)
     return str(target)

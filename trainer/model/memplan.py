@@ -52,22 +52,38 @@ def workspace(compute_bytes: int, cuda: bool = False) -> int:
     if cuda:
         return 0
     return int((0.25 if compute_bytes == 2 else 0.05) * GIB)
+
+
 # Activation bytes per token per decoder layer at 2-byte compute, as a*hidden + b*intermediate
 # (fitted on Llama layers with torch.autograd.graph.saved_tensors_hooks; see bench/README.md).
 _ACT = {("lora", False): (25, 6), ("full", False): (36, 8), ("lora", True): (3, 0), ("full", True): (6, 0)}
 _LOSS_BYTES_PER_LOGIT = 10  # bf16 logits + their fp32 copy + its gradient
 
 
-_SUFFIX = {"Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40, "Pi": 2 ** 50, "Ei": 2 ** 60,
-           "k": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12, "P": 10 ** 15, "E": 10 ** 18, "m": 1e-3}
+_SUFFIX = {
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "m": 1e-3,
+}
 
 
 def quantity_bytes(value: str) -> int:
     """A Kubernetes memory quantity (16Gi, 512Mi, 1e9, 2G) in bytes."""
     m = re.fullmatch(r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))([eE][+-]?\d+|[A-Za-z]{0,2})", value.strip())
     if not m or not (m.group(2) in _SUFFIX or m.group(2) == "" or m.group(2)[:1] in ("e", "E")):
-        raise ValueError(f"{value!r} is not a Kubernetes quantity; write it like 46Gi, 512Mi or 1e9 "
-                         f"(suffixes {', '.join(_SUFFIX)})")
+        raise ValueError(
+            f"{value!r} is not a Kubernetes quantity; write it like 46Gi, 512Mi or 1e9 (suffixes {', '.join(_SUFFIX)})"
+        )
     number, suffix = float(m.group(1)), m.group(2)
     if suffix[:1] in ("e", "E"):
         return int(number * 10 ** int(suffix[1:]))
@@ -133,9 +149,15 @@ def lora_trainable(shape: Shape, r: int, targets: tuple[str, ...], modules_to_sa
     """Adapter parameters: r x (in + out) per adapted projection, per layer."""
     h, kvd = shape.hidden, shape.kv_heads * shape.head_dim
     qd = shape.heads * shape.head_dim
-    dims = {"q_proj": (h, qd), "k_proj": (h, kvd), "v_proj": (h, kvd), "o_proj": (qd, h),
-            "gate_proj": (h, shape.intermediate), "up_proj": (h, shape.intermediate),
-            "down_proj": (shape.intermediate, h)}
+    dims = {
+        "q_proj": (h, qd),
+        "k_proj": (h, kvd),
+        "v_proj": (h, kvd),
+        "o_proj": (qd, h),
+        "gate_proj": (h, shape.intermediate),
+        "up_proj": (h, shape.intermediate),
+        "down_proj": (shape.intermediate, h),
+    }
     names = list(targets)
     if names == ["auto"]:
         names = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -185,9 +207,11 @@ class MemoryPlan:
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.terms.items() if v >= 0.005 * GIB)
-        stages = f"load {self.load / GIB:.1f}, train {self.train / GIB:.1f}" + (
-            f", final/ {self.final / GIB:.1f}" if self.final else "") + (
-            f", quantize {self.quantize / GIB:.1f}" if self.quantize else "")
+        stages = (
+            f"load {self.load / GIB:.1f}, train {self.train / GIB:.1f}"
+            + (f", final/ {self.final / GIB:.1f}" if self.final else "")
+            + (f", quantize {self.quantize / GIB:.1f}" if self.quantize else "")
+        )
         return f"{self.peak / GIB:.1f} GiB per process ({stages}): {parts}"
 
 
@@ -277,9 +301,18 @@ def quantize_bytes(shape: Shape, runtime: int, save_bytes: int, bits: int = 4) -
     return int(runtime + shape.params * save_bytes + packed + shape.layer_params * 4 + 2 * 2048 * shape.vocab * 4)
 
 
-def setting_for(cfg, shape: Shape, world: int, local_processes: int, mixed: bool, cuda: bool = False,
-                tokens: Optional[int] = None, save_bytes: Optional[int] = None, compute_bytes: Optional[int] = None,
-                frozen_bytes: Optional[int] = None) -> Setting:
+def setting_for(
+    cfg,
+    shape: Shape,
+    world: int,
+    local_processes: int,
+    mixed: bool,
+    cuda: bool = False,
+    tokens: Optional[int] = None,
+    save_bytes: Optional[int] = None,
+    compute_bytes: Optional[int] = None,
+    frozen_bytes: Optional[int] = None,
+) -> Setting:
     """The Setting of a TrainerConfig (trainer/config.py) on `world` processes. The compute and frozen
     storage widths are the trainer's choice where it has made one (a CPU without fast bf16 computes in
     fp32 and may keep the frozen base in bf16); by default, what model.dtype says."""
@@ -293,14 +326,28 @@ def setting_for(cfg, shape: Shape, world: int, local_processes: int, mixed: bool
         tokens = t.tokens_per_micro_batch or t.per_device_train_batch_size * cfg.data.max_seq_length
     lt = lora_trainable(shape, cfg.lora.r, tuple(cfg.lora.target_modules), tuple(cfg.lora.modules_to_save))
     sb = save_bytes or {"bf16": 2, "fp16": 2, "fp32": 4}.get(cfg.model.save_dtype, shape.saved_bytes)
-    return Setting(lora=cfg.lora.enabled, lora_trainable=lt, mixed=mixed, compute_bytes=compute, master_bytes=master,
-                   frozen_bytes=frozen, world=world, local_processes=local_processes, fsdp=t.fsdp and world > 1,
-                   tokens=tokens, gradient_checkpointing=t.gradient_checkpointing, quantize=cfg.quantize.enabled,
-                   save_bytes=sb, cuda=cuda, quantize_bits=cfg.quantize.bits,
-                   base_bits=(cfg.lora.base_bits or 0) if cfg.lora.enabled else 0)
+    return Setting(
+        lora=cfg.lora.enabled,
+        lora_trainable=lt,
+        mixed=mixed,
+        compute_bytes=compute,
+        master_bytes=master,
+        frozen_bytes=frozen,
+        world=world,
+        local_processes=local_processes,
+        fsdp=t.fsdp and world > 1,
+        tokens=tokens,
+        gradient_checkpointing=t.gradient_checkpointing,
+        quantize=cfg.quantize.enabled,
+        save_bytes=sb,
+        cuda=cuda,
+        quantize_bits=cfg.quantize.bits,
+        base_bits=(cfg.lora.base_bits or 0) if cfg.lora.enabled else 0,
+    )
 
 
 # ---- what a process can have --------------------------------------------------------------------
+
 
 def _cgroup_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> Optional[tuple[int, str]]:
     """The tightest memory limit of this process's cgroup and its parents (v2 memory.max, v1
@@ -338,9 +385,14 @@ def _cgroup_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/c
     return best
 
 
-def available_memory(local_processes: int, current_rss: int, cuda_free: Optional[int] = None,
-                     proc_cgroup: str = "/proc/self/cgroup", cgroup_root: str = "/sys/fs/cgroup",
-                     meminfo: str = "/proc/meminfo") -> tuple[int, str]:
+def available_memory(
+    local_processes: int,
+    current_rss: int,
+    cuda_free: Optional[int] = None,
+    proc_cgroup: str = "/proc/self/cgroup",
+    cgroup_root: str = "/sys/fs/cgroup",
+    meminfo: str = "/proc/meminfo",
+) -> tuple[int, str]:
     """(bytes one process may use, where that figure comes from). The container's cgroup limit is
     shared by the pod's processes; without one, the node's available memory (plus what this process
     already holds) is."""
@@ -368,13 +420,16 @@ class Decision:
     def log_line(self) -> str:
         line = f"memory plan: {self.plan.describe()}; can have {self.budget / GIB:.1f} GiB ({self.source})"
         if self.turned_on_checkpointing is not None:
-            line += (f"; gradient checkpointing turned on: without it {self.turned_on_checkpointing.peak / GIB:.1f} GiB "
-                     "would not fit")
+            line += (
+                f"; gradient checkpointing turned on: without it {self.turned_on_checkpointing.peak / GIB:.1f} GiB would not fit"
+            )
         return line
 
     def refusal(self, fixes: list[str]) -> str:
-        return (f"memory plan: {self.plan.peak / GIB:.1f} GiB per process does not fit the {self.budget / GIB:.1f} GiB "
-                f"it can have ({self.source}): {self.plan.describe()}. Fix: " + "; or ".join(fixes))
+        return (
+            f"memory plan: {self.plan.peak / GIB:.1f} GiB per process does not fit the {self.budget / GIB:.1f} GiB "
+            f"it can have ({self.source}): {self.plan.describe()}. Fix: " + "; or ".join(fixes)
+        )
 
 
 def decide(shape: Shape, s: Setting, runtime: int, budget: int, source: str) -> Decision:
@@ -396,8 +451,10 @@ def pick(options: list[tuple[bool, bool]]) -> tuple[Optional[int], str]:
     as configured, else the first that fits at all (recomputing every layer costs ~1/3 more compute
     than a narrower storage widened per layer); None where none fits. With why the widest was passed
     over ("not fit", "need gradient checkpointing"; "" when it was taken)."""
-    index = next((i for i, (fits, checkpointing) in enumerate(options) if fits and not checkpointing),
-                 next((i for i, (fits, _) in enumerate(options) if fits), None))
+    index = next(
+        (i for i, (fits, checkpointing) in enumerate(options) if fits and not checkpointing),
+        next((i for i, (fits, _) in enumerate(options) if fits), None),
+    )
     why = "" if not index else ("need gradient checkpointing" if options[0][0] else "not fit")
     return index, why
 
@@ -422,8 +479,13 @@ def fixes(cfg, s: Setting, shape: Shape, where: str = "trainer config") -> list[
 
 
 def as_dict(d: Decision) -> dict[str, Any]:
-    return {"peak_gib": round(d.plan.peak / GIB, 3), "load_gib": round(d.plan.load / GIB, 3),
-            "train_gib": round(d.plan.train / GIB, 3), "quantize_gib": round(d.plan.quantize / GIB, 3),
-            "budget_gib": round(d.budget / GIB, 3), "source": d.source,
-            "terms_gib": {k: round(v / GIB, 3) for k, v in d.plan.terms.items()},
-            "gradient_checkpointing_turned_on": d.turned_on_checkpointing is not None}
+    return {
+        "peak_gib": round(d.plan.peak / GIB, 3),
+        "load_gib": round(d.plan.load / GIB, 3),
+        "train_gib": round(d.plan.train / GIB, 3),
+        "quantize_gib": round(d.plan.quantize / GIB, 3),
+        "budget_gib": round(d.budget / GIB, 3),
+        "source": d.source,
+        "terms_gib": {k: round(v / GIB, 3) for k, v in d.plan.terms.items()},
+        "gradient_checkpointing_turned_on": d.turned_on_checkpointing is not None,
+    }

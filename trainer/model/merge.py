@@ -25,9 +25,19 @@ import torch
 
 from trainer.atomic import publish_dir
 from trainer.model.memplan import MERGE_SHARD_BYTES as SHARD_BYTES
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 @dataclass(frozen=True)
@@ -56,10 +66,12 @@ def trained(peft_model) -> tuple[dict[str, Delta], dict[str, torch.Tensor]]:
         if isinstance(module, LoraLayer):
             adapter = module.active_adapters[0]
             lora_a, lora_b = cast(Any, module.lora_A[adapter]), cast(Any, module.lora_B[adapter])
-            deltas[f"{name}.weight"] = Delta(lora_a.weight.detach().float().clone(),
-                                             lora_b.weight.detach().float().clone(),
-                                             float(module.scaling[adapter]),
-                                             bool(getattr(module, "fan_in_fan_out", False)))
+            deltas[f"{name}.weight"] = Delta(
+                lora_a.weight.detach().float().clone(),
+                lora_b.weight.detach().float().clone(),
+                float(module.scaling[adapter]),
+                bool(getattr(module, "fan_in_fan_out", False)),
+            )
         elif isinstance(module, ModulesToSaveWrapper):
             copy = module.modules_to_save[module.active_adapters[0]]
             for key, p in copy.named_parameters():
@@ -103,8 +115,14 @@ def _tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, tensor.reshape(meta["shape"])
 
 
-def stream(base_dir: str | Path, deltas: dict[str, Delta], whole: dict[str, torch.Tensor], dtype: torch.dtype,
-           out_dir: Path, shard_bytes: int = SHARD_BYTES) -> int:
+def stream(
+    base_dir: str | Path,
+    deltas: dict[str, Delta],
+    whole: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    out_dir: Path,
+    shard_bytes: int = SHARD_BYTES,
+) -> int:
     """Writes the merged weights into `out_dir` (model.safetensors, or shards and their index); returns
     how many weights were merged. Every trained name must be one of the files' (checked by the caller)."""
     from safetensors.torch import save_file
@@ -147,8 +165,15 @@ def stream(base_dir: str | Path, deltas: dict[str, Delta], whole: dict[str, torc
     return merged
 
 
-def write_final(base_dir: str, deltas: dict[str, Delta], whole: dict[str, torch.Tensor], dtype: torch.dtype,
-                tokenizer, final_dir: Path, source_files: tuple[str, ...] = ()) -> int:
+def write_final(
+    base_dir: str,
+    deltas: dict[str, Delta],
+    whole: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    tokenizer,
+    final_dir: Path,
+    source_files: tuple[str, ...] = (),
+) -> int:
     """final/ as a plain Hugging Face model directory (config in the save dtype, the tokenizer, the base's
     SentencePiece model), swapped in whole; returns how many weights were merged."""
     from transformers import AutoConfig

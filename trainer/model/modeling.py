@@ -22,14 +22,15 @@ def read_token() -> Optional[str]:
         try:
             token = Path(path).read_text().strip()
         except OSError as exc:
-            raise UserError(f"HF_TOKEN_PATH={path} cannot be read ({exc.strerror}). Fix: pulumi config set "
-                            "--secret hfToken hf_... and pulumi up, or unset HF_TOKEN_PATH") from None
+            raise UserError(
+                f"HF_TOKEN_PATH={path} cannot be read ({exc.strerror}). Fix: pulumi config set "
+                "--secret hfToken hf_... and pulumi up, or unset HF_TOKEN_PATH"
+            ) from None
         return token or None
     return os.environ.get("HF_TOKEN") or None
 
 
-def resolve(cfg: ModelConfig, token: Optional[str], d, cache_root: Optional[Path] = None,
-            log=lambda m: None) -> str:
+def resolve(cfg: ModelConfig, token: Optional[str], d, cache_root: Optional[Path] = None, log=lambda m: None) -> str:
     """A local directory holding the model. On the hub, rank 0 downloads (into HF_HOME on the
     shared volume) while the others wait, then everyone loads from the cache. A GGUF file (local or on
     the hub) is dequantized once by rank 0 into a model directory under `cache_root` (trainer/model/gguf.py)."""
@@ -49,12 +50,16 @@ def resolve(cfg: ModelConfig, token: Optional[str], d, cache_root: Optional[Path
     local = Path(cfg.name_or_path).expanduser()
     if local.is_dir():
         if not (local / "config.json").exists():
-            raise UserError(f"model.name_or_path {local} is a directory without config.json: not a Hugging Face "
-                            "model directory. Fix: point it at a directory saved with save_pretrained")
+            raise UserError(
+                f"model.name_or_path {local} is a directory without config.json: not a Hugging Face "
+                "model directory. Fix: point it at a directory saved with save_pretrained"
+            )
         return str(local)
     if cfg.name_or_path.startswith(("/", "./", "../")):
-        raise UserError(f"model.name_or_path {cfg.name_or_path} does not exist. Fix: the path of a model directory "
-                        "(on the volume: /data/...) or a hub id such as meta-llama/Llama-2-7b-hf")
+        raise UserError(
+            f"model.name_or_path {cfg.name_or_path} does not exist. Fix: the path of a model directory "
+            "(on the volume: /data/...) or a hub id such as meta-llama/Llama-2-7b-hf"
+        )
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
@@ -62,15 +67,21 @@ def resolve(cfg: ModelConfig, token: Optional[str], d, cache_root: Optional[Path
     def fetch() -> str:
         # Rank 0 downloads; the others, released after it, read the shared cache only.
         try:
-            return snapshot_download(cfg.name_or_path, revision=cfg.revision, token=token, allow_patterns=patterns,
-                                     local_files_only=not d.is_main)
+            return snapshot_download(
+                cfg.name_or_path, revision=cfg.revision, token=token, allow_patterns=patterns, local_files_only=not d.is_main
+            )
         except Exception as error:  # hub errors come in many types; the message is what matters
             gated = "gated" in str(error).lower() or "401" in str(error) or "403" in str(error)
-            hint = ("it is gated: accept its licence on the hub and set the token (pulumi config set --secret "
-                    "hfToken hf_...; locally HF_TOKEN)" if gated
-                    else "check the hub id, the network, and the token for private or gated models")
-            raise UserError(f"model.name_or_path {cfg.name_or_path!r} cannot be loaded: {type(error).__name__}: "
-                            f"{str(error).splitlines()[0] if str(error) else ''}. Fix: {hint}") from None
+            hint = (
+                "it is gated: accept its licence on the hub and set the token (pulumi config set --secret "
+                "hfToken hf_...; locally HF_TOKEN)"
+                if gated
+                else "check the hub id, the network, and the token for private or gated models"
+            )
+            raise UserError(
+                f"model.name_or_path {cfg.name_or_path!r} cannot be loaded: {type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}. Fix: {hint}"
+            ) from None
 
     from trainer.runtime.distributed import main_first
 
@@ -108,18 +119,20 @@ def load_model(path: str, dtype: torch.dtype, attn: str, device: torch.device, q
     # bitsandbytes' layers are placed while they load (they cannot be moved after).
     placed = {"quantization_config": quantization, "device_map": {"": device}} if quantization is not None else {}
     from trainer.model.qlora import reading_not_mapping
+
     for i, implementation in enumerate(tries):
         try:
             with reading_not_mapping() if quantization is not None else contextlib.nullcontext():
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=implementation,
-                                                             **placed)
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=implementation, **placed)
             break
         except Exception as exc:
             if unsupported(exc) and i + 1 < len(tries):
                 continue  # auto: the next implementation this device offers
             if unsupported(exc):
-                raise UserError(f"model.attn_implementation {attn!r}: {str(exc).splitlines()[0]} Fix: "
-                                "model.attn_implementation: auto (the best the model supports)") from None
+                raise UserError(
+                    f"model.attn_implementation {attn!r}: {str(exc).splitlines()[0]} Fix: "
+                    "model.attn_implementation: auto (the best the model supports)"
+                ) from None
             raise UserError(f"model at {path} cannot be loaded: {type(exc).__name__}: {exc}") from None
     # No KV cache in training; it also matters for packing: transformers looks for packed sequences
     # (position_ids restarting at 0) only when there is no cache.
@@ -182,14 +195,17 @@ def lora_targets(model: torch.nn.Module, requested: tuple[str, ...]):
         if not found:  # e.g. Mamba: every projection peft can adapt on this architecture
             found = [n for n, _ in projection_layers(model) if _peft_can_adapt(model, n.rsplit(".", 1)[-1])]
             return found, "all-linear (the model has no attention block): " + ", ".join(
-                sorted({n.rsplit(".", 1)[-1] for n in found}))
+                sorted({n.rsplit(".", 1)[-1] for n in found})
+            )
         return found, "auto: " + ", ".join(sorted({n.rsplit(".", 1)[-1] for n in found}))
     available = linear_module_names(model)
     missing = [t for t in requested if t not in available]
     if missing:
-        raise UserError(f"lora.target_modules {missing} not found in the model. Its linear layers are named: "
-                        f"{', '.join(available)}. Fix: choose from those, or lora.target_modules: [auto] (its "
-                        "attention projections) or [all-linear]")
+        raise UserError(
+            f"lora.target_modules {missing} not found in the model. Its linear layers are named: "
+            f"{', '.join(available)}. Fix: choose from those, or lora.target_modules: [auto] (its "
+            "attention projections) or [all-linear]"
+        )
     return list(requested), ", ".join(requested)
 
 
@@ -214,14 +230,23 @@ def apply_lora(model, cfg: LoraConfig):
     from peft import get_peft_model
 
     targets, described = lora_targets(model, cfg.target_modules)
-    peft_cfg = PeftLora(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                        modules_to_save=list(cfg.modules_to_save) or None, task_type="CAUSAL_LM", bias="none")
+    peft_cfg = PeftLora(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        modules_to_save=list(cfg.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
     try:
         return get_peft_model(model, peft_cfg), described
     except ValueError as exc:  # a module peft cannot adapt here, or a modules_to_save name the model lacks
-        raise UserError(f"lora: {str(exc).rstrip('.')}. Fix: lora.target_modules [auto] (what this model supports) "
-                        f"and lora.modules_to_save names of the model's modules "
-                        f"({', '.join(linear_module_names(model))})") from None
+        raise UserError(
+            f"lora: {str(exc).rstrip('.')}. Fix: lora.target_modules [auto] (what this model supports) "
+            f"and lora.modules_to_save names of the model's modules "
+            f"({', '.join(linear_module_names(model))})"
+        ) from None
 
 
 def weights(p: torch.Tensor) -> int:
@@ -290,8 +315,9 @@ def rebuild(path: str, dtype: torch.dtype, lora: Optional[LoraConfig], trained: 
 SOURCE_TOKENIZER_FILES = ("tokenizer.model",)
 
 
-def save_final(model, tokenizer, final_dir: Path, adapter_dir: Optional[Path], dtype: torch.dtype,
-               base_dir: Optional[str] = None) -> None:
+def save_final(
+    model, tokenizer, final_dir: Path, adapter_dir: Optional[Path], dtype: torch.dtype, base_dir: Optional[str] = None
+) -> None:
     """final/: a plain Hugging Face model directory (LoRA merged); adapter/: the LoRA adapter alone.
     `base_dir`: the base model's directory, whose SentencePiece model is carried over (GGUF export)."""
     import shutil
@@ -342,8 +368,9 @@ class CausalLMLoss(torch.nn.Module):
             logits = logits[:, :-1][keep]
         else:
             mask = torch.nn.functional.pad(keep, (0, 1), value=False)  # positions whose next token is a label
-            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                                logits_to_keep=mask, **extra).logits
+            logits = self.model(
+                input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=mask, **extra
+            ).logits
             logits = logits.reshape(-1, logits.shape[-1])
         loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return loss, keep.sum()

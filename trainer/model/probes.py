@@ -21,8 +21,12 @@ from trainer.errors import UserError
 # An isolated example's logits differ only by summation order: ~2e-7 in fp32 on tiny models, where the
 # smallest leak measured (LFM2's convolution state) is 3e-4. Relative to the largest logit.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 4e-2, torch.float16: 5e-3}
-PACKED, PACKED_VARLEN, PACKED_SEQ_IDX, PADDED = ("packed", "packed, variable-length attention",
-                                                 "packed with sequence index", "padded")
+PACKED, PACKED_VARLEN, PACKED_SEQ_IDX, PADDED = (
+    "packed",
+    "packed, variable-length attention",
+    "packed with sequence index",
+    "padded",
+)
 
 
 def sequence_kwargs(position_ids: torch.Tensor, device: Optional[torch.device] = None) -> dict[str, Any]:
@@ -36,9 +40,13 @@ def sequence_kwargs(position_ids: torch.Tensor, device: Optional[torch.device] =
     edges = bounds(pos)
     cu = torch.tensor(edges, dtype=torch.int32)
     longest = max(b - a for a, b in zip(edges[:-1], edges[1:]))
-    return {"seq_idx": _to((torch.cumsum((pos == 0).int(), dim=1) - 1).to(torch.int32), device),
-            "cu_seq_lens_q": _to(cu, device), "cu_seq_lens_k": _to(cu, device),
-            "max_length_q": longest, "max_length_k": longest}
+    return {
+        "seq_idx": _to((torch.cumsum((pos == 0).int(), dim=1) - 1).to(torch.int32), device),
+        "cu_seq_lens_q": _to(cu, device),
+        "cu_seq_lens_k": _to(cu, device),
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
 
 
 @dataclass(frozen=True)
@@ -68,16 +76,14 @@ def _probe_ids(model, device) -> tuple[torch.Tensor, torch.Tensor]:
     vocab = model.get_input_embeddings().num_embeddings
     g = torch.Generator().manual_seed(1234)
     low = min(4, vocab - 1)  # stay clear of the usual special tokens
-    return (torch.randint(low, vocab, (7,), generator=g).to(device),
-            torch.randint(low, vocab, (9,), generator=g).to(device))
+    return (torch.randint(low, vocab, (7,), generator=g).to(device), torch.randint(low, vocab, (9,), generator=g).to(device))
 
 
 def _logits(model, ids: torch.Tensor, positions: torch.Tensor, **extra) -> torch.Tensor:
     return model(input_ids=ids[None], position_ids=positions[None], use_cache=False, **extra).logits[0].float()
 
 
-def leak(model, device, with_sequence_index: bool = False, reference: Optional[torch.Tensor] = None,
-         extra_fn=None) -> float:
+def leak(model, device, with_sequence_index: bool = False, reference: Optional[torch.Tensor] = None, extra_fn=None) -> float:
     """Largest change of B's logits when B is packed after A, relative to B's largest logit.
     `reference`: B's logits alone under another attention path (exactness of a new path)."""
     a, b = _probe_ids(model, device)
@@ -88,7 +94,7 @@ def leak(model, device, with_sequence_index: bool = False, reference: Optional[t
     extra = sequence_kwargs(positions[None]) if with_sequence_index else {}
     if extra_fn is not None:
         extra = extra_fn(positions[None])
-    packed = _logits(model, ids, positions, **extra)[len(a):]
+    packed = _logits(model, ids, positions, **extra)[len(a) :]
     return float((alone - packed).abs().max()) / max(1.0, float(alone.abs().max()))
 
 
@@ -110,8 +116,7 @@ def try_varlen(loss_module, device, tol: float) -> Optional[float]:
     reference = _logits(model, b, torch.arange(len(b), device=device))
     try:
         hf.set_attn_implementation(VARLEN)
-        error = leak(model, device, reference=reference,
-                     extra_fn=lambda positions: {SEGMENTS: plan(positions)})
+        error = leak(model, device, reference=reference, extra_fn=lambda positions: {SEGMENTS: plan(positions)})
     except Exception:  # the model's attention needs what varlen does not do (softcapping, a mask, ALiBi...)
         error = float("inf")
     if error <= tol:
@@ -140,8 +145,9 @@ def _measure(fn, *args, **kwargs) -> float:
 
 
 @torch.no_grad()
-def run(loss_module, requested_packing: Optional[bool], device: torch.device, varlen: bool = False,
-        longest: Optional[int] = None) -> PackingPlan:
+def run(
+    loss_module, requested_packing: Optional[bool], device: torch.device, varlen: bool = False, longest: Optional[int] = None
+) -> PackingPlan:
     """Measure on the model and choose: packing path and loss path (see the module docstring).
     `varlen`: try variable-length attention first (trainer/model/attention.py), kept only where exact;
     `longest`: the longest example training may see (data.max_seq_length)."""
@@ -153,8 +159,13 @@ def run(loss_module, requested_packing: Optional[bool], device: torch.device, va
     if varlen and window is not None and (longest is None or window < longest):
         # Varlen has no window, and the probe's short examples fit in it: an example longer than the
         # window would fail mid-run. The model's own attention applies the window to packed rows.
-        varlen, note = False, (f"variable-length attention not used: the model's sliding window ({window}) is "
-                               f"shorter than the longest example (data.max_seq_length {longest})")
+        varlen, note = (
+            False,
+            (
+                f"variable-length attention not used: the model's sliding window ({window}) is "
+                f"shorter than the longest example (data.max_seq_length {longest})"
+            ),
+        )
     was_training = model.training
     model.eval()
     # The narrowest dtype the weights hold sets the tolerance; a LoRA run's bf16 base with fp32 adapters
@@ -171,11 +182,13 @@ def run(loss_module, requested_packing: Optional[bool], device: torch.device, va
                 gap_full = _measure(loss_gap, loss_module, device)
                 loss_module.full_logits = False
                 if gap_full > tol:
-                    raise UserError(f"model: the loss computed from its logits differs from its own "
-                                    f"forward(labels=...) loss by {gap_full:.2g} (relative; tolerance {tol:g}); it "
-                                    "computes a loss this trainer does not reproduce (an auxiliary loss?). Fix: a causal "
-                                    "LM whose loss is next-token cross-entropy, or disable its extra loss terms in its "
-                                    "config")
+                    raise UserError(
+                        f"model: the loss computed from its logits differs from its own "
+                        f"forward(labels=...) loss by {gap_full:.2g} (relative; tolerance {tol:g}); it "
+                        "computes a loss this trainer does not reproduce (an auxiliary loss?). Fix: a causal "
+                        "LM whose loss is next-token cross-entropy, or disable its extra loss terms in its "
+                        "config"
+                    )
             measured = None
             varlen_error = try_varlen(loss_module, device, tol) if varlen and requested_packing is not False else None
             if requested_packing is False:
@@ -189,10 +202,12 @@ def run(loss_module, requested_packing: Optional[bool], device: torch.device, va
                 elif _measure(leak, model, device, with_sequence_index=True) <= tol:
                     packing = PACKED_SEQ_IDX
                 elif requested_packing:
-                    raise UserError(f"data.packing: true, but on {type(model).__name__} packed examples attend to each "
-                                    f"other: an example's logits change by {measured:.2g} (relative) when packed after "
-                                    f"another (isolated: <= {tol:g}). Fix: data.packing: null (auto: pads per "
-                                    "micro-batch on this model) or false")
+                    raise UserError(
+                        f"data.packing: true, but on {type(model).__name__} packed examples attend to each "
+                        f"other: an example's logits change by {measured:.2g} (relative) when packed after "
+                        f"another (isolated: <= {tol:g}). Fix: data.packing: null (auto: pads per "
+                        "micro-batch on this model) or false"
+                    )
                 else:
                     packing = PADDED
             return PackingPlan(packing, full, measured, gap, tol, note if requested_packing is not False else None)
@@ -203,24 +218,33 @@ def run(loss_module, requested_packing: Optional[bool], device: torch.device, va
 def describe(plan: PackingPlan, model_name: str) -> list[str]:
     """The log lines that say which path was taken and why."""
     if plan.packing == PACKED:
-        pack = (f"packing: examples packed padding-free; probe: an example's logits alone and packed differ by "
-                f"{plan.leak:.1e} <= {plan.tolerance:g}")
+        pack = (
+            f"packing: examples packed padding-free; probe: an example's logits alone and packed differ by "
+            f"{plan.leak:.1e} <= {plan.tolerance:g}"
+        )
     elif plan.packing == PACKED_VARLEN:
-        pack = (f"packing: examples packed padding-free, variable-length attention (each example attends to itself: "
-                f"Σ len² work, no dense mask); probe: an example's logits packed under it and alone under the "
-                f"model's own attention differ by {plan.leak:.1e} <= {plan.tolerance:g}")
+        pack = (
+            f"packing: examples packed padding-free, variable-length attention (each example attends to itself: "
+            f"Σ len² work, no dense mask); probe: an example's logits packed under it and alone under the "
+            f"model's own attention differ by {plan.leak:.1e} <= {plan.tolerance:g}"
+        )
     elif plan.packing == PACKED_SEQ_IDX:
-        pack = (f"packing: examples packed with a sequence index (seq_idx, cu_seq_lens): plain packing leaks "
-                f"({plan.leak:.2g}) on {model_name}, the indexed path is isolated")
+        pack = (
+            f"packing: examples packed with a sequence index (seq_idx, cu_seq_lens): plain packing leaks "
+            f"({plan.leak:.2g}) on {model_name}, the indexed path is isolated"
+        )
     elif plan.leak is None:
         pack = "packing: off (data.packing: false): one padded row per example"
     else:
-        pack = (f"packing: padding per micro-batch instead: on {model_name} packed examples would attend to each "
-                f"other (logits differ by {plan.leak:.2g} > {plan.tolerance:g})")
+        pack = (
+            f"packing: padding per micro-batch instead: on {model_name} packed examples would attend to each "
+            f"other (logits differ by {plan.leak:.2g} > {plan.tolerance:g})"
+        )
     if plan.note:
         pack += f"; {plan.note}"
-    loss = ("loss: logits only at labelled positions, equal to the model's own loss (relative difference "
-            f"{plan.loss_gap:.1e})" if not plan.full_logits else
-            f"loss: the model's full logits: projecting only labelled positions differs from its own loss by "
-            f"{plan.loss_gap:.2g}")
+    loss = (
+        f"loss: logits only at labelled positions, equal to the model's own loss (relative difference {plan.loss_gap:.1e})"
+        if not plan.full_logits
+        else f"loss: the model's full logits: projecting only labelled positions differs from its own loss by {plan.loss_gap:.2g}"
+    )
     return [pack, loss]

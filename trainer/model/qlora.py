@@ -33,9 +33,11 @@ def require() -> None:
     try:
         import bitsandbytes  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - any failure to import is the same refusal
-        raise UserError(f"lora.base_bits needs bitsandbytes, which does not load here ({type(exc).__name__}: "
-                        f"{exc}). Fix: `pip install -r requirements.lock` (it pins bitsandbytes), or remove "
-                        "lora.base_bits to keep the base in model.dtype") from None
+        raise UserError(
+            f"lora.base_bits needs bitsandbytes, which does not load here ({type(exc).__name__}: "
+            f"{exc}). Fix: `pip install -r requirements.lock` (it pins bitsandbytes), or remove "
+            "lora.base_bits to keep the base in model.dtype"
+        ) from None
 
 
 def quantization_config(bits: int, compute: torch.dtype) -> Any:
@@ -43,8 +45,9 @@ def quantization_config(bits: int, compute: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
 
     if bits == 4:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute)
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+        )
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
@@ -83,9 +86,11 @@ class Quantized:
 
     def describe(self) -> str:
         kind = "NF4 with double quantization" if self.bits == 4 else "int8 (LLM.int8)"
-        return (f"frozen base quantized by bitsandbytes while it loaded: {self.layers} linear layers in {kind}, "
-                f"{self.weights / 1e6:.1f}M weights in {self.bytes / 1e6:,.1f} MB "
-                f"({8 * self.bytes / max(1, self.weights):.2f} bits a weight)")
+        return (
+            f"frozen base quantized by bitsandbytes while it loaded: {self.layers} linear layers in {kind}, "
+            f"{self.weights / 1e6:.1f}M weights in {self.bytes / 1e6:,.1f} MB "
+            f"({8 * self.bytes / max(1, self.weights):.2f} bits a weight)"
+        )
 
 
 def quantized_layers(model: torch.nn.Module) -> list[Any]:

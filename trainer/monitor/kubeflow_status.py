@@ -75,8 +75,9 @@ class StatusReporter:
         self._thread = threading.Thread(target=self._run, name="trainjob-status", daemon=True)
         self._thread.start()
 
-    def update(self, step: int, total_steps: int, eta_seconds: Optional[float], row: Mapping[str, Any],
-               final: bool = False) -> None:
+    def update(
+        self, step: int, total_steps: int, eta_seconds: Optional[float], row: Mapping[str, Any], final: bool = False
+    ) -> None:
         """Queue the newest state; sent at once if 5 s have passed since the last request (always when
         final), else dropped in favour of a later one."""
         now = time.monotonic()
@@ -110,9 +111,12 @@ class StatusReporter:
             with open(self.token_file or "", encoding="utf-8") as f:  # read each time: projected tokens rotate
                 token = f.read().strip()
             context = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
-            req = urllib.request.Request(self.url, data=json.dumps(payload).encode(), method="POST",
-                                         headers={"Authorization": f"Bearer {token}",
-                                                  "Content-Type": "application/json"})
+            req = urllib.request.Request(
+                self.url,
+                data=json.dumps(payload).encode(),
+                method="POST",
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            )
             with urllib.request.urlopen(req, timeout=TIMEOUT, context=context) as resp:
                 if resp.status != 200:
                     raise OSError(f"HTTP {resp.status}")
@@ -122,6 +126,8 @@ class StatusReporter:
             self._failing = False
         except Exception as e:  # never fail or slow the run: one warning per outage
             if not self._failing:
-                self.log(f"warning: TrainJob status not updated ({type(e).__name__}: {e}); training goes on, "
-                         f"progress stays in the logs and progress.txt (set {ENV_DISABLE}=TRUE to stop trying)")
+                self.log(
+                    f"warning: TrainJob status not updated ({type(e).__name__}: {e}); training goes on, "
+                    f"progress stays in the logs and progress.txt (set {ENV_DISABLE}=TRUE to stop trying)"
+                )
             self._failing = True

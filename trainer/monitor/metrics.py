@@ -96,7 +96,8 @@ def read_metrics(path: Path, log=None) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             if i == len(lines):
                 (log or (lambda m: print(m, file=sys.stderr)))(
-                    f"warning: {path}:{i}: dropped an incomplete last line (a crash while it was written)")
+                    f"warning: {path}:{i}: dropped an incomplete last line (a crash while it was written)"
+                )
                 continue
             raise ValueError(f"{path}:{i}: not a JSON line; the file is damaged") from None
     return rows
@@ -167,15 +168,17 @@ def progress_text(rows: list[dict[str, Any]], total_steps: int, state: str = "tr
     step = last["step"]
     losses = " ".join(f"{r['loss']:.4f}" for r in rows[-5:] if isinstance(r.get("loss"), (int, float)))
     evals = [r for r in rows if isinstance(r.get("eval_loss"), (int, float))]
-    lines = [f"{state}: step {step}/{total_steps} ({100.0 * step / max(1, total_steps):.0f}%), "
-             f"{duration(last.get('eta_seconds')) if state == 'training' else '0s'} left"
-             + (f" at {last['seconds_per_step']:.2f} s/step" if last.get("seconds_per_step") else ""),
-             f"last losses (every {max(1, step - rows[-2]['step']) if len(rows) > 1 else 1} steps, newest last): "
-             f"{losses}"]
+    lines = [
+        f"{state}: step {step}/{total_steps} ({100.0 * step / max(1, total_steps):.0f}%), "
+        f"{duration(last.get('eta_seconds')) if state == 'training' else '0s'} left"
+        + (f" at {last['seconds_per_step']:.2f} s/step" if last.get("seconds_per_step") else ""),
+        f"last losses (every {max(1, step - rows[-2]['step']) if len(rows) > 1 else 1} steps, newest last): {losses}",
+    ]
     if evals:
         lines.append(f"eval_loss {evals[-1]['eval_loss']:.4f} at step {evals[-1]['step']}")
-    lines.append(f"tokens/s {last.get('tokens_per_second', 0):.0f}; updated "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
+    lines.append(
+        f"tokens/s {last.get('tokens_per_second', 0):.0f}; updated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -189,6 +192,7 @@ def gain_line(before: Optional[float], after: Optional[float]) -> str:
         return "no validation data: nothing measured"
     if before is None:
         return f"validation loss {after:.4f} (perplexity {perplexity(after):.2f}); not measured before training"
-    return (f"validation loss {before:.4f} -> {after:.4f} ({after / before - 1:+.1%}), perplexity "
-            f"{perplexity(before):.2f} -> {perplexity(after):.2f}")
-
+    return (
+        f"validation loss {before:.4f} -> {after:.4f} ({after / before - 1:+.1%}), perplexity "
+        f"{perplexity(before):.2f} -> {perplexity(after):.2f}"
+    )

@@ -1,6 +1,6 @@
 """Human-readable results of an output directory: report.md, loss_curve.png, quantization.png.
 
-    python -m trainer report OUTPUT_DIR
+python -m trainer report OUTPUT_DIR
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ def plot_loss(out: Path) -> Optional[Path]:
     base = (json.loads(report.read_text()).get("training") or {}).get("eval_loss_before") if report.exists() else None
     timed = all("train_seconds" in r for r in rows) and rows
     fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(12 if timed else 7, 4), squeeze=False)
-    for ax, x, label in ((axes[0][0], "step", "optimizer step"),
-                         *(((axes[0][1], "train_seconds", "training time (s, evaluation excluded)"),) if timed else ())):
+    for ax, x, label in (
+        (axes[0][0], "step", "optimizer step"),
+        *(((axes[0][1], "train_seconds", "training time (s, evaluation excluded)"),) if timed else ()),
+    ):
         train = [(r[x], r["loss"]) for r in rows if "loss" in r]
         evals = [(r[x], r["eval_loss"]) for r in rows if "eval_loss" in r]
         if base is not None:  # the base model's, measured before the first step (training.eval_on_start)
@@ -72,13 +74,14 @@ def plot_quantize(out: Path, q: dict[str, Any]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [("size (MB)", q["size_bytes_before"] / 1e6, q["size_bytes_after"] / 1e6),
-               ("perplexity", q["perplexity_before"], q["perplexity_after"]),
-               ("latency (ms/token)", q["latency_ms_before"], q["latency_ms_after"])]
+    metrics = [
+        ("size (MB)", q["size_bytes_before"] / 1e6, q["size_bytes_after"] / 1e6),
+        ("perplexity", q["perplexity_before"], q["perplexity_after"]),
+        ("latency (ms/token)", q["latency_ms_before"], q["latency_ms_after"]),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
     for ax, (name, before, after) in zip(axes, metrics):
-        bars = ax.bar(["fine-tuned", f"{q['bits']}-bit {q['algorithm']}"], [before, after],
-                      color=["tab:blue", "tab:green"])
+        bars = ax.bar(["fine-tuned", f"{q['bits']}-bit {q['algorithm']}"], [before, after], color=["tab:blue", "tab:green"])
         ax.bar_label(bars, fmt="%.3g")
         ax.set_title(name)
         ax.margins(y=0.2)
@@ -92,17 +95,21 @@ def summary_table(report: dict[str, Any]) -> str:
     q = report.get("quantize")
     t = report.get("training", {})
     if q:
-        lines += [f"| size on disk | {_mb(q['size_bytes_before'])} | {_mb(q['size_bytes_after'])} "
-                  f"({q['size_bytes_after'] / q['size_bytes_before']:.2f}x) |",
-                  f"| perplexity | {_num(q['perplexity_before'])} | {_num(q['perplexity_after'])} "
-                  f"({q['perplexity_after'] / q['perplexity_before'] - 1:+.1%}) |",
-                  f"| latency per token | {_num(q['latency_ms_before'], 3)} ms | {_num(q['latency_ms_after'], 3)} ms |",
-                  f"| method | | {q['bits']}-bit {q['algorithm'].upper()}, {q['scheme']}, group {q['group_size']} |"]
+        lines += [
+            f"| size on disk | {_mb(q['size_bytes_before'])} | {_mb(q['size_bytes_after'])} "
+            f"({q['size_bytes_after'] / q['size_bytes_before']:.2f}x) |",
+            f"| perplexity | {_num(q['perplexity_before'])} | {_num(q['perplexity_after'])} "
+            f"({q['perplexity_after'] / q['perplexity_before'] - 1:+.1%}) |",
+            f"| latency per token | {_num(q['latency_ms_before'], 3)} ms | {_num(q['latency_ms_after'], 3)} ms |",
+            f"| method | | {q['bits']}-bit {q['algorithm'].upper()}, {q['scheme']}, group {q['group_size']} |",
+        ]
     else:
         lines.append(f"| validation perplexity | {_num(t.get('eval_perplexity'))} | not quantized |")
     if t:
-        lines.append(f"| training | {t.get('steps')} steps, {_num(t.get('train_seconds'), 3)} s, "
-                     f"{t.get('num_input_tokens_seen')} tokens, eval loss {_num(t.get('eval_loss'))} | |")
+        lines.append(
+            f"| training | {t.get('steps')} steps, {_num(t.get('train_seconds'), 3)} s, "
+            f"{t.get('num_input_tokens_seen')} tokens, eval loss {_num(t.get('eval_loss'))} | |"
+        )
     return "\n".join(lines)
 
 
@@ -122,8 +129,7 @@ def sample_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [dict(r) for r in t.get("samples") or []]
     quantized = q.get("samples") or []
     if not rows:  # a run without the trainer's samples (FSDP, older reports): the quantize stage's
-        rows = [{"prompt": s["prompt"], "reference": s["reference"], "base": None, "fine_tuned": s["before"]}
-                for s in quantized]
+        rows = [{"prompt": s["prompt"], "reference": s["reference"], "base": None, "fine_tuned": s["before"]} for s in quantized]
     for row, s in zip(rows, quantized):
         if row["prompt"] == s["prompt"]:
             row["quantized"] = s["after"]
@@ -156,10 +162,10 @@ def stored_table(report: dict[str, Any]) -> Optional[str]:
     names = ("embeddings", "head", "layers", "norms and biases")
     lines = ["| model | " + " | ".join(names) + " | total | head |", "|---" * (len(names) + 3) + "|"]
     for label, s in rows:
-        cells = [f"{s['parts'][n]['bytes'] / 1e6:.1f} MB {s['parts'][n]['stored_as']}" if n in s["parts"] else "-"
-                 for n in names]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {s['bytes'] / 1e6:.1f} MB | "
-                     f"{'tied' if s['head_tied'] else 'own'} |")
+        cells = [f"{s['parts'][n]['bytes'] / 1e6:.1f} MB {s['parts'][n]['stored_as']}" if n in s["parts"] else "-" for n in names]
+        lines.append(
+            f"| {label} | " + " | ".join(cells) + f" | {s['bytes'] / 1e6:.1f} MB | {'tied' if s['head_tied'] else 'own'} |"
+        )
     return "\n".join(lines)
 
 
@@ -169,14 +175,19 @@ def formats_table(report: dict[str, Any]) -> Optional[str]:
     if len(sections) < 2:
         return None
     first = sections[0]
-    lines = ["| model | engine | size | perplexity | tokens/s |", "|---|---|---|---|---|",
-             f"| fine-tuned (final/) | transformers | {_mb(first['size_bytes_before'])} | "
-             f"{_num(first['perplexity_before'])} | {_num(first['tokens_per_second_before'], 3)} |"]
+    lines = [
+        "| model | engine | size | perplexity | tokens/s |",
+        "|---|---|---|---|---|",
+        f"| fine-tuned (final/) | transformers | {_mb(first['size_bytes_before'])} | "
+        f"{_num(first['perplexity_before'])} | {_num(first['tokens_per_second_before'], 3)} |",
+    ]
     for q in sections:
-        lines.append(f"| {q.get('format', 'inc')} ({q['bits']}-bit) | {q.get('engine', 'INC')} | "
-                     f"{_mb(q['size_bytes_after'])} ({q['size_bytes_after'] / q['size_bytes_before']:.2f}x) | "
-                     f"{_num(q['perplexity_after'])} ({q['perplexity_after'] / q['perplexity_before'] - 1:+.1%}) | "
-                     f"{_num(q['tokens_per_second_after'], 3)} |")
+        lines.append(
+            f"| {q.get('format', 'inc')} ({q['bits']}-bit) | {q.get('engine', 'INC')} | "
+            f"{_mb(q['size_bytes_after'])} ({q['size_bytes_after'] / q['size_bytes_before']:.2f}x) | "
+            f"{_num(q['perplexity_after'])} ({q['perplexity_after'] / q['perplexity_before'] - 1:+.1%}) | "
+            f"{_num(q['tokens_per_second_after'], 3)} |"
+        )
     return "\n".join(lines)
 
 
@@ -191,8 +202,7 @@ def write_markdown(out: Path, report: dict[str, Any], images: list[Path]) -> Pat
     q = report.get("quantize")
     if q and q.get("breakdown"):
         b = q["breakdown"]
-        parts += ["## What was quantized and what was kept", "",
-                  "| part | parameters | stored as | bytes |", "|---|---|---|---|"]
+        parts += ["## What was quantized and what was kept", "", "| part | parameters | stored as | bytes |", "|---|---|---|---|"]
         for name, p in b["parts"].items():
             parts.append(f"| {name} | {p['parameters']:,} | {p['dtype']} | {p['bytes']:,} |")
         parts += ["", b["explanation"] + ".", ""]
@@ -207,8 +217,7 @@ def write_markdown(out: Path, report: dict[str, Any], images: list[Path]) -> Pat
         engine = f" ({q.get('format', 'inc')} in {q.get('engine', 'its engine')})" if q else ""
         parts += ["## Held-out prompts answered greedily: base, fine-tuned, quantized", ""]
         for i, s in enumerate(rows, 1):
-            parts += [f"### Prompt {i}", "```", s["prompt"].strip(), "```",
-                      f"- **reference**: {s['reference'].strip()}"]
+            parts += [f"### Prompt {i}", "```", s["prompt"].strip(), "```", f"- **reference**: {s['reference'].strip()}"]
             for key, label in (("base", "base model"), ("fine_tuned", "fine-tuned"), ("quantized", f"quantized{engine}")):
                 if s.get(key) is not None:
                     parts.append(f"- **{label}**: {s[key]}")

@@ -14,9 +14,14 @@ def generate(model, tokenizer, prompt: str, new_tokens: int) -> str:
     """A greedy answer to one prompt (the quantize stage's samples too)."""
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True).input_ids
     ids = ids.to(next(model.parameters()).device)
-    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    out = model.generate(
+        ids,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 @torch.no_grad()
@@ -47,6 +52,12 @@ def table(pairs: list[tuple[str, str]], base: list[str], tuned: list[str]) -> li
     """report.json's training.samples: prompt, reference, the base's and the fine-tuned model's answers."""
     rows = []
     for i, (prompt, reference) in enumerate(pairs):
-        rows.append({"prompt": prompt, "reference": reference,
-                     "base": base[i] if i < len(base) else None, "fine_tuned": tuned[i] if i < len(tuned) else None})
+        rows.append(
+            {
+                "prompt": prompt,
+                "reference": reference,
+                "base": base[i] if i < len(base) else None,
+                "fine_tuned": tuned[i] if i < len(tuned) else None,
+            }
+        )
     return rows

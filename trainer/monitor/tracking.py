@@ -44,8 +44,11 @@ def _credential(tracker: str) -> Optional[str]:
     try:
         value = Path(path).read_text().strip()
     except OSError as exc:
-        raise _refuse(tracker, f"{CREDENTIAL_FILES[tracker]}={path} cannot be read ({exc.strerror})",
-                      "set the secret with pulumi config set --secret and pulumi up, or unset the variable") from None
+        raise _refuse(
+            tracker,
+            f"{CREDENTIAL_FILES[tracker]}={path} cannot be read ({exc.strerror})",
+            "set the secret with pulumi config set --secret and pulumi up, or unset the variable",
+        ) from None
     return value or None
 
 
@@ -61,9 +64,11 @@ def _reachable(tracker: str, url: str, key: str) -> None:
             pass
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise _refuse(tracker, f"{url} cannot be reached ({reason} connecting to {parsed.hostname}:{port})",
-                      f"check {key} (the server's address as seen from the pods), or remove {tracker} "
-                      "from training.report_to") from None
+        raise _refuse(
+            tracker,
+            f"{url} cannot be reached ({reason} connecting to {parsed.hostname}:{port})",
+            f"check {key} (the server's address as seen from the pods), or remove {tracker} from training.report_to",
+        ) from None
 
 
 def check(cfg: TrainerConfig) -> None:
@@ -73,8 +78,11 @@ def check(cfg: TrainerConfig) -> None:
     tr = cfg.tracking
     for name in cfg.training.trackers:
         if importlib.util.find_spec(name) is None:  # each tracker's module has its report_to name
-            raise _refuse(name, f"the {name} package is not installed in this environment",
-                          f"pip install {PACKAGES[name]} (the trainer images have it), or remove {name}")
+            raise _refuse(
+                name,
+                f"the {name} package is not installed in this environment",
+                f"pip install {PACKAGES[name]} (the trainer images have it), or remove {name}",
+            )
         if name == "tensorboard":
             target = Path(cfg.output_dir) / "tensorboard"
             try:
@@ -87,9 +95,11 @@ def check(cfg: TrainerConfig) -> None:
         elif name == "wandb" and tr.wandb_mode == "online":
             key = _credential(name) or os.environ.get("WANDB_API_KEY")
             if not key:
-                raise _refuse(name, "no API key (online mode)",
-                              "pulumi config set --secret wandbApiKey ... (or WANDB_API_KEY locally), or "
-                              "tracking.wandb_mode: offline")
+                raise _refuse(
+                    name,
+                    "no API key (online mode)",
+                    "pulumi config set --secret wandbApiKey ... (or WANDB_API_KEY locally), or tracking.wandb_mode: offline",
+                )
             _reachable(name, os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"), "WANDB_BASE_URL")
 
 
@@ -173,15 +183,18 @@ class Trackers:
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(tr.mlflow_experiment)
         run_id = self.ids.get("mlflow")
         if run_id is None:
-            run = client.create_run(experiment_id, run_name=self.run_name,
-                                    tags={"llm_finetune.run": self.ids["run"], "llm_finetune.output_dir": self.cfg.output_dir})
+            run = client.create_run(
+                experiment_id,
+                run_name=self.run_name,
+                tags={"llm_finetune.run": self.ids["run"], "llm_finetune.output_dir": self.cfg.output_dir},
+            )
             run_id = self.ids["mlflow"] = run.info.run_id
             self._save_ids()
             from mlflow.entities import Param
 
             items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
             for i in range(0, len(items), 100):  # the server takes at most 100 parameters per batch
-                client.log_batch(run_id, params=items[i:i + 100])
+                client.log_batch(run_id, params=items[i : i + 100])
         else:
             client.update_run(run_id, status="RUNNING")
 
@@ -196,8 +209,7 @@ class Trackers:
         def close(ok: bool) -> None:
             client.set_terminated(run_id, status="FINISHED" if ok else "KILLED")
 
-        self.sinks.append(("mlflow", f"{tr.mlflow_tracking_uri} experiment {tr.mlflow_experiment!r} run {run_id}",
-                           log, close))
+        self.sinks.append(("mlflow", f"{tr.mlflow_tracking_uri} experiment {tr.mlflow_experiment!r} run {run_id}", log, close))
 
     def _open_wandb(self, params: dict[str, Any], start_step: int) -> None:
         import wandb
@@ -208,15 +220,29 @@ class Trackers:
             os.environ[CREDENTIAL_ENV["wandb"]] = key  # this process only; never in the pod spec
         run_id = self.ids.setdefault("wandb", self.ids["run"][:16])
         self._save_ids()
-        run = wandb.init(project=tr.wandb_project, entity=tr.wandb_entity, name=self.run_name, id=run_id,
-                         resume="allow", mode=tr.wandb_mode, dir=str(Path(self.cfg.output_dir)),
-                         config=params, settings=wandb.Settings(console="off", silent=True))
+        run = wandb.init(
+            project=tr.wandb_project,
+            entity=tr.wandb_entity,
+            name=self.run_name,
+            id=run_id,
+            resume="allow",
+            mode=tr.wandb_mode,
+            dir=str(Path(self.cfg.output_dir)),
+            config=params,
+            settings=wandb.Settings(console="off", silent=True),
+        )
 
         def log(row: dict[str, Any], step: int) -> None:
             run.log(_scalars(row), step=step)
 
-        self.sinks.append(("wandb", f"project {tr.wandb_project} run {run_id} ({tr.wandb_mode})", log,
-                           lambda ok: run.finish(exit_code=0 if ok else 1)))
+        self.sinks.append(
+            (
+                "wandb",
+                f"project {tr.wandb_project} run {run_id} ({tr.wandb_mode})",
+                log,
+                lambda ok: run.finish(exit_code=0 if ok else 1),
+            )
+        )
 
     # ---- use ------------------------------------------------------------------------------
 
@@ -241,5 +267,4 @@ class Trackers:
 
 def _scalars(row: dict[str, Any]) -> dict[str, float]:
     """The numbers of a metrics.jsonl row, under their metrics.jsonl names (step is the x axis)."""
-    return {k: float(v) for k, v in row.items()
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}

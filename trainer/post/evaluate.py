@@ -1,9 +1,9 @@
 """Evaluation of a model: perplexity on validation data, size, latency, sample generations.
 
-    python -m trainer evaluate --config config.yaml                       # final/ (and quantized/)
-    python -m trainer evaluate --config config.yaml --model base          # the model before fine-tuning
-    python -m trainer evaluate --config config.yaml --model output/checkpoints/step-00000200
-    python -m trainer evaluate --config config.yaml --data other.jsonl    # every record of another file
+python -m trainer evaluate --config config.yaml                       # final/ (and quantized/)
+python -m trainer evaluate --config config.yaml --model base          # the model before fine-tuning
+python -m trainer evaluate --config config.yaml --model output/checkpoints/step-00000200
+python -m trainer evaluate --config config.yaml --data other.jsonl    # every record of another file
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from trainer.config import TrainerConfig
 from trainer.errors import UserError
 from trainer.post.measure import EvalSet, load_dir, load_final, measure
 from trainer.monitor.metrics import Logger, update_report
+
 
 def load_model(cfg: TrainerConfig, which: str):
     """(model, tokenizer, model directory, label) of `--model`: final, base, a model directory, or a
@@ -40,8 +41,7 @@ def load_model(cfg: TrainerConfig, which: str):
         return model, tok, p, str(p)
     if (p / "COMPLETE").exists():
         return _from_checkpoint(cfg, p)
-    raise UserError(f"--model {which}: not final, base, a model directory (config.json) or a complete checkpoint "
-                    "(COMPLETE)")
+    raise UserError(f"--model {which}: not final, base, a model directory (config.json) or a complete checkpoint (COMPLETE)")
 
 
 def _from_checkpoint(cfg: TrainerConfig, path: Path):
@@ -73,8 +73,9 @@ def _from_checkpoint(cfg: TrainerConfig, path: Path):
     return model, modeling.load_tokenizer(base), None, str(path)
 
 
-def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None, which: str = "final",
-        data_file: Optional[str] = None) -> dict[str, Any]:
+def run(
+    cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None, which: str = "final", data_file: Optional[str] = None
+) -> dict[str, Any]:
     """Evaluate a model (and quantized/ beside final/); write the `evaluation` section of report.json
     and print what was computed."""
     log = log or Logger(True)
@@ -101,12 +102,17 @@ def run(cfg: TrainerConfig, log: Optional[Callable[[str], None]] = None, which: 
 
 def table(results: dict[str, Any]) -> str:
     """What this evaluation computed, one row per model."""
-    lines = [f"evaluation on {results['data']}", "| model | examples | loss | perplexity | size | ms/token |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"evaluation on {results['data']}",
+        "| model | examples | loss | perplexity | size | ms/token |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, r in results.items():
         if not isinstance(r, dict) or "perplexity" not in r:
             continue
         size = f"{r['size_bytes'] / 1e6:.2f} MB" if r.get("size_bytes") else "-"
-        lines.append(f"| {label} | {r['eval_examples']} | {r['eval_loss']:.4f} | {r['perplexity']:.4g} | {size} | "
-                     f"{r['latency_ms_per_token']:.3g} |")
+        lines.append(
+            f"| {label} | {r['eval_examples']} | {r['eval_loss']:.4f} | {r['perplexity']:.4g} | {size} | "
+            f"{r['latency_ms_per_token']:.3g} |"
+        )
     return "\n".join(lines)

@@ -37,8 +37,7 @@ def perplexity(model, split: Split, limit: Optional[int] = None) -> tuple[float,
         ids, labels = split.labels(i)
         logits = model(input_ids=torch.from_numpy(ids)[None], use_cache=False).logits
         target = torch.from_numpy(labels)[1:]
-        total += float(torch.nn.functional.cross_entropy(logits[0, :-1].float(), target, ignore_index=IGNORE,
-                                                         reduction="sum"))
+        total += float(torch.nn.functional.cross_entropy(logits[0, :-1].float(), target, ignore_index=IGNORE, reduction="sum"))
         count += int((target != IGNORE).sum())
     if count == 0:
         raise UserError("evaluation: the validation examples have no trained tokens; set data.validation_fraction > 0")
@@ -51,8 +50,13 @@ def latency_ms_per_token(model, prompt_ids: list[int], new_tokens: int, repeats:
     """Median wall time per generated token (greedy, fixed length), after one warm-up run."""
     model.eval()
     ids = torch.tensor([prompt_ids])
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                  pad_token_id=model.config.pad_token_id or model.config.eos_token_id)
+    kwargs = dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=model.config.pad_token_id or model.config.eos_token_id,
+    )
     model.generate(ids, **kwargs)
     times = []
     for _ in range(repeats):
@@ -69,24 +73,40 @@ class EvalSet:
     split, or the held-out fraction). With it: every record of that file. `limit` caps the examples
     (quantization's before/after comparison); evaluation scores them all."""
 
-    def __init__(self, cfg: TrainerConfig, tokenizer, model_path: str, data_file: Optional[str] = None,
-                 limit: Optional[int] = None, log: Callable[[str], None] = lambda m: None):
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        tokenizer,
+        model_path: str,
+        data_file: Optional[str] = None,
+        limit: Optional[int] = None,
+        log: Callable[[str], None] = lambda m: None,
+    ):
         import dataclasses
 
         from trainer import data
 
         data_cfg = cfg.data
         if data_file:
-            data_cfg = dataclasses.replace(data_cfg, file=data_file, dataset=None, validation_file=None,
-                                           validation_split=None, validation_fraction=0.0, max_examples=None,
-                                           file_wait_seconds=0)
+            data_cfg = dataclasses.replace(
+                data_cfg,
+                file=data_file,
+                dataset=None,
+                validation_file=None,
+                validation_split=None,
+                validation_fraction=0.0,
+                max_examples=None,
+                file_wait_seconds=0,
+            )
         prepared = data.prepare(data_cfg, tokenizer, model_path, cache_root=data.cache_root(cfg), log=log)
         self.split = prepared.train if data_file else prepared.val
         self.limit = min(len(self.split), limit) if limit else len(self.split)
         self.source = data_file or "validation data"
         if self.limit == 0:
-            raise UserError("evaluation needs validation data: set data.validation_fraction > 0, "
-                            "data.validation_file or data.validation_split (or pass --data FILE)")
+            raise UserError(
+                "evaluation needs validation data: set data.validation_fraction > 0, "
+                "data.validation_file or data.validation_split (or pass --data FILE)"
+            )
         self.train = prepared.train
         pairs = prepared.prompts[: cfg.quantize.sample_prompts]
         self.prompts = [p for p, _ in pairs]
@@ -118,8 +138,10 @@ def measure(model, tokenizer, path: Optional[Path], evalset: EvalSet, new_tokens
 def load_final(cfg: TrainerConfig):
     final = cfg.final_dir
     if not (final / "config.json").exists():
-        raise UserError(f"no fine-tuned model at {final}. Fix: run `python -m trainer finetune --config FILE` "
-                        "first (it writes final/), or set output_dir to the run that did")
+        raise UserError(
+            f"no fine-tuned model at {final}. Fix: run `python -m trainer finetune --config FILE` "
+            "first (it writes final/), or set output_dir to the run that did"
+        )
     return load_dir(str(final))
 
 
@@ -146,8 +168,10 @@ def load_quantized(path: str | Path, dtype: Optional[torch.dtype] = None):
     path = Path(path)
     ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
     if ggufs and not (path / "config.json").exists():
-        raise UserError(f"{path} holds a GGUF model ({ggufs[0].name}): it runs in llama.cpp, not transformers. Fix: "
-                        f"llama_cpp.Llama(model_path='{ggufs[0]}'), or `ollama create NAME -f {path / 'Modelfile'}`")
+        raise UserError(
+            f"{path} holds a GGUF model ({ggufs[0].name}): it runs in llama.cpp, not transformers. Fix: "
+            f"llama_cpp.Llama(model_path='{ggufs[0]}'), or `ollama create NAME -f {path / 'Modelfile'}`"
+        )
     if (path / "config.json").exists():
         import json
 
@@ -155,8 +179,10 @@ def load_quantized(path: str | Path, dtype: Optional[torch.dtype] = None):
         if method in ("compressed-tensors", "auto-round"):
             return load_served(path, dtype)  # transformers' own integration
     if not (path / "config.json").exists() or "quantization_config" not in (path / "config.json").read_text():
-        raise UserError(f"{path} is not a quantized model directory (no config.json with a quantization_config). "
-                        "Fix: run `python -m trainer quantize --config FILE`")
+        raise UserError(
+            f"{path} is not a quantized model directory (no config.json with a quantization_config). "
+            "Fix: run `python -m trainer quantize --config FILE`"
+        )
     from neural_compressor.torch.quantization import load
     from transformers import AutoTokenizer
 
@@ -168,8 +194,10 @@ def load_quantized(path: str | Path, dtype: Optional[torch.dtype] = None):
         dequantize_once(model, dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
-        raise UserError(f"quantized model at {path} cannot be loaded: {type(exc).__name__}: {exc}. "
-                        "Fix: quantize again (python -m trainer quantize --config FILE)") from None
+        raise UserError(
+            f"quantized model at {path} cannot be loaded: {type(exc).__name__}: {exc}. "
+            "Fix: quantize again (python -m trainer quantize --config FILE)"
+        ) from None
     model.eval()
     return model, tokenizer
 
@@ -189,8 +217,7 @@ def dequantize_once(model, dtype: torch.dtype) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, INCWeightOnlyLinear):
             unpacked = module.weight if hasattr(module, "weight") else module.recover()
-            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                     device="meta")
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
             linear.weight = torch.nn.Parameter(unpacked.to(dtype), requires_grad=False)
             if module.bias is not None:
                 linear.bias = torch.nn.Parameter(module.bias.to(dtype), requires_grad=False)
@@ -219,14 +246,22 @@ class GGUFModel:
         try:
             from llama_cpp import Llama
         except ImportError:
-            raise UserError("quantize: a GGUF model is measured in llama.cpp, and llama-cpp-python is not installed "
-                            "here. Fix: make llama-cpp (builds it from source, pinned; the images have it), or "
-                            "quantize.format: compressed-tensors") from None
+            raise UserError(
+                "quantize: a GGUF model is measured in llama.cpp, and llama-cpp-python is not installed "
+                "here. Fix: make llama-cpp (builds it from source, pinned; the images have it), or "
+                "quantize.format: compressed-tensors"
+            ) from None
         import os
 
         self.path = Path(path)
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
-                         n_threads=max(1, min(8, os.cpu_count() or 1)))
+        self.llm = Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            logits_all=True,
+            verbose=False,
+            seed=0,
+            n_threads=max(1, min(8, os.cpu_count() or 1)),
+        )
 
     def perplexity(self, split: Split, limit: Optional[int] = None) -> tuple[float, float]:
         import numpy as np
@@ -271,7 +306,11 @@ def measure_gguf(path: Path, evalset: EvalSet, new_tokens: int) -> dict[str, Any
     model = GGUFModel(path, n_ctx=max(256, longest + new_tokens + 16, len(evalset.latency_prompt) + new_tokens + 16))
     loss, ppl = model.perplexity(evalset.split, evalset.limit)
     return {
-        "path": str(path), "size_bytes": Path(path).stat().st_size, "eval_loss": loss, "perplexity": ppl,
+        "path": str(path),
+        "size_bytes": Path(path).stat().st_size,
+        "eval_loss": loss,
+        "perplexity": ppl,
         "latency_ms_per_token": model.latency_ms_per_token(evalset.latency_prompt, new_tokens),
-        "samples": [model.generate(p, new_tokens) for p in evalset.prompts], "eval_examples": evalset.limit,
+        "samples": [model.generate(p, new_tokens) for p in evalset.prompts],
+        "eval_examples": evalset.limit,
     }

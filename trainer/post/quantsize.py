@@ -54,8 +54,7 @@ def quantizable_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Modul
     """The layers INC's RTN/GPTQ/AWQ configs quantize: Linear and Conv1D, the heads excluded."""
     kinds = tuple(k for k in (torch.nn.Linear, _conv1d_type()) if k is not None)
     heads = [re.compile(p) for p in LM_HEAD_PATTERNS]
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, kinds) and not any(h.fullmatch(name) for h in heads)]
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds) and not any(h.fullmatch(name) for h in heads)]
 
 
 def effective_group_size(model: torch.nn.Module, requested: int) -> int:
@@ -71,8 +70,9 @@ def effective_group_size(model: torch.nn.Module, requested: int) -> int:
     return max(size, 1)
 
 
-def woq_layer_bytes(inputs: int, outputs: int, bits: int, group_size: int, algorithm: str = "rtn",
-                    dtype: torch.dtype = torch.float32) -> int:
+def woq_layer_bytes(
+    inputs: int, outputs: int, bits: int, group_size: int, algorithm: str = "rtn", dtype: torch.dtype = torch.float32
+) -> int:
     """Bytes INC's Hugging Face layout stores for one quantized layer (see the module docstring).
     AWQ adds its per-input-channel activation scale (`input_scale`, kept in the model's dtype)."""
     pack = 32 // bits
@@ -125,27 +125,43 @@ class Breakdown:
         return self.parts.setdefault(name, Part())
 
     def report(self) -> dict:
-        return {"quantized_layers": self.quantized_layers, "kept_dtype": _name(self.dtype),
-                "parts": {name: {"parameters": p.parameters, "bytes": p.bytes, "dtype": ", ".join(sorted(p.dtypes)),
-                                 "kept": name != "quantized"}
-                          for name, p in self.parts.items()},
-                "weights_bytes": self.total_bytes, "unquantized_bytes": self.unquantized_bytes,
-                "ratio": round(self.ratio, 4), "explanation": self.explain()}
+        return {
+            "quantized_layers": self.quantized_layers,
+            "kept_dtype": _name(self.dtype),
+            "parts": {
+                name: {
+                    "parameters": p.parameters,
+                    "bytes": p.bytes,
+                    "dtype": ", ".join(sorted(p.dtypes)),
+                    "kept": name != "quantized",
+                }
+                for name, p in self.parts.items()
+            },
+            "weights_bytes": self.total_bytes,
+            "unquantized_bytes": self.unquantized_bytes,
+            "ratio": round(self.ratio, 4),
+            "explanation": self.explain(),
+        }
 
     def explain(self) -> str:
         """Why the result is (or is not) smaller, in one sentence per side, from the parts."""
         q = self.parts.get("quantized", Part())
-        kept = sorted(((n, p) for n, p in self.parts.items() if n != "quantized" and p.bytes),
-                      key=lambda kv: -kv[1].bytes)
+        kept = sorted(((n, p) for n, p in self.parts.items() if n != "quantized" and p.bytes), key=lambda kv: -kv[1].bytes)
         kept_bytes = sum(p.bytes for _, p in kept)
         group = "per channel" if self.group_size == -1 else f"groups of {self.group_size}"
-        layers = (f"{self.quantized_layers} layers quantized to {self.bits} bits ({group}, an fp16 scale and a "
-                  f"packed zero point per group) take {q.bytes / max(1, q.parameters * dtype_bytes(self.dtype)):.0%}"
-                  f" of their {_name(self.dtype)} size" if self.quantized_layers else "no layer was quantized")
+        layers = (
+            f"{self.quantized_layers} layers quantized to {self.bits} bits ({group}, an fp16 scale and a "
+            f"packed zero point per group) take {q.bytes / max(1, q.parameters * dtype_bytes(self.dtype)):.0%}"
+            f" of their {_name(self.dtype)} size"
+            if self.quantized_layers
+            else "no layer was quantized"
+        )
         parts = ", ".join(f"{n} {p.parameters:,} parameters" for n, p in kept)
-        return (f"{layers}; kept as {_name(self.dtype)}: {parts or 'nothing'}, "
-                f"{kept_bytes / max(1, self.total_bytes):.0%} of the result; "
-                f"result {self.ratio:.0%} of the unquantized size")
+        return (
+            f"{layers}; kept as {_name(self.dtype)}: {parts or 'nothing'}, "
+            f"{kept_bytes / max(1, self.total_bytes):.0%} of the result; "
+            f"result {self.ratio:.0%} of the unquantized size"
+        )
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -181,8 +197,7 @@ def _unique_state(model: torch.nn.Module):
         yield key, tensor
 
 
-def estimate(model: torch.nn.Module, bits: int, group_size: int, dtype: torch.dtype,
-             algorithm: str = "rtn") -> Breakdown:
+def estimate(model: torch.nn.Module, bits: int, group_size: int, dtype: torch.dtype, algorithm: str = "rtn") -> Breakdown:
     """What quantizing `model` (meta tensors are fine) will store, with its other weights in `dtype`."""
     group = effective_group_size(model, group_size)
     layers = {name for name, _ in quantizable_layers(model)}
@@ -199,13 +214,11 @@ def estimate(model: torch.nn.Module, bits: int, group_size: int, dtype: torch.dt
         if owner in layers:
             continue  # replaced by the quantized layer's buffers (its bias included)
         nbytes = tensor.numel() * (width if floating else tensor.element_size())
-        out.part(_kept_part(model, module, tensor)).add(tensor.numel(), nbytes,
-                                                        _name(dtype if floating else tensor.dtype))
+        out.part(_kept_part(model, module, tensor)).add(tensor.numel(), nbytes, _name(dtype if floating else tensor.dtype))
     return out
 
 
-def measure(qmodel: torch.nn.Module, bits: int, group_size: int, dtype: torch.dtype,
-            unquantized_bytes: int) -> Breakdown:
+def measure(qmodel: torch.nn.Module, bits: int, group_size: int, dtype: torch.dtype, unquantized_bytes: int) -> Breakdown:
     """What an INC-converted model holds: its quantized layers' buffers and every kept tensor."""
     from neural_compressor.torch.algorithms.weight_only.modules import INCWeightOnlyLinear
 
@@ -256,8 +269,17 @@ def saved_dtype(model_dir: str) -> Optional[torch.dtype]:
 
 # ---- what the written files hold: measured, per served format -------------------------------------
 
-_STORED_QUANT = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "qweight",
-                 "qzeros", "scales", "g_idx")
+_STORED_QUANT = (
+    "weight_packed",
+    "weight_scale",
+    "weight_zero_point",
+    "weight_shape",
+    "weight_g_idx",
+    "qweight",
+    "qzeros",
+    "scales",
+    "g_idx",
+)
 
 
 def _stored_part(name: str, gguf: bool) -> str:
@@ -309,11 +331,19 @@ def stored(path) -> dict:
                     width = {"f32": 4, "f16": 2, "bf16": 2, "i32": 4, "i64": 8, "i8": 1, "u8": 1, "f64": 8}.get(kind, 4)
                     add(_stored_part(key, False), kind, count * width)
     total = sum(p["bytes"] for p in parts.values())
-    out = {name: {"bytes": p["bytes"], "stored_as": ", ".join(sorted(p["stored_as"])),
-                  "share": round(p["bytes"] / max(1, total), 4)} for name, p in parts.items()}
+    out = {
+        name: {"bytes": p["bytes"], "stored_as": ", ".join(sorted(p["stored_as"])), "share": round(p["bytes"] / max(1, total), 4)}
+        for name, p in parts.items()
+    }
     tied = "head" not in parts
-    summary = "; ".join(f"{name} {p['bytes'] / 1e6:.1f} MB as {p['stored_as']} ({p['share']:.0%})"
-                        for name, p in sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))
-    return {"parts": out, "bytes": total, "head_tied": tied,
-            "explanation": summary + ("; the head is tied to the embedding (stored once)" if tied
-                                      else "; the head is stored on its own")}
+    summary = "; ".join(
+        f"{name} {p['bytes'] / 1e6:.1f} MB as {p['stored_as']} ({p['share']:.0%})"
+        for name, p in sorted(out.items(), key=lambda kv: -kv[1]["bytes"])
+    )
+    return {
+        "parts": out,
+        "bytes": total,
+        "head_tied": tied,
+        "explanation": summary
+        + ("; the head is tied to the embedding (stored once)" if tied else "; the head is stored on its own"),
+    }

@@ -51,8 +51,9 @@ class Precision:
         if self.mixed:
             text = f"mixed precision: {_short(self.compute)} compute, {_short(self.params)} master weights and optimizer"
         else:
-            text = f"{_short(self.params)} weights and compute" + (" (pure bf16: small updates can be lost)"
-                                                                 if self.params == torch.bfloat16 else "")
+            text = f"{_short(self.params)} weights and compute" + (
+                " (pure bf16: small updates can be lost)" if self.params == torch.bfloat16 else ""
+            )
         return text + (f" ({self.note})" if self.note else "")
 
 
@@ -60,8 +61,9 @@ def _short(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
-def choose_precision(requested: str, cuda: bool, cuda_bf16: bool = False, rates: Optional[MatmulRates] = None,
-                     compute: str = "auto") -> Precision:
+def choose_precision(
+    requested: str, cuda: bool, cuda_bf16: bool = False, rates: Optional[MatmulRates] = None, compute: str = "auto"
+) -> Precision:
     """bf16 is always mixed precision (fp32 master weights and optimizer state, as the Hugging Face
     Trainer's bf16=True, torchtitan and FSDP's MixedPrecisionPolicy do): pure bf16 weights lose
     updates smaller than their rounding step. Pure bf16 only when asked for by name.
@@ -80,14 +82,18 @@ def choose_precision(requested: str, cuda: bool, cuda_bf16: bool = False, rates:
     if measured.bf16_fast:
         return Precision(bf16, bf16 if requested == "pure-bf16" else fp32)
     if compute == "bf16":
-        raise UserError(f"model.compute_dtype: bf16, but bf16 matmuls are slow here ({measured.describe()}): a step "
-                        "would take about {:.0f}x as long as in fp32. Fix: model.compute_dtype: auto (bf16 weights "
-                        "stay bf16 where memory needs it, computed in fp32), or nodes with AMX or AVX512-BF16 "
-                        "(resources.nodeSelector)".format(measured.fp32 / max(measured.bf16, 1e-9)))
+        raise UserError(
+            f"model.compute_dtype: bf16, but bf16 matmuls are slow here ({measured.describe()}): a step "
+            "would take about {:.0f}x as long as in fp32. Fix: model.compute_dtype: auto (bf16 weights "
+            "stay bf16 where memory needs it, computed in fp32), or nodes with AMX or AVX512-BF16 "
+            "(resources.nodeSelector)".format(measured.fp32 / max(measured.bf16, 1e-9))
+        )
     if requested == "pure-bf16":
-        raise UserError(f"model.dtype: pure-bf16 trains bf16 weights with bf16 matmuls, slow here ({measured.describe()}). "
-                        "Fix: model.dtype: bf16 (fp32 master weights; a LoRA base stays in bf16 and is computed in "
-                        "fp32), or nodes with AMX or AVX512-BF16")
+        raise UserError(
+            f"model.dtype: pure-bf16 trains bf16 weights with bf16 matmuls, slow here ({measured.describe()}). "
+            "Fix: model.dtype: bf16 (fp32 master weights; a LoRA base stays in bf16 and is computed in "
+            "fp32), or nodes with AMX or AVX512-BF16"
+        )
     note = f"compute fp32: {measured.describe()}" if requested == "bf16" else ""
     return Precision(fp32, fp32, note)
 
@@ -240,8 +246,10 @@ def use_cuda() -> bool:
     if wanted.startswith("cuda") and not torch.cuda.is_available():
         from trainer.errors import UserError
 
-        raise UserError("LLM_FINETUNE_DEVICE=cuda but torch sees no CUDA device (a CPU build of torch, or no "
-                        "GPU visible). Fix: unset LLM_FINETUNE_DEVICE, or install the CUDA build of torch")
+        raise UserError(
+            "LLM_FINETUNE_DEVICE=cuda but torch sees no CUDA device (a CPU build of torch, or no "
+            "GPU visible). Fix: unset LLM_FINETUNE_DEVICE, or install the CUDA build of torch"
+        )
     return torch.cuda.is_available()
 
 
@@ -260,8 +268,14 @@ def init(requested_backend: Optional[str], timeout_minutes: int = 60) -> Dist:
     if world > 1:
         backend = choose_backend(requested_backend, cuda)
         timeout = datetime.timedelta(minutes=timeout_minutes)
-        dist.init_process_group(backend=backend, timeout=timeout, store=_attempt_store(rank, world, timeout),
-                                rank=rank, world_size=world, device_id=device if backend == "nccl" else None)
+        dist.init_process_group(
+            backend=backend,
+            timeout=timeout,
+            store=_attempt_store(rank, world, timeout),
+            rank=rank,
+            world_size=world,
+            device_id=device if backend == "nccl" else None,
+        )
     return Dist(rank, local_rank, world, local_world, backend, device)
 
 
@@ -278,14 +292,22 @@ def _attempt_store(rank: int, world: int, timeout: datetime.timedelta):
     when one pod is replaced (its agent starts again at 0): that case needs the variable set.
     """
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=(rank == 0 and not agent_hosts), timeout=timeout)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=(rank == 0 and not agent_hosts),
+        timeout=timeout,
+    )
     if not agent_hosts:
         return store
     if rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0:
-        print("warning: torchrun shares its rendezvous store with the workers; set "
-              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so a replaced pod can rejoin (the launcher does)",
-              file=sys.stderr, flush=True)
+        print(
+            "warning: torchrun shares its rendezvous store with the workers; set "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so a replaced pod can rejoin (the launcher does)",
+            file=sys.stderr,
+            flush=True,
+        )
     return dist.PrefixStore(f"llm-finetune/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
 
 
@@ -297,8 +319,11 @@ def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool, precision: Optional[
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        policy = (MixedPrecisionPolicy(param_dtype=precision.compute, reduce_dtype=torch.float32)
-                  if precision is not None and precision.mixed else MixedPrecisionPolicy())
+        policy = (
+            MixedPrecisionPolicy(param_dtype=precision.compute, reduce_dtype=torch.float32)
+            if precision is not None and precision.mixed
+            else MixedPrecisionPolicy()
+        )
         layers = decoder_layers(model)
         for layer in layers:
             fully_shard(layer, mp_policy=policy)
@@ -307,8 +332,9 @@ def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool, precision: Optional[
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     # LoRA freezes most parameters; static_graph lets DDP skip searching for unused ones every step.
-    return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
-               gradient_as_bucket_view=True, static_graph=True)
+    return DDP(
+        model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, gradient_as_bucket_view=True, static_graph=True
+    )
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -316,7 +342,10 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     for attr in ("module", "_orig_mod", "model"):
         inner = getattr(model, attr, None)
         if isinstance(inner, torch.nn.Module) and model.__class__.__name__ in (
-                "DistributedDataParallel", "OptimizedModule", "CausalLMLoss"):
+            "DistributedDataParallel",
+            "OptimizedModule",
+            "CausalLMLoss",
+        ):
             return unwrap(inner)
     return model
 
@@ -327,4 +356,3 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         if module.__class__.__name__.endswith("DecoderLayer"):
             layers.append(module)
     return layers
-

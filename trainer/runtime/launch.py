@@ -53,8 +53,9 @@ def _closed(endpoint: str, run_id: str) -> bool:
     from torch.distributed.elastic.rendezvous import RendezvousParameters
     from torch.distributed.elastic.rendezvous.etcd_rendezvous_backend import create_backend
 
-    backend, _ = create_backend(RendezvousParameters(backend="etcd-v2", endpoint=endpoint, run_id=run_id,
-                                                     min_nodes=1, max_nodes=1))
+    backend, _ = create_backend(
+        RendezvousParameters(backend="etcd-v2", endpoint=endpoint, run_id=run_id, min_nodes=1, max_nodes=1)
+    )
     state = backend.get_state()
     return state is not None and bool(getattr(pickle.loads(state[0]), "closed", False))
 
@@ -124,8 +125,17 @@ class Supervisor:
 
     def torchrun(self, rdzv_id: str) -> list[str]:
         if self.local_nproc:
-            return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                    str(self.local_nproc), "-m", "trainer", *self.argv]
+            return [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                str(self.local_nproc),
+                "-m",
+                "trainer",
+                *self.argv,
+            ]
         return [sys.executable, "-m", "torch.distributed.run", "--rdzv-id", rdzv_id, "-m", "trainer", *self.argv]
 
     def _pump(self, source, sink) -> None:
@@ -142,8 +152,10 @@ class Supervisor:
     def _start(self, rdzv: str, env: dict) -> int:
         """torchrun to completion, its output through _pump; its exit code."""
         self.child = subprocess.Popen(self.torchrun(rdzv), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        pumps = [threading.Thread(target=self._pump, args=(self.child.stdout, sys.stdout.buffer), daemon=True),
-                 threading.Thread(target=self._pump, args=(self.child.stderr, sys.stderr.buffer), daemon=True)]
+        pumps = [
+            threading.Thread(target=self._pump, args=(self.child.stdout, sys.stdout.buffer), daemon=True),
+            threading.Thread(target=self._pump, args=(self.child.stderr, sys.stderr.buffer), daemon=True),
+        ]
         for t in pumps:
             t.start()
         code = self.child.wait()
@@ -160,9 +172,12 @@ class Supervisor:
         attempts = 1 if self.local_nproc else max(1, int(os.environ.get(envvars.LAUNCH_ATTEMPTS, "3")))
         if self.local_nproc:  # the trainer sets its threads per process itself (torchrun warns when unset)
             os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // self.local_nproc)))
-        env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-               envvars.STOP_FILE: str(self.stop_file),
-               envvars.INPUT_ERROR_FILE: str(self.input_error)}
+        env = {
+            **os.environ,
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+            envvars.STOP_FILE: str(self.stop_file),
+            envvars.INPUT_ERROR_FILE: str(self.input_error),
+        }
         for attempt in range(1, attempts + 1):
             try:
                 rdzv = base if self.local_nproc else rendezvous_id(base, backend, endpoint, deadline=time.monotonic() + 600)

@@ -27,11 +27,18 @@ def run_env(**extra: str) -> dict[str, str]:
     access (nothing may download in demos, benchmarks or tests). Threads are left to torchrun and the
     trainer (which sets them per process), so a benchmark baseline gets torchrun's default too."""
     env = dict(os.environ)
-    env.update({"PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), "GLOO_SOCKET_IFNAME": "lo",
-                # Workers host their own store per rendezvous round, as in the pods (trainer/runtime/launch.py).
-                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+            "GLOO_SOCKET_IFNAME": "lo",
+            # Workers host their own store per rendezvous round, as in the pods (trainer/runtime/launch.py).
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -42,8 +49,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, *args: str, rdzv: str = "c10d", endpoint: Optional[str] = None, nnodes: int = 1,
-             max_restarts: int = 0, rdzv_id: Optional[str] = None) -> list[str]:
+def torchrun(
+    nproc: int,
+    *args: str,
+    rdzv: str = "c10d",
+    endpoint: Optional[str] = None,
+    nnodes: int = 1,
+    max_restarts: int = 0,
+    rdzv_id: Optional[str] = None,
+) -> list[str]:
     """`python -m torch.distributed.run` on loopback (the same launcher the PyTorchJob runs).
 
     Without an endpoint (one node), the c10d store binds port 0: the kernel picks a free port at
@@ -51,9 +65,23 @@ def torchrun(nproc: int, *args: str, rdzv: str = "c10d", endpoint: Optional[str]
     torchrun --standalone does)."""
     if endpoint is None and nnodes != 1:
         raise ValueError("several nodes need a rendezvous endpoint they all know (e.g. a local etcd)")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--local-addr", "127.0.0.1", "--nnodes", str(nnodes),
-           "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts), "--rdzv-backend", rdzv,
-           "--rdzv-endpoint", endpoint or "127.0.0.1:0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--local-addr",
+        "127.0.0.1",
+        "--nnodes",
+        str(nnodes),
+        "--nproc-per-node",
+        str(nproc),
+        "--max-restarts",
+        str(max_restarts),
+        "--rdzv-backend",
+        rdzv,
+        "--rdzv-endpoint",
+        endpoint or "127.0.0.1:0",
+    ]
     # A rendezvous id of its own per launch (torchrun's default is "none" for every launch): it is the
     # run's identity for the output_dir lease, shared by the restarts of this launch only.
     cmd += ["--rdzv-id", rdzv_id or f"local-{uuid.uuid4().hex[:12]}"]
@@ -129,14 +157,29 @@ def _start_etcd(binary: str, workdir: Path, timeout: float) -> tuple[subprocess.
     tries again with new ports."""
     client, peer = free_port(), free_port()
     with open(workdir / "etcd.log", "ab") as log:
-        proc = subprocess.Popen([binary, "--name", "local", "--data-dir", str(workdir / "etcd-data"),
-                                 "--enable-v2=true",
-                                 "--listen-client-urls", f"http://127.0.0.1:{client}",
-                                 "--advertise-client-urls", f"http://127.0.0.1:{client}",
-                                 "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                                 "--initial-cluster", f"local=http://127.0.0.1:{peer}"],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--name",
+                "local",
+                "--data-dir",
+                str(workdir / "etcd-data"),
+                "--enable-v2=true",
+                "--listen-client-urls",
+                f"http://127.0.0.1:{client}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{client}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{peer}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{peer}",
+                "--initial-cluster",
+                f"local=http://127.0.0.1:{peer}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -50,8 +50,7 @@ def _alive(pid: int) -> bool:
 
 
 class OutputLock:
-    def __init__(self, out_dir: Path, identity: Optional[str] = None, ttl: float = 90.0, heartbeat: float = 15.0,
-                 log=print):
+    def __init__(self, out_dir: Path, identity: Optional[str] = None, ttl: float = 90.0, heartbeat: float = 15.0, log=print):
         self.path = Path(out_dir) / LOCK
         self.identity = identity or holder_identity()
         self.ttl = ttl
@@ -61,8 +60,14 @@ class OutputLock:
         self._thread: Optional[threading.Thread] = None
 
     def _record(self) -> bytes:
-        return json.dumps({"run": self.identity, "host": socket.gethostname(), "pid": os.getpid(),
-                           "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+        return json.dumps(
+            {
+                "run": self.identity,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        ).encode()
 
     def _holder(self) -> Optional[dict]:
         try:
@@ -114,12 +119,16 @@ class OutputLock:
                 break
             if not self._gone(holder):
                 since = holder.get("since", "?")
-                raise UserError(f"output_dir {self.path.parent} is in use by another run ({holder.get('run', '?')} "
-                                f"on {holder.get('host', '?')}, pid {holder.get('pid', '?')}, since {since}); two "
-                                f"runs would resume each other's checkpoints. Fix: wait for it to finish, or give "
-                                f"this run another output_dir")
-            self.log(f"output_dir lock: the previous holder ({holder.get('run', '?')} on {holder.get('host', '?')}) is "
-                     "gone; taking over")
+                raise UserError(
+                    f"output_dir {self.path.parent} is in use by another run ({holder.get('run', '?')} "
+                    f"on {holder.get('host', '?')}, pid {holder.get('pid', '?')}, since {since}); two "
+                    f"runs would resume each other's checkpoints. Fix: wait for it to finish, or give "
+                    f"this run another output_dir"
+                )
+            self.log(
+                f"output_dir lock: the previous holder ({holder.get('run', '?')} on {holder.get('host', '?')}) is "
+                "gone; taking over"
+            )
             try:
                 self.path.unlink()
             except FileNotFoundError:

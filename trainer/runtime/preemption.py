@@ -75,8 +75,7 @@ class StopRequest:
             return Preempted(f"preempted: checkpoint step {step} saved", EXIT_PREEMPTED)
         if reason == "signal":
             return Preempted(f"preempted: checkpoint step {step} saved", EXIT_PREEMPTED)
-        return Preempted(f"another pod was preempted: checkpoint step {step} saved; restarting to rejoin",
-                         EXIT_RESTART)
+        return Preempted(f"another pod was preempted: checkpoint step {step} saved; restarting to rejoin", EXIT_RESTART)
 
 
 def _touch(path: Path) -> None:

@@ -54,8 +54,9 @@ def build(cfg: TrainerConfig, d: D.Dist, log, stop: StopRequest) -> Trainer:
     token = modeling.read_token()
     path = modeling.resolve(cfg.model, token, d, data_module.cache_root(cfg), log)
     tokenizer = modeling.load_tokenizer(path)
-    log(f"world {d.world_size} (backend {d.backend or 'none'}, device {d.device.type}, "
-        f"{torch.get_num_threads()} threads/process)")
+    log(
+        f"world {d.world_size} (backend {d.backend or 'none'}, device {d.device.type}, {torch.get_num_threads()} threads/process)"
+    )
     data = data_module.for_config(cfg, tokenizer, path, token, d, log)
     _log_data(cfg, data, log)
     steps = plan(data.train, cfg, d.world_size)
@@ -63,8 +64,9 @@ def build(cfg: TrainerConfig, d: D.Dist, log, stop: StopRequest) -> Trainer:
     loaded = net.load(cfg, d, path, placement, log)
     # What the checkpoints of this run hold (the resume guard compares it; rank 0 reads the files).
     weights = D.on_main(d, lambda: identity.weights_fingerprint(path))
-    run_identity = identity.guarded(cfg, weights, data.content, str(placement.precision.params),
-                                    net.lora_names(cfg, loaded.targets))
+    run_identity = identity.guarded(
+        cfg, weights, data.content, str(placement.precision.params), net.lora_names(cfg, loaded.targets)
+    )
     assembled, optimizer = net.assemble(cfg, d, loaded, placement, log)
     training = net.Training(assembled, optimizer, optim.schedule(optimizer, cfg.training, steps.total_steps))
     ckpt = Checkpointer(cfg.checkpoints_dir, cfg.training.save_total_limit, d, log)
@@ -73,17 +75,30 @@ def build(cfg: TrainerConfig, d: D.Dist, log, stop: StopRequest) -> Trainer:
     log("space: " + D.on_main(d, lambda: ckpt.check_space(estimate, outputs, measured=False)))
     metrics = MetricsWriter(cfg.metrics_path, d.is_main)
     saver = Saver(cfg, d, log, ckpt, metrics, run_identity, outputs)
-    return Trainer(cfg=cfg, dist=d, log=log, stop=stop, started=started, tokenizer=tokenizer,
-                   model_path=path, data=data, steps=steps, placement=placement, training=training,
-                   saver=saver, metrics=metrics)
+    return Trainer(
+        cfg=cfg,
+        dist=d,
+        log=log,
+        stop=stop,
+        started=started,
+        tokenizer=tokenizer,
+        model_path=path,
+        data=data,
+        steps=steps,
+        placement=placement,
+        training=training,
+        saver=saver,
+        metrics=metrics,
+    )
 
 
 def _log_data(cfg: TrainerConfig, data: Prepared, log) -> None:
-    log(f"data: {data.summary()}; validation: {len(data.val)} examples "
-        f"({data.val_stats.records} records, {data.invalid()['validation']} invalid skipped)")
+    log(
+        f"data: {data.summary()}; validation: {len(data.val)} examples "
+        f"({data.val_stats.records} records, {data.invalid()['validation']} invalid skipped)"
+    )
     if data.stats.truncated:
-        log(f"data: {data.stats.truncated} examples longer than data.max_seq_length="
-            f"{cfg.data.max_seq_length} were truncated")
+        log(f"data: {data.stats.truncated} examples longer than data.max_seq_length={cfg.data.max_seq_length} were truncated")
     data.log_invalid(log)
 
 

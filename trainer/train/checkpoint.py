@@ -78,8 +78,11 @@ def _frozen_modules_plain(model):
     patched = []
     for module in model.modules():
         own = list(module.parameters(recurse=False))
-        if own and not any(p.requires_grad for p in own) and \
-                type(module)._save_to_state_dict is not torch.nn.Module._save_to_state_dict:
+        if (
+            own
+            and not any(p.requires_grad for p in own)
+            and type(module)._save_to_state_dict is not torch.nn.Module._save_to_state_dict
+        ):
             module._save_to_state_dict = types.MethodType(torch.nn.Module._save_to_state_dict, module)
             patched.append(module)
     try:
@@ -110,8 +113,7 @@ def _local_tensors(obj):
 
 
 def finite(model_state: dict, optim_state: dict) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in _local_tensors([model_state, optim_state])
-               if t.is_floating_point())
+    return all(bool(torch.isfinite(t).all()) for t in _local_tensors([model_state, optim_state]) if t.is_floating_point())
 
 
 class Checkpointer:
@@ -153,7 +155,7 @@ class Checkpointer:
         if manifest is None:
             return f"{path / MARKER} is unreadable or has no file manifest"
         names = sorted(manifest["files"])
-        mine = names[d.rank::d.world_size]
+        mine = names[d.rank :: d.world_size]
         found, whole = [], []
         for name in mine:
             f, expected = path / name, manifest["files"][name]
@@ -226,10 +228,13 @@ class Checkpointer:
         written = time.perf_counter()
         names = _files(path)
         hashed = {}
-        for part in d.all_gather_object(hash_files([path / n for n in names[d.rank::d.world_size]])):
+        for part in d.all_gather_object(hash_files([path / n for n in names[d.rank :: d.world_size]])):
             hashed.update(part)
-        self.timing = {"write_seconds": round(written - started, 3), "hash_seconds": round(time.perf_counter() - written, 3),
-                       "bytes": sum(v["size"] for v in hashed.values())}
+        self.timing = {
+            "write_seconds": round(written - started, 3),
+            "hash_seconds": round(time.perf_counter() - written, 3),
+            "bytes": sum(v["size"] for v in hashed.values()),
+        }
         if d.is_main:
             fsync_write(path / MARKER, json.dumps({"step": step, "files": hashed}, indent=1).encode())
         if d.is_main:
@@ -243,16 +248,18 @@ class Checkpointer:
         what = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}" if error else "another rank failed"
         if error is None or isinstance(error, OSError) or "No space left" in str(error):
             # Out of space, or a write the volume refused: retrying the same save cannot help.
-            raise UserError(f"saving checkpoint step {step} to {path} failed ({what}); the partial checkpoint was "
-                            f"removed and {kept}. Fix: free space on the volume (storage.size), "
-                            "training.save_total_limit, or LoRA (smaller checkpoints)") from None
+            raise UserError(
+                f"saving checkpoint step {step} to {path} failed ({what}); the partial checkpoint was "
+                f"removed and {kept}. Fix: free space on the volume (storage.size), "
+                "training.save_total_limit, or LoRA (smaller checkpoints)"
+            ) from None
         raise error
 
     def _prune(self, newest: int) -> None:
         """Keep the `keep` newest complete checkpoints (at least the one just written); drop debris
         older than it. Checkpoints without a manifest (another version's) are left alone."""
         complete = [(s, p) for s, p in self.complete() if self._manifest(p) is not None]
-        for step, path in complete[:-self.keep]:
+        for step, path in complete[: -self.keep]:
             shutil.rmtree(path, ignore_errors=True)
         for step, path in self._dirs():
             if step < newest and not (path / MARKER).exists():
@@ -268,8 +275,13 @@ class Checkpointer:
         dcp.load(state, checkpoint_id=str(path))
         # Not strict: the frozen base weights are not in a checkpoint (dcp.load above already failed if
         # any trainable weight was missing from it).
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
+        )
         rng_file = path / f"rng-rank{self.dist.rank:05d}.pt"
         if rng_file.exists():  # absent when the world size grew (elastic): seeds stay as set
             set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
@@ -293,12 +305,16 @@ class Checkpointer:
         free = shutil.disk_usage(where).free
         need = max(1, self.keep + 1 - existing) * checkpoint_bytes + other_bytes
         how = "measured" if measured else "estimated"
-        summary = (f"each checkpoint {_gb(checkpoint_bytes)} ({how}), {self.keep} kept + 1 being written, "
-                   f"{existing} already there; final outputs {_gb(other_bytes)}; needs {_gb(need)} more, "
-                   f"free {_gb(free)}")
+        summary = (
+            f"each checkpoint {_gb(checkpoint_bytes)} ({how}), {self.keep} kept + 1 being written, "
+            f"{existing} already there; final outputs {_gb(other_bytes)}; needs {_gb(need)} more, "
+            f"free {_gb(free)}"
+        )
         if free < need:
-            raise UserError(f"not enough space on the volume of {self.root}: {summary}. Fix: a larger volume "
-                            "(storage.size), training.save_total_limit: 1, or LoRA (smaller checkpoints)")
+            raise UserError(
+                f"not enough space on the volume of {self.root}: {summary}. Fix: a larger volume "
+                "(storage.size), training.save_total_limit: 1, or LoRA (smaller checkpoints)"
+            )
         return summary
 
 
@@ -324,4 +340,3 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-

@@ -19,8 +19,7 @@ from trainer.train.net import Net
 
 
 class Evaluator:
-    def __init__(self, cfg: TrainerConfig, d: D.Dist, data: Prepared, tokenizer, net: Net,
-                 precision: D.Precision, log):
+    def __init__(self, cfg: TrainerConfig, d: D.Dist, data: Prepared, tokenizer, net: Net, precision: D.Precision, log):
         self.cfg, self.d, self.data, self.tokenizer = cfg, d, data, tokenizer
         self.net, self.precision, self.log = net, precision, log
 
@@ -37,14 +36,13 @@ class Evaluator:
         model.eval()
         order = BatchOrder(len(self.data.val), t.per_device_eval_batch_size, t.seed)
         batches = [order[b] for b in range(len(order))]
-        mine = batches[d.rank::d.world_size]
+        mine = batches[d.rank :: d.world_size]
         rounds = math.ceil(len(batches) / d.world_size)
         loss, count = 0.0, 0.0
         for i in range(rounds):
             # Every rank runs the same number of forwards (FSDP's collectives need it); extra ones weigh 0.
             batch = mine[i] if i < len(mine) else batches[0]
-            tensors, _ = collate([self.data.val.labels(int(j)) for j in batch], self.tokenizer.pad_token_id,
-                                 self.net.probe.packs)
+            tensors, _ = collate([self.data.val.labels(int(j)) for j in batch], self.tokenizer.pad_token_id, self.net.probe.packs)
             extra = self.net.probe.extra(tensors["position_ids"], d.device)
             tensors = {k: v.to(d.device) for k, v in tensors.items()}
             with self.precision.autocast(d.device):
@@ -66,9 +64,12 @@ class Evaluator:
         prompts = [p for p, _ in self.prompts()]
         if not prompts or (self.cfg.training.fsdp and self.d.enabled):
             return []
-        return D.on_main(self.d, lambda: samples.answers(
-            self.net.base, self.tokenizer, prompts, self.cfg.quantize.max_new_tokens,
-            self.precision.autocast(self.d.device)))
+        return D.on_main(
+            self.d,
+            lambda: samples.answers(
+                self.net.base, self.tokenizer, prompts, self.cfg.quantize.max_new_tokens, self.precision.autocast(self.d.device)
+            ),
+        )
 
     def on_start(self) -> dict[str, Any]:
         """The base model's validation loss and its sample answers, before the first step; kept in the
@@ -80,7 +81,9 @@ class Evaluator:
         started = time.perf_counter()
         loss = self.loss()
         answers = self.answers()
-        self.log(f"base model before training: validation loss {loss:.4f} (perplexity {perplexity(loss):.2f}) on "
-                 f"{len(self.data.val)} examples, {len(answers)} sample answers, "
-                 f"{time.perf_counter() - started:.1f}s")
+        self.log(
+            f"base model before training: validation loss {loss:.4f} (perplexity {perplexity(loss):.2f}) on "
+            f"{len(self.data.val)} examples, {len(answers)} sample answers, "
+            f"{time.perf_counter() - started:.1f}s"
+        )
         return {"base_eval_loss": loss, "base_samples": answers}

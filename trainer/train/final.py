@@ -54,22 +54,27 @@ class FinalSaver:
                 del model
                 training.release()
                 self._rebuilt(trained, p.file_dtype)
-                self.log(f"final/: the base's weights re-read from {self.model_path} in {D._short(p.file_dtype)} "
-                         f"(training held them in {D._short(p.load_dtype)})")
+                self.log(
+                    f"final/: the base's weights re-read from {self.model_path} in {D._short(p.file_dtype)} "
+                    f"(training held them in {D._short(p.load_dtype)})"
+                )
             else:  # the weights as trained are the weights to save
-                modeling.save_final(model, self.tokenizer, cfg.final_dir, self.adapter_dir, p.save_dtype,
-                                    base_dir=self.model_path)
+                modeling.save_final(
+                    model, self.tokenizer, cfg.final_dir, self.adapter_dir, p.save_dtype, base_dir=self.model_path
+                )
         d.barrier()
-        self.log(f"saved fine-tuned model to {cfg.final_dir}" + (f" and adapter to {cfg.adapter_dir}"
-                                                                   if cfg.lora.enabled else ""))
+        self.log(
+            f"saved fine-tuned model to {cfg.final_dir}" + (f" and adapter to {cfg.adapter_dir}" if cfg.lora.enabled else "")
+        )
 
     def _rebuilt(self, trained: dict[str, Any], dtype: torch.dtype) -> None:
         """The model rebuilt unsharded on the CPU from the base's files with the trained weights, merged
         and saved the usual way."""
         cfg = self.cfg
         model = modeling.rebuild(self.model_path, dtype, cfg.lora if cfg.lora.enabled else None, trained)
-        modeling.save_final(model, self.tokenizer, cfg.final_dir, self.adapter_dir, self.placement.save_dtype,
-                            base_dir=self.model_path)
+        modeling.save_final(
+            model, self.tokenizer, cfg.final_dir, self.adapter_dir, self.placement.save_dtype, base_dir=self.model_path
+        )
 
     def _adapter_and_deltas(self, model: Any) -> tuple[dict, dict, Optional[dict]]:
         """QLoRA: adapter/ written; what final/ needs copied out of the model: the adapters' deltas and
@@ -79,8 +84,7 @@ class FinalSaver:
         deltas, whole = merge.trained(model)
         files = merge.names(self.model_path)
         streamed = files is not None and set(deltas) | set(whole) <= files
-        trained = None if streamed else {n: q.detach().float().clone() for n, q in model.named_parameters()
-                                         if q.requires_grad}
+        trained = None if streamed else {n: q.detach().float().clone() for n, q in model.named_parameters() if q.requires_grad}
         model.save_pretrained(str(self.adapter_dir))
         self.tokenizer.save_pretrained(str(self.adapter_dir))
         return deltas, whole, trained
@@ -92,13 +96,15 @@ class FinalSaver:
         from trainer.model import merge
 
         cfg, p = self.cfg, self.placement
-        read = (f"final/: the base's weights re-read from {self.model_path} in {D._short(p.file_dtype)} "
-                f"(training held them in {cfg.lora.base_bits} bits)")
+        read = (
+            f"final/: the base's weights re-read from {self.model_path} in {D._short(p.file_dtype)} "
+            f"(training held them in {cfg.lora.base_bits} bits)"
+        )
         if trained is None:
-            count = merge.write_final(self.model_path, deltas, whole, p.save_dtype, self.tokenizer,
-                                      cfg.final_dir, modeling.SOURCE_TOKENIZER_FILES)
-            self.log(f"{read}, a tensor at a time: {count} adapted weights merged in fp32, saved as "
-                     f"{D._short(p.save_dtype)}")
+            count = merge.write_final(
+                self.model_path, deltas, whole, p.save_dtype, self.tokenizer, cfg.final_dir, modeling.SOURCE_TOKENIZER_FILES
+            )
+            self.log(f"{read}, a tensor at a time: {count} adapted weights merged in fp32, saved as {D._short(p.save_dtype)}")
             return
         self.log(f"{read}, the whole model at once (its files are not safetensors under the model's names)")
         rebuilt = modeling.rebuild(self.model_path, p.file_dtype, cfg.lora, trained)
@@ -112,11 +118,13 @@ def _gathered(net: Net, lora: bool) -> dict[str, Any]:
 
     full = get_model_state_dict(net.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     names = {n for n, q in net.loss_module.named_parameters() if q.requires_grad}
-    return {k[len("model."):]: v for k, v in full.items() if k.startswith("model.") and (not lora or k in names)}
+    return {k[len("model.") :]: v for k, v in full.items() if k.startswith("model.") and (not lora or k in names)}
 
 
 def raise_not_finite(cfg: TrainerConfig) -> None:
     from trainer.errors import UserError
 
-    raise UserError(f"the trained weights are not finite (NaN/inf): {cfg.final_dir} was not written. Fix: a "
-                    f"lower training.learning_rate (now {cfg.training.learning_rate:g}) or training.max_grad_norm")
+    raise UserError(
+        f"the trained weights are not finite (NaN/inf): {cfg.final_dir} was not written. Fix: a "
+        f"lower training.learning_rate (now {cfg.training.learning_rate:g}) or training.max_grad_norm"
+    )

@@ -1,6 +1,6 @@
 """`python -m trainer finetune`: train, save final/, then (rank 0, the process group closed) quantize.
 
-    torchrun --nproc-per-node 2 -m trainer finetune --config config.yaml
+torchrun --nproc-per-node 2 -m trainer finetune --config config.yaml
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def finetune(cfg: TrainerConfig, dist: Optional[D.Dist] = None) -> dict[str, Any
                 torch.set_num_threads(D.default_threads(1))
                 trainer.log(f"quantize: {torch.get_num_threads()} threads (the training processes' cores)")
             quantize.run(cfg, log=trainer.log)
-        trainer.log(f"fine-tune of {cfg.model.name_or_path}: "
-                    f"{gain_line(summary.get('eval_loss_before'), summary.get('eval_loss'))}")
+        trainer.log(
+            f"fine-tune of {cfg.model.name_or_path}: {gain_line(summary.get('eval_loss_before'), summary.get('eval_loss'))}"
+        )
     return summary

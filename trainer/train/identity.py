@@ -18,8 +18,16 @@ from typing import Any
 
 from trainer.config import TrainerConfig
 
-SCHEDULE_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "max_steps",
-                 "num_train_epochs", "weight_decay", "max_grad_norm")
+SCHEDULE_KEYS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "warmup_ratio",
+    "max_steps",
+    "num_train_epochs",
+    "weight_decay",
+    "max_grad_norm",
+)
 _SAMPLES = 16
 _SAMPLE_BYTES = 64 * 1024
 
@@ -47,16 +55,32 @@ def weights_fingerprint(model_dir: str) -> str:
 def guarded(cfg: TrainerConfig, weights: str, data: str, precision: str, lora_targets: Any) -> dict[str, Any]:
     """The values a checkpoint holds, by config key: any change means a different training."""
     t = cfg.training
-    data_keys = {f"data.{k}": v for k, v in cfg.to_dict()["data"].items()
-                 if k not in ("file_wait_seconds", "file_settle_seconds", "cache_dir")}
-    out = {"model.weights": weights, "model.dtype": precision, "data.content": data, **data_keys,
-           "training.seed": t.seed, "training.per_device_train_batch_size": t.per_device_train_batch_size,
-           "training.gradient_accumulation_steps": t.gradient_accumulation_steps, "training.optim": t.optim,
-           "training.tokens_per_micro_batch": t.tokens_per_micro_batch,
-           "lora.enabled": cfg.lora.enabled}
+    data_keys = {
+        f"data.{k}": v
+        for k, v in cfg.to_dict()["data"].items()
+        if k not in ("file_wait_seconds", "file_settle_seconds", "cache_dir")
+    }
+    out = {
+        "model.weights": weights,
+        "model.dtype": precision,
+        "data.content": data,
+        **data_keys,
+        "training.seed": t.seed,
+        "training.per_device_train_batch_size": t.per_device_train_batch_size,
+        "training.gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "training.optim": t.optim,
+        "training.tokens_per_micro_batch": t.tokens_per_micro_batch,
+        "lora.enabled": cfg.lora.enabled,
+    }
     if cfg.lora.enabled:
-        out.update({"lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha, "lora.target_modules": lora_targets,
-                    "lora.modules_to_save": list(cfg.lora.modules_to_save)})
+        out.update(
+            {
+                "lora.r": cfg.lora.r,
+                "lora.alpha": cfg.lora.alpha,
+                "lora.target_modules": lora_targets,
+                "lora.modules_to_save": list(cfg.lora.modules_to_save),
+            }
+        )
         if cfg.lora.base_bits:  # absent for a base in model.dtype: checkpoints from before the key resume
             out["lora.base_bits"] = cfg.lora.base_bits
     return json.loads(json.dumps(out))  # as state.json will hold it (tuples become lists)
@@ -77,9 +101,15 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[st
 
 
 def describe(key: str, old: Any, new: Any) -> str:
-    short = {"model.weights": "the base model's weights", "data.content": "the data's content",
-             "model.dtype": "the weights' precision"}
+    short = {
+        "model.weights": "the base model's weights",
+        "data.content": "the data's content",
+        "model.dtype": "the weights' precision",
+    }
     if key in short:
-        return f"{short[key]} changed (fingerprint {old} -> {new})" if key != "model.dtype" else \
-            f"model.dtype: the weights were {old}, now {new}"
+        return (
+            f"{short[key]} changed (fingerprint {old} -> {new})"
+            if key != "model.dtype"
+            else f"model.dtype: the weights were {old}, now {new}"
+        )
     return f"{key} was {old!r}, now {new!r}"

@@ -65,21 +65,32 @@ class Trainer:
     evaluator: Evaluator = field(init=False)
 
     def __post_init__(self) -> None:
-        self.evaluator = Evaluator(self.cfg, self.dist, self.data, self.tokenizer, self.training.net,
-                                   self.placement.precision, self.log)
+        self.evaluator = Evaluator(
+            self.cfg, self.dist, self.data, self.tokenizer, self.training.net, self.placement.precision, self.log
+        )
 
     def train(self) -> dict[str, Any]:
         cfg, t, d, p, tr = self.cfg, self.cfg.training, self.dist, self.steps, self.training
         state = self.saver.resume(tr.net.wrapped, tr.optimizer)
         if state.step:
             tr.scheduler = optim.schedule(tr.optimizer, t, p.total_steps, state.step)
-        self.log(f"training {p.total_steps} steps ({p.steps_per_epoch} per epoch, {t.per_device_train_batch_size} x "
-                 f"{t.gradient_accumulation_steps} examples per process per step, {tr.net.probe.packing})"
-                 + (f", from step {state.step}" if state.step else ""))
+        self.log(
+            f"training {p.total_steps} steps ({p.steps_per_epoch} per epoch, {t.per_device_train_batch_size} x "
+            f"{t.gradient_accumulation_steps} examples per process per step, {tr.net.probe.packing})"
+            + (f", from step {state.step}" if state.step else "")
+        )
         steplog = self._step_log(state.step)
         startup_seconds = steplog.started - self.started  # load, probes, fingerprint, data, resume
-        stepper = Stepper(tr.net, tr.optimizer, tr.scheduler, self.data, self.tokenizer.pad_token_id, d,
-                          self.placement.precision, t.max_grad_norm)
+        stepper = Stepper(
+            tr.net,
+            tr.optimizer,
+            tr.scheduler,
+            self.data,
+            self.tokenizer.pad_token_id,
+            d,
+            self.placement.precision,
+            t.max_grad_norm,
+        )
         nonfinite = NonFinite(d.device, state.skipped_steps)
         if state.step == 0:
             for key, value in self.evaluator.on_start().items():
@@ -114,11 +125,9 @@ class Trainer:
                 self._save(state, nonfinite.streak(), stopping, reason)
                 clock = time.perf_counter()
         state.train_seconds += time.perf_counter() - clock
-        eval_loss = last_eval if last_eval_step == state.step else (self.evaluator.loss() if len(self.data.val)
-                                                                     else None)
+        eval_loss = last_eval if last_eval_step == state.step else (self.evaluator.loss() if len(self.data.val) else None)
         steplog.close(state.step, eval_loss)
-        summary = self._summary(state, steplog, eval_loss, startup_seconds,
-                                compute_seconds if stepper.timed else None)
+        summary = _summary(self, state, steplog, eval_loss, startup_seconds, compute_seconds if stepper.timed else None)
         self.log(f"done: {state.step} steps in {state.train_seconds:.1f}s, {gain_line(state.base_eval_loss, eval_loss)}")
         return summary
 
@@ -131,21 +140,36 @@ class Trainer:
 
             net = self.training.net
             trainable, total = modeling.trainable_parameters(net.base)
-            params = {"world_size": d.world_size, "model_class": net.arch, "precision": self.placement.precision.describe(),
-                      "parameters": total, "trainable_parameters": trainable, "packing": net.probe.packing,
-                      "total_steps": p.total_steps, "training_examples": len(self.data.train),
-                      **{f"memory_plan.{k}": v for k, v in memplan.as_dict(self.placement.memory).items()
-                         if not isinstance(v, (dict, list))}}
+            params = {
+                "world_size": d.world_size,
+                "model_class": net.arch,
+                "precision": self.placement.precision.describe(),
+                "parameters": total,
+                "trainable_parameters": trainable,
+                "packing": net.probe.packing,
+                "total_steps": p.total_steps,
+                "training_examples": len(self.data.train),
+                **{
+                    f"memory_plan.{k}": v
+                    for k, v in memplan.as_dict(self.placement.memory).items()
+                    if not isinstance(v, (dict, list))
+                },
+            }
             self.trackers = tracking.Trackers(self.cfg, params, start_step, self.log)
         status = kubeflow_status.from_env(self.log) if d.is_main else None
         if status is not None:
-            self.log(f"TrainJob status: reporting progress to {status.url} (at most every "
-                     f"{kubeflow_status.MIN_INTERVAL:.0f} s)")
-        return StepLog(self.cfg, d, self.log, self.metrics, p.total_steps, p.steps_per_epoch, start_step,
-                       self.trackers, status)
+            self.log(f"TrainJob status: reporting progress to {status.url} (at most every {kubeflow_status.MIN_INTERVAL:.0f} s)")
+        return StepLog(self.cfg, d, self.log, self.metrics, p.total_steps, p.steps_per_epoch, start_step, self.trackers, status)
 
-    def _log_step(self, state: LoopState, steplog: StepLog, nonfinite: NonFinite, result: StepResult,
-                  evaluating: bool, last_eval: Optional[float]) -> Optional[float]:
+    def _log_step(
+        self,
+        state: LoopState,
+        steplog: StepLog,
+        nonfinite: NonFinite,
+        result: StepResult,
+        evaluating: bool,
+        last_eval: Optional[float],
+    ) -> Optional[float]:
         """A logging step: the window reduced over the ranks (the loop's host syncs are here and at
         saves), divergence refused, the row written; the validation loss where evaluation is due."""
         loss_total, real_total = steplog.reduce()
@@ -153,8 +177,7 @@ class Trainer:
         if streak > self.cfg.training.max_nonfinite_steps:
             raise self.saver.diverged(state.step, streak, state.skipped_steps)
         state.tokens_seen += real_total
-        row = steplog.row(state, loss_total, real_total, result.grad_norm,
-                          self.training.scheduler.get_last_lr()[0])
+        row = steplog.row(state, loss_total, real_total, result.grad_norm, self.training.scheduler.get_last_lr()[0])
         eval_loss = self.evaluator.loss() if evaluating else None
         if eval_loss is not None:
             row.update(eval_fields(eval_loss))
@@ -164,36 +187,15 @@ class Trainer:
     def _save(self, state: LoopState, streak: int, stopping: bool, reason: Optional[str]) -> None:
         if stopping:
             if reason:  # logged by the rank whose pod was asked, whatever rank the rendezvous gave it
-                self.log(f"stop requested ({reason}) at step {state.step} on rank {self.dist.rank}: saving a "
-                         "checkpoint", every_rank=True)
+                self.log(
+                    f"stop requested ({reason}) at step {state.step} on rank {self.dist.rank}: saving a checkpoint",
+                    every_rank=True,
+                )
             else:
                 self.log(f"stop requested on another pod at step {state.step}: saving a checkpoint")
         self.saver.save(state, self.training.net.wrapped, self.training.optimizer, streak)
         if stopping:
             raise self.stop.finish(reason, state.step)
-
-    def _summary(self, state: LoopState, steplog: StepLog, eval_loss: Optional[float], startup_seconds: float,
-                 compute_seconds: Optional[float]) -> dict[str, Any]:
-        d, data, net = self.dist, self.data, self.training.net
-        before = state.base_eval_loss
-        return {"steps": state.step, "train_seconds": state.train_seconds,
-                "first_step_seconds": steplog.first_step_seconds,
-                "eval_loss_before": before, "eval_perplexity_before": perplexity(before),
-                "samples": samples.table(self.evaluator.prompts(), state.base_samples, self.evaluator.answers()),
-                "startup_seconds": round(startup_seconds, 2), "step_seconds": steplog.step_seconds,
-                "memory_plan": memplan.as_dict(self.placement.memory),
-                "peak_device_memory_gib": (round(torch.cuda.max_memory_allocated(d.device) / 2**30, 3)
-                                           if d.device.type == "cuda" else None),
-                "gradient_checkpointing": self.placement.gradient_checkpointing,
-                # Forward and backward alone (CPU): the rest of train_seconds is per-step overhead.
-                "compute_seconds": compute_seconds,
-                "attention": net.attention, "packing": net.probe.packing,
-                "num_input_tokens_seen": state.tokens_seen, "eval_loss": eval_loss,
-                "eval_perplexity": perplexity(eval_loss) if eval_loss is not None else None,
-                "skipped_steps": state.skipped_steps, "world_size": d.world_size,
-                "data": {"format": data.format, **vars(data.stats), "validation_examples": len(data.val),
-                         "validation_records": data.val_stats.records, "invalid_skipped": data.invalid(),
-                         "invalid_records": data.invalid_named()}}
 
     def save_final(self) -> None:
         """final/ and adapter/; the training model released on the way (trainer/train/final.py)."""
@@ -205,3 +207,47 @@ class Trainer:
     def close(self) -> None:
         if self.trackers is not None:
             self.trackers.close(ok=self.finished)
+
+
+def _summary(
+    self: Trainer,
+    state: LoopState,
+    steplog: StepLog,
+    eval_loss: Optional[float],
+    startup_seconds: float,
+    compute_seconds: Optional[float],
+) -> dict[str, Any]:
+    d, data, net = self.dist, self.data, self.training.net
+    before = state.base_eval_loss
+    return {
+        "steps": state.step,
+        "train_seconds": state.train_seconds,
+        "first_step_seconds": steplog.first_step_seconds,
+        "eval_loss_before": before,
+        "eval_perplexity_before": perplexity(before),
+        "samples": samples.table(self.evaluator.prompts(), state.base_samples, self.evaluator.answers()),
+        "startup_seconds": round(startup_seconds, 2),
+        "step_seconds": steplog.step_seconds,
+        "memory_plan": memplan.as_dict(self.placement.memory),
+        "peak_device_memory_gib": (
+            round(torch.cuda.max_memory_allocated(d.device) / 2**30, 3) if d.device.type == "cuda" else None
+        ),
+        "gradient_checkpointing": self.placement.gradient_checkpointing,
+        # Forward and backward alone (CPU): the rest of train_seconds is per-step overhead.
+        "compute_seconds": compute_seconds,
+        "attention": net.attention,
+        "packing": net.probe.packing,
+        "num_input_tokens_seen": state.tokens_seen,
+        "eval_loss": eval_loss,
+        "eval_perplexity": perplexity(eval_loss) if eval_loss is not None else None,
+        "skipped_steps": state.skipped_steps,
+        "world_size": d.world_size,
+        "data": {
+            "format": data.format,
+            **vars(data.stats),
+            "validation_examples": len(data.val),
+            "validation_records": data.val_stats.records,
+            "invalid_skipped": data.invalid(),
+            "invalid_records": data.invalid_named(),
+        },
+    }

@@ -41,8 +41,7 @@ class Loaded:
 
 def load(cfg: TrainerConfig, d: D.Dist, path: str, placement: Placement, log) -> Loaded:
     t = cfg.training
-    model = modeling.load_model(path, placement.load_dtype, cfg.model.attn_implementation, d.device,
-                                placement.quantization(cfg))
+    model = modeling.load_model(path, placement.load_dtype, cfg.model.attn_implementation, d.device, placement.quantization(cfg))
     if cfg.lora.enabled and cfg.lora.base_bits:
         from trainer.model import qlora
 
@@ -59,16 +58,20 @@ def load(cfg: TrainerConfig, d: D.Dist, path: str, placement: Placement, log) ->
     if placement.load_dtype.itemsize < compute.itemsize:
         from trainer.model.compute import widen
 
-        log(f"frozen weights {D._short(placement.load_dtype)} ({placement.storage_reason}), compute "
-            f"{D._short(compute)}: {widen(model, compute).describe()}")
+        log(
+            f"frozen weights {D._short(placement.load_dtype)} ({placement.storage_reason}), compute "
+            f"{D._short(compute)}: {widen(model, compute).describe()}"
+        )
     trainable, total = modeling.trainable_parameters(model)
     arch = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
     tuned = f"LoRA r={cfg.lora.r} on {targets}" if targets else "full fine-tune"
-    log(f"model {cfg.model.name_or_path} ({arch}): {total / 1e6:.1f}M parameters, "
+    log(
+        f"model {cfg.model.name_or_path} ({arch}): {total / 1e6:.1f}M parameters, "
         f"{trainable / 1e6:.2f}M trainable ({tuned}), attention {model.config._attn_implementation}, "
         f"{placement.precision.describe()}"
         + (f", frozen base in {placement.frozen_base(cfg.lora.base_bits)}" if cfg.lora.enabled else "")
-        + f"; final/ saved as {D._short(placement.save_dtype)}")
+        + f"; final/ saved as {D._short(placement.save_dtype)}"
+    )
     return Loaded(model, targets, arch)
 
 
@@ -79,8 +82,7 @@ def lora_names(cfg: TrainerConfig, targets: Any) -> Optional[Any]:
     return sorted({n.rsplit(".", 1)[-1] for n in targets}) if isinstance(targets, list) else targets
 
 
-def assemble(cfg: TrainerConfig, d: D.Dist, loaded: Loaded, placement: Placement,
-             log) -> tuple[Net, torch.optim.Optimizer]:
+def assemble(cfg: TrainerConfig, d: D.Dist, loaded: Loaded, placement: Placement, log) -> tuple[Net, torch.optim.Optimizer]:
     """The loss module, probed on rank 0 (milliseconds; every rank takes its answer), then FSDP2 (before
     the optimizer: it must see the sharded parameters) or DDP (after it), then torch.compile."""
     t = cfg.training
@@ -89,8 +91,9 @@ def assemble(cfg: TrainerConfig, d: D.Dist, loaded: Loaded, placement: Placement
     # Variable-length attention (Σ len², no dense mask) where transformers would build a block-diagonal
     # mask for packed rows: SDPA and eager. Flash-attention already runs packed rows as variable-length.
     varlen = cfg.model.attn_implementation == "auto" and loaded.base.config._attn_implementation in ("sdpa", "eager")
-    probe = D.on_main(d, lambda: probes.run(loss_module, cfg.data.packing, d.device, varlen=varlen,
-                                            longest=cfg.data.max_seq_length))
+    probe = D.on_main(
+        d, lambda: probes.run(loss_module, cfg.data.packing, d.device, varlen=varlen, longest=cfg.data.max_seq_length)
+    )
     if probe.packing == probes.PACKED_VARLEN and not d.is_main:
         from trainer.model.attention import VARLEN, register
 

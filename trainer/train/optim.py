@@ -14,8 +14,7 @@ def optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Optimize
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = t.optim == "adamw_torch_fused"
     return torch.optim.AdamW(groups, lr=t.learning_rate, fused=fused or None)
 

@@ -68,8 +68,9 @@ def _precision(cfg: TrainerConfig, d: D.Dist) -> tuple[D.Precision, list[torch.d
     from trainer.model.compute import rates
 
     measured = None if cuda else D.on_main(d, rates)
-    precision = D.choose_precision(cfg.model.dtype, cuda, cuda and torch.cuda.is_bf16_supported(), measured,
-                                   cfg.model.compute_dtype)
+    precision = D.choose_precision(
+        cfg.model.dtype, cuda, cuda and torch.cuda.is_bf16_supported(), measured, cfg.model.compute_dtype
+    )
     storage, reason = D.frozen_storage(precision, cfg.model.dtype, cfg.lora.enabled, cuda)
     return precision, storage, reason
 
@@ -97,8 +98,16 @@ def _load_libraries(model_path: str) -> None:
     modeling.import_model_class(model_path)
 
 
-def _plan_memory(cfg: TrainerConfig, d: D.Dist, path: str, data: Prepared, steps: StepPlan,
-                 precision: D.Precision, storage: list[torch.dtype], save_dtype: torch.dtype):
+def _plan_memory(
+    cfg: TrainerConfig,
+    d: D.Dist,
+    path: str,
+    data: Prepared,
+    steps: StepPlan,
+    precision: D.Precision,
+    storage: list[torch.dtype],
+    save_dtype: torch.dtype,
+):
     """The memory plan (trainer/model/memplan.py) of this run against what each process can have, per
     candidate storage dtype of the frozen base, widest first: (the decision, the dtype's index, why a
     wider one was passed over, gradient checkpointing). Every rank plans; all take the same decision
@@ -115,21 +124,33 @@ def _plan_memory(cfg: TrainerConfig, d: D.Dist, path: str, data: Prepared, steps
     budget, source = memplan.available_memory(d.local_world_size, now, cuda_free)
     plans = []  # per storage dtype: its setting, runtime, decision, every rank's answer
     for dtype in storage:
-        setting = memplan.setting_for(cfg, shape, d.world_size, d.local_world_size, precision.mixed, cuda,
-                                      tokens=micro_batch_tokens(data.train, steps.batches),
-                                      save_bytes=torch.empty((), dtype=save_dtype).element_size(),
-                                      compute_bytes=precision.compute.itemsize, frozen_bytes=dtype.itemsize)
+        setting = memplan.setting_for(
+            cfg,
+            shape,
+            d.world_size,
+            d.local_world_size,
+            precision.mixed,
+            cuda,
+            tokens=micro_batch_tokens(data.train, steps.batches),
+            save_bytes=torch.empty((), dtype=save_dtype).element_size(),
+            compute_bytes=precision.compute.itemsize,
+            frozen_bytes=dtype.itemsize,
+        )
         runtime = 0 if cuda else now + memplan.workspace(setting.compute_bytes, cuda)
         if cuda:
             setting = replace(setting, quantize=False)
         decision = memplan.decide(shape, setting, runtime, budget, source)
         # One gather: every rank learns whether all fit, and the tightest rank's refusal.
-        everyone = d.all_gather_object((decision.fits, decision.turned_on_checkpointing is not None,
-                                        decision.plan.peak - decision.budget,
-                                        decision.refusal(memplan.fixes(cfg, setting, shape))))
+        everyone = d.all_gather_object(
+            (
+                decision.fits,
+                decision.turned_on_checkpointing is not None,
+                decision.plan.peak - decision.budget,
+                decision.refusal(memplan.fixes(cfg, setting, shape)),
+            )
+        )
         plans.append((setting, runtime, decision, everyone))
-    index, why = memplan.pick([(all(e[0] for e in everyone), any(e[1] for e in everyone))
-                               for _, _, _, everyone in plans])
+    index, why = memplan.pick([(all(e[0] for e in everyone), any(e[1] for e in everyone)) for _, _, _, everyone in plans])
     if index is None:
         everyone = plans[-1][3]  # the narrowest storage's refusal: the best plan there is
         raise UserError(max(everyone, key=lambda e: e[2])[3])

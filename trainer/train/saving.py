@@ -19,13 +19,34 @@ from trainer.train.checkpoint import Checkpointer, NonFiniteState
 from trainer.train.state import LoopState
 
 # What a run writes into output_dir: a fresh start moves them (and quantize.also's quantized-*) aside.
-RESULTS = ("checkpoints", "final", "adapter", "quantized", "metrics.jsonl", "report.json", "report.md",
-           "loss_curve.png", "quantization.png", "progress.txt", "tracking.json", "tensorboard", "wandb")
+RESULTS = (
+    "checkpoints",
+    "final",
+    "adapter",
+    "quantized",
+    "metrics.jsonl",
+    "report.json",
+    "report.md",
+    "loss_curve.png",
+    "quantization.png",
+    "progress.txt",
+    "tracking.json",
+    "tensorboard",
+    "wandb",
+)
 
 
 class Saver:
-    def __init__(self, cfg: TrainerConfig, d: D.Dist, log, ckpt: Checkpointer, metrics: MetricsWriter,
-                 run_identity: dict[str, Any], outputs_estimate: int):
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        d: D.Dist,
+        log,
+        ckpt: Checkpointer,
+        metrics: MetricsWriter,
+        run_identity: dict[str, Any],
+        outputs_estimate: int,
+    ):
         self.cfg, self.d, self.log, self.ckpt, self.metrics = cfg, d, log, ckpt, metrics
         self.identity = run_identity
         self.outputs_estimate = outputs_estimate
@@ -34,36 +55,39 @@ class Saver:
     def due(self, step: int, last: bool, stopping: bool) -> bool:
         return step % self.cfg.training.save_steps == 0 or last or stopping
 
-    def save(self, state: LoopState, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             streak: int) -> Optional[Path]:
+    def save(self, state: LoopState, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer, streak: int) -> Optional[Path]:
         """A checkpoint of this step; none where the last steps were not finite (nothing non-finite is saved)."""
         if streak:
             self.log(f"not saving step {state.step}: its last {streak} step(s) had a non-finite loss or gradient")
             return None
         self.metrics.flush_to_disk()
         try:
-            path = self.ckpt.save(state.step, wrapped, optimizer,
-                                  state.train_state(self.d.world_size, self.identity, identity.schedule(self.cfg)))
+            path = self.ckpt.save(
+                state.step, wrapped, optimizer, state.train_state(self.d.world_size, self.identity, identity.schedule(self.cfg))
+            )
         except NonFiniteState as exc:
             raise self.diverged(state.step, streak, state.skipped_steps, str(exc)) from None
         saved = self.ckpt.timing
-        self.log(f"saved checkpoint {path} ({saved.get('bytes', 0) / 1e9:.2f} GB: written in "
-                 f"{saved.get('write_seconds', 0):.1f} s, SHA-256 in {saved.get('hash_seconds', 0):.1f} s)")
+        self.log(
+            f"saved checkpoint {path} ({saved.get('bytes', 0) / 1e9:.2f} GB: written in "
+            f"{saved.get('write_seconds', 0):.1f} s, SHA-256 in {saved.get('hash_seconds', 0):.1f} s)"
+        )
         if not self.measured_space:  # the estimate replaced by the size of a real checkpoint
             self.measured_space = True
             size = D.on_main(self.d, lambda: self.ckpt.bytes_on_disk(path))
-            self.log("space: " + D.on_main(self.d, lambda: self.ckpt.check_space(size, self.outputs_estimate,
-                                                                                   measured=True)))
+            self.log("space: " + D.on_main(self.d, lambda: self.ckpt.check_space(size, self.outputs_estimate, measured=True)))
         return path
 
     def diverged(self, step: int, streak: int, skipped: int, detail: str = "") -> UserError:
         newest = self.ckpt.complete()
         kept = f"the newest checkpoint is step {newest[-1][0]}" if newest else "no checkpoint was written"
         lr = self.cfg.training.learning_rate
-        return UserError(f"training diverged at step {step}: {streak} step(s) in a row had a non-finite loss or "
-                         f"gradient norm ({skipped} skipped in all){'; ' + detail if detail else ''}. Nothing "
-                         f"non-finite was saved; {kept}. Fix: a lower training.learning_rate (now {lr:g}), more "
-                         f"warm-up (training.warmup_ratio), or training.max_grad_norm")
+        return UserError(
+            f"training diverged at step {step}: {streak} step(s) in a row had a non-finite loss or "
+            f"gradient norm ({skipped} skipped in all){'; ' + detail if detail else ''}. Nothing "
+            f"non-finite was saved; {kept}. Fix: a lower training.learning_rate (now {lr:g}), more "
+            f"warm-up (training.warmup_ratio), or training.max_grad_norm"
+        )
 
     def resume(self, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer) -> LoopState:
         """The state to start from: a checkpoint's (training.resume_from_checkpoint: auto, the newest
@@ -84,9 +108,11 @@ class Saver:
         changed = identity.differences(saved.get("identity", {}), self.identity)
         if changed:
             what = "; ".join(identity.describe(*c) for c in changed[:3])
-            raise UserError(f"cannot resume {path}: {what}. What a checkpoint holds cannot change on resume. Fix: set "
-                            "it back, or training.resume_from_checkpoint: null to start over (this output_dir's "
-                            "results are moved to previous-<time>/), or another output_dir")
+            raise UserError(
+                f"cannot resume {path}: {what}. What a checkpoint holds cannot change on resume. Fix: set "
+                "it back, or training.resume_from_checkpoint: null to start over (this output_dir's "
+                "results are moved to previous-<time>/), or another output_dir"
+            )
         self.ckpt.load(path, wrapped, optimizer)
         step = saved["step"]
         for key, old, new in identity.differences(saved.get("schedule", {}), identity.schedule(self.cfg)):

@@ -21,12 +21,27 @@ class LoopState:
 
     def train_state(self, world_size: int, identity: dict[str, Any], schedule: dict[str, Any]) -> dict[str, Any]:
         """What a checkpoint holds besides the weights and the optimizer (checkpoint.Checkpointer.save)."""
-        return {"step": self.step, "epoch": self.epoch, "tokens_seen": self.tokens_seen, "world_size": world_size,
-                "train_seconds": self.train_seconds, "skipped_steps": self.skipped_steps, "identity": identity,
-                "base_eval_loss": self.base_eval_loss, "base_samples": self.base_samples, "schedule": schedule}
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "tokens_seen": self.tokens_seen,
+            "world_size": world_size,
+            "train_seconds": self.train_seconds,
+            "skipped_steps": self.skipped_steps,
+            "identity": identity,
+            "base_eval_loss": self.base_eval_loss,
+            "base_samples": self.base_samples,
+            "schedule": schedule,
+        }
 
     @classmethod
     def from_train_state(cls, saved: dict[str, Any]) -> "LoopState":
-        return cls(step=saved["step"], epoch=saved.get("epoch", 0), tokens_seen=saved.get("tokens_seen", 0),
-                   train_seconds=saved.get("train_seconds", 0.0), skipped_steps=saved.get("skipped_steps", 0),
-                   base_eval_loss=saved.get("base_eval_loss"), base_samples=list(saved.get("base_samples") or []))
+        return cls(
+            step=saved["step"],
+            epoch=saved.get("epoch", 0),
+            tokens_seen=saved.get("tokens_seen", 0),
+            train_seconds=saved.get("train_seconds", 0.0),
+            skipped_steps=saved.get("skipped_steps", 0),
+            base_eval_loss=saved.get("base_eval_loss"),
+            base_samples=list(saved.get("base_samples") or []),
+        )

@@ -30,8 +30,17 @@ class Stepper:
     """Runs steps; holds what every step needs. `timed`: whether host clocks time the compute (on a CPU
     they time it exactly; on a GPU they would need syncs, so nothing is timed there)."""
 
-    def __init__(self, net: Net, optimizer: torch.optim.Optimizer, scheduler, data: Prepared, pad_id: int,
-                 d: D.Dist, precision: D.Precision, max_grad_norm: float):
+    def __init__(
+        self,
+        net: Net,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        data: Prepared,
+        pad_id: int,
+        d: D.Dist,
+        precision: D.Precision,
+        max_grad_norm: float,
+    ):
         self.net, self.optimizer, self.scheduler = net, optimizer, scheduler
         self.data, self.pad_id, self.d, self.precision = data, pad_id, d, precision
         self.max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")

@@ -11,8 +11,18 @@ import torch
 
 from trainer.config import TrainerConfig
 from trainer.monitor.kubeflow_status import StatusReporter
-from trainer.monitor.metrics import (PROGRESS_FILE, Eta, MetricsWriter, Progress, duration, perplexity,
-                                     plain_logs, progress_text, read_metrics, rewrite)
+from trainer.monitor.metrics import (
+    PROGRESS_FILE,
+    Eta,
+    MetricsWriter,
+    Progress,
+    duration,
+    perplexity,
+    plain_logs,
+    progress_text,
+    read_metrics,
+    rewrite,
+)
 from trainer.monitor.tracking import Trackers
 from trainer.runtime import distributed as D
 from trainer.train.state import LoopState
@@ -20,16 +30,24 @@ from trainer.train.step import StepResult
 
 
 class StepLog:
-    def __init__(self, cfg: TrainerConfig, d: D.Dist, log, metrics: MetricsWriter, total_steps: int,
-                 steps_per_epoch: int, start_step: int, trackers: Optional[Trackers],
-                 status: Optional[StatusReporter]):
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        d: D.Dist,
+        log,
+        metrics: MetricsWriter,
+        total_steps: int,
+        steps_per_epoch: int,
+        start_step: int,
+        trackers: Optional[Trackers],
+        status: Optional[StatusReporter],
+    ):
         self.cfg, self.d, self.log, self.metrics = cfg, d, log, metrics
         self.total, self.per_epoch = total_steps, steps_per_epoch
         self.trackers, self.status = trackers, status
         self.progress = Progress(d.is_main, total_steps, start_step)
         self.eta = Eta(total_steps)
-        self.recent = (read_metrics(cfg.metrics_path, log)[-5:]
-                       if d.is_main and cfg.metrics_path.exists() else [])
+        self.recent = read_metrics(cfg.metrics_path, log)[-5:] if d.is_main and cfg.metrics_path.exists() else []
         self.started = time.perf_counter()
         self.step_clock = self.started  # when the last step ended
         self.first_step_seconds: Optional[float] = None
@@ -65,17 +83,24 @@ class StepLog:
         loss_total, real_total = self.d.all_reduce_sum([float(self.loss), float(self.real)])
         return loss_total, int(real_total)
 
-    def row(self, state: LoopState, loss_total: float, real_total: int, grad_norm: torch.Tensor,
-            learning_rate: float) -> dict[str, Any]:
+    def row(
+        self, state: LoopState, loss_total: float, real_total: int, grad_norm: torch.Tensor, learning_rate: float
+    ) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.window_start
         left, per_step = self.eta.seconds_left(state.step), self.eta.seconds_per_step()
-        return {"step": state.step, "epoch": round(state.step / self.per_epoch, 4),
-                "loss": loss_total / max(1, self.tokens), "learning_rate": learning_rate,
-                "grad_norm": float(grad_norm), "tokens_per_second": real_total / max(elapsed, 1e-9),
-                "num_input_tokens_seen": state.tokens_seen, "train_seconds": round(state.train_seconds, 3),
-                "skipped_steps": state.skipped_steps,
-                "eta_seconds": round(left, 1) if left is not None else None,
-                "seconds_per_step": round(per_step, 4) if per_step is not None else None}
+        return {
+            "step": state.step,
+            "epoch": round(state.step / self.per_epoch, 4),
+            "loss": loss_total / max(1, self.tokens),
+            "learning_rate": learning_rate,
+            "grad_norm": float(grad_norm),
+            "tokens_per_second": real_total / max(elapsed, 1e-9),
+            "num_input_tokens_seen": state.tokens_seen,
+            "train_seconds": round(state.train_seconds, 3),
+            "skipped_steps": state.skipped_steps,
+            "eta_seconds": round(left, 1) if left is not None else None,
+            "seconds_per_step": round(per_step, 4) if per_step is not None else None,
+        }
 
     def write(self, row: dict[str, Any], last_eval: Optional[float]) -> None:
         self.metrics.write(row)
@@ -87,11 +112,13 @@ class StepLog:
             if self.status is not None:
                 self.status.update(row["step"], self.total, row["eta_seconds"], {**row, "eval_loss": last_eval})
             if plain_logs():
-                self.log(f"step {row['step']}/{self.total} loss {row['loss']:.4f} lr {row['learning_rate']:.3g} "
-                         f"grad_norm {row['grad_norm']:.3g} tokens/s {row['tokens_per_second']:.0f}"
-                         + (f" eval_loss {row['eval_loss']:.4f}" if "eval_loss" in row else "")
-                         + (f" skipped(non-finite) {row['skipped_steps']}" if row["skipped_steps"] else "")
-                         + f" eta {duration(row['eta_seconds'])}")
+                self.log(
+                    f"step {row['step']}/{self.total} loss {row['loss']:.4f} lr {row['learning_rate']:.3g} "
+                    f"grad_norm {row['grad_norm']:.3g} tokens/s {row['tokens_per_second']:.0f}"
+                    + (f" eval_loss {row['eval_loss']:.4f}" if "eval_loss" in row else "")
+                    + (f" skipped(non-finite) {row['skipped_steps']}" if row["skipped_steps"] else "")
+                    + f" eta {duration(row['eta_seconds'])}"
+                )
         self.progress.update(0, loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
         self._reset()
 
@@ -102,8 +129,9 @@ class StepLog:
         if self.d.is_main and self.recent:
             rewrite(self.cfg.out / PROGRESS_FILE, progress_text(self.recent, self.total, state="trained"))
         if self.status is not None:
-            self.status.update(step, self.total, 0.0, {**(self.recent[-1] if self.recent else {}),
-                                                         "eval_loss": eval_loss}, final=True)
+            self.status.update(
+                step, self.total, 0.0, {**(self.recent[-1] if self.recent else {}), "eval_loss": eval_loss}, final=True
+            )
             self.status.close()
 
 

@@ -34,10 +34,12 @@ def plan(split: Split, cfg: TrainerConfig, world: int) -> StepPlan:
     micro_per_epoch = len(batches) // world
     steps_per_epoch = micro_per_epoch // t.gradient_accumulation_steps
     if steps_per_epoch == 0:
-        raise UserError(f"data: {len(split)} training examples make {len(batches)} batches of "
-                        f"{t.per_device_train_batch_size}, too few for {world} processes x "
-                        f"{t.gradient_accumulation_steps} accumulation steps. Fix: more data, or smaller "
-                        "training.per_device_train_batch_size / gradient_accumulation_steps")
+        raise UserError(
+            f"data: {len(split)} training examples make {len(batches)} batches of "
+            f"{t.per_device_train_batch_size}, too few for {world} processes x "
+            f"{t.gradient_accumulation_steps} accumulation steps. Fix: more data, or smaller "
+            "training.per_device_train_batch_size / gradient_accumulation_steps"
+        )
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * steps_per_epoch)
     # Labels are shifted by one inside the loss: an example's first token is never a target.
     return StepPlan(batches, batches.counts(split.trained), micro_per_epoch, steps_per_epoch, total)
