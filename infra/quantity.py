@@ -74,10 +74,3 @@ def _without_tens(value: Decimal) -> tuple[int, int]:
         mantissa //= 10
         exponent += 1
     return mantissa, exponent
-
-
-def is_canonical(text: str) -> bool:
-    try:
-        return canonical(text) == text
-    except QuantityError:
-        return False

@@ -740,16 +740,16 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    raw, lines = _yaml_with_lines(text, str(path))
+    return load_config_text(text, str(path), overrides)
+
+
+def load_config_text(text: str, source: str = "<config>", overrides: list[str] | tuple[str, ...] = ()) -> TrainerConfig:
+    """A config from its YAML text; `source` names it in refusals (with the line of each key)."""
+    raw, lines = _yaml_with_lines(text, source)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the config must be a mapping with sections model, data, training, ...")
+        raise ConfigError(f"{source}: the config must be a mapping with sections model, data, training, ...")
     if overrides:
         raw = apply_overrides(raw, overrides)
-    return TrainerConfig.from_dict(raw, source=str(path), lines=lines)
-
-
-def load_config_text(text: str, source: str = "<config>") -> TrainerConfig:
-    raw, lines = _yaml_with_lines(text, source)
-    return TrainerConfig.from_dict(raw or {}, source=source, lines=lines)
+    return TrainerConfig.from_dict(raw, source=source, lines=lines)

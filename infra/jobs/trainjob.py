@@ -182,37 +182,6 @@ def runtime_manifest(cfg: StackConfig) -> Optional[dict]:
     }
 
 
-def effective_pod_spec(job: dict, runtime: dict) -> dict:
-    """The `node` pod spec the Trainer controller builds: the runtime's template with the patches
-    applied (containers merged by name). What the Pod Security Standard is checked against."""
-    import copy
-
-    base = next(r for r in runtime["spec"]["template"]["spec"]["replicatedJobs"] if r["name"] == CONTAINER)
-    spec = copy.deepcopy(base["template"]["spec"]["template"]["spec"])
-    for patch in job["spec"].get("runtimePatches", []):
-        for rj in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]:
-            if rj["name"] != CONTAINER:
-                continue
-            pod_patch = rj["template"]["spec"]["template"]["spec"]
-            for key, value in pod_patch.items():
-                if key != "containers":
-                    spec[key] = copy.deepcopy(value)
-            for c in pod_patch.get("containers", []):
-                target = next(x for x in spec["containers"] if x["name"] == c["name"])
-                target.update(copy.deepcopy(c))
-    node = next(x for x in spec["containers"] if x["name"] == CONTAINER)
-    trainer = job["spec"]["trainer"]
-    node.update(
-        {
-            "image": trainer["image"],
-            "command": trainer["command"],
-            "env": trainer["env"],
-            "resources": trainer["resourcesPerNode"],
-        }
-    )
-    return spec
-
-
 def commands(cfg: StackConfig) -> dict[str, str]:
     ns, job = cfg.namespace, cfg.job_name
     pods = f"jobset.sigs.k8s.io/jobset-name={job}"

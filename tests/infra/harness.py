@@ -15,6 +15,8 @@ import kubernetes_validate
 import pulumi
 import yaml
 
+from infra.jobs import trainjob
+
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "reference" / "kubeflow-training-operator"
 TRAINER_V2 = ROOT / "reference" / "kubeflow-trainer-v2"
@@ -260,10 +262,37 @@ def validate_trainingruntime(runtime: dict) -> None:
         assert names == [c["name"] for c in ref["template"]["spec"]["template"]["spec"]["containers"]]
 
 
+def effective_pod_spec(job: dict, runtime: dict) -> dict:
+    """The `node` pod spec the Trainer controller builds (the tests' model of it): the runtime's template with the patches
+    applied (containers merged by name). What the Pod Security Standard is checked against."""
+    base = next(r for r in runtime["spec"]["template"]["spec"]["replicatedJobs"] if r["name"] == trainjob.CONTAINER)
+    spec = copy.deepcopy(base["template"]["spec"]["template"]["spec"])
+    for patch in job["spec"].get("runtimePatches", []):
+        for rj in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]:
+            if rj["name"] != trainjob.CONTAINER:
+                continue
+            pod_patch = rj["template"]["spec"]["template"]["spec"]
+            for key, value in pod_patch.items():
+                if key != "containers":
+                    spec[key] = copy.deepcopy(value)
+            for c in pod_patch.get("containers", []):
+                target = next(x for x in spec["containers"] if x["name"] == c["name"])
+                target.update(copy.deepcopy(c))
+    node = next(x for x in spec["containers"] if x["name"] == trainjob.CONTAINER)
+    trainer = job["spec"]["trainer"]
+    node.update(
+        {
+            "image": trainer["image"],
+            "command": trainer["command"],
+            "env": trainer["env"],
+            "resources": trainer["resourcesPerNode"],
+        }
+    )
+    return spec
+
+
 def effective_trainjob_pod(job: dict, runtimes: Any = ()) -> dict:
     """The node pod of a TrainJob: from the rendered TrainingRuntime it references, else torch-distributed."""
-    from infra.jobs.trainjob import effective_pod_spec
-
     ref = job["spec"]["runtimeRef"]
     runtime = torch_runtime()
     if ref.get("kind") == "TrainingRuntime":

@@ -32,6 +32,7 @@ from typing import Optional
 import yaml
 
 from tests.integration.procs import ROOT
+from tests.integration.procs import kill_tree
 from trainer.runtime import local
 
 POD_PATHS = ("/data", "/etc/llm-finetune")
@@ -140,7 +141,7 @@ class Pod:
     def kill(self) -> None:
         """A lost node: every process of the pod dies at once (torchrun's workers included, which run
         in sessions of their own: a process-group kill alone would leave them training)."""
-        local.kill_tree(self.proc)
+        kill_tree(self.proc)
 
     def wait(self, timeout: float) -> Optional[int]:
         try:

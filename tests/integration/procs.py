@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -43,3 +44,23 @@ def etcd_server(tmp: Path):
         if os.environ.get("LLM_FINETUNE_REQUIRE_ETCD") == "1":
             pytest.fail(f"{exc}: CI must run the etcd tests")
         pytest.skip(str(exc))
+
+
+def kill_tree(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Kill `proc` and every process below it at once, as a lost node loses them: the tree is stopped
+    first (a stopped process spawns nothing), then killed."""
+    import psutil
+
+    tree: dict[int, "psutil.Process"] = {}
+    for _ in range(10):  # until no new process appears under the stopped ones
+        fresh = [p for p in local.descendants(proc.pid) if p.pid not in tree]
+        if not fresh:
+            break
+        for p in fresh:
+            tree[p.pid] = p
+            with contextlib.suppress(psutil.Error):
+                p.suspend()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=timeout)
+    local.kill_all(list(tree.values()), timeout)

@@ -9,6 +9,7 @@ import time
 import psutil
 import pytest
 
+from tests.integration.procs import kill_tree
 from trainer.runtime import local
 
 # A parent in its own group that starts a child in a new session (as torchrun does its workers),
@@ -47,7 +48,7 @@ def test_stopping_reaches_processes_in_other_sessions(how):
         if how == "stop":
             local.stop(proc, grace=10)
         else:
-            local.kill_tree(proc, timeout=10)
+            kill_tree(proc, timeout=10)
         assert proc.poll() is not None
         assert _gone(child), f"{how} left pid {child.pid} running"
     finally:

@@ -99,27 +99,7 @@ def descendants(pid: int) -> list:
         return []
 
 
-def kill_tree(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """Kill `proc` and every process below it at once, as a lost node loses them: the tree is stopped
-    first (a stopped process spawns nothing), then killed."""
-    import psutil
-
-    tree: dict[int, "psutil.Process"] = {}
-    for _ in range(10):  # until no new process appears under the stopped ones
-        fresh = [p for p in descendants(proc.pid) if p.pid not in tree]
-        if not fresh:
-            break
-        for p in fresh:
-            tree[p.pid] = p
-            with contextlib.suppress(psutil.Error):
-                p.suspend()
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=timeout)
-    _kill_all(list(tree.values()), timeout)
-
-
-def _kill_all(procs: list, timeout: float) -> None:
+def kill_all(procs: list, timeout: float) -> None:
     import psutil
 
     for p in procs:
@@ -142,7 +122,7 @@ def stop(proc: subprocess.Popen, grace: float = 15) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=grace)
-    _kill_all([p for p in below if p.is_running()], grace)
+    kill_all([p for p in below if p.is_running()], grace)
 
 
 class EtcdUnavailable(RuntimeError):
