@@ -45,12 +45,15 @@ def test_the_13b_qlora_preset_fits_nodes_of_24_gb_by_its_plan():
     assert cfg.trainer.lora.base_bits == 4 and not cfg.trainer.training.fsdp
     plan = memory.plan_for(cfg.trainer, LLAMA2_13B, cfg.workers, cfg.procs_per_worker, cfg.resources.gpus)
     limit = memory.quantity_bytes(cfg.resources.memory)
-    assert 1.15 * plan.peak <= limit <= 1.5 * plan.peak, (plan.describe(), cfg.resources.memory)
     assert limit < 22 * 2 ** 30  # what a node of 24 GB can give a pod
     assert plan.terms["quantized weights"] < 0.26 * LLAMA2_13B_PARAMS * 2  # about a quarter of the bf16 base
     assert memory.check(cfg, LLAMA2_13B, "test").warning is None
     avx2 = memory.on_avx2(cfg, LLAMA2_13B)
     assert "does not fit" not in avx2, avx2
+    # Measured at the 13B shape (bench/results/scale-cpu-avx2.json) the plan was 18% under the peak: the
+    # pod holds 20% over the larger (fp32-compute) plan, and is not wasteful beside the bf16 one.
+    slow = float(avx2.split(" GiB per process")[0].rsplit(" ", 1)[1]) * 2 ** 30
+    assert 1.2 * slow <= limit <= 1.7 * plan.peak, (plan.describe(), avx2, cfg.resources.memory)
 
 
 LLAMA2_13B_PARAMS = memplan.Shape.from_config(LLAMA2_13B).params
