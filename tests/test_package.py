@@ -20,3 +20,14 @@ def test_installed_with_its_commands_and_from_this_tree():
     exe = Path(sys.executable).parent / "llm-finetune"
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120, cwd="/")
     assert out.returncode == 0 and "finetune" in out.stdout
+
+
+def test_paths_the_trainer_derives_from_its_files_are_the_repository():
+    """The demo's default output (demo-output/, ignored by git) and the PYTHONPATH local runs give their
+    processes are the repository root, wherever the module sits in the package: a module moved one folder
+    down once put demo-output/ inside trainer/ and trainer/ itself on the workers' path."""
+    from trainer.dev import demo
+    from trainer.runtime import local
+
+    assert demo.ROOT == ROOT and local.ROOT == ROOT
+    assert (ROOT / "trainer" / "__init__.py").exists()

@@ -28,7 +28,7 @@ from typing import Any
 from trainer.runtime import local
 from trainer.config import TrainerConfig
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is trainer/dev/demo.py)
 
 
 def demo_config(out: Path, model: str, steps: int) -> TrainerConfig:

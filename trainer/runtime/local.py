@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is trainer/runtime/local.py)
 
 
 def run_env(**extra: str) -> dict[str, str]:
