@@ -208,7 +208,25 @@ HEAVIEST_FIRST = ("tests/test_demo.py", "tests/integration/test_rendered_job.py"
                   "tests/integration/test_faults_torchrun.py", "tests/integration/test_real_model.py")
 
 
+# Tests that run whole fine-tunes, processes or pipelines: marked slow, so `make test-fast` (-m "not slow")
+# keeps the quick tier (config, data, memory plan, checkpoints' format, the stack's manifests, CEL rules).
+SLOW_DIRS = ("tests/integration/", "tests/bench/")
+SLOW_FILES = ("tests/test_demo.py", "tests/test_setup.py", "tests/trainer/test_train.py",
+              "tests/trainer/test_faults.py", "tests/trainer/test_export.py", "tests/trainer/test_quantize.py",
+              "tests/trainer/test_equivalence.py", "tests/trainer/test_architectures.py",
+              "tests/trainer/test_qlora.py", "tests/trainer/test_tracking.py",
+              "tests/trainer/test_kubeflow_status.py", "tests/trainer/test_precision_split.py",
+              "tests/trainer/test_compute.py", "tests/trainer/test_prepare_evaluate.py",
+              "tests/trainer/test_gguf.py", "tests/trainer/test_cli.py", "tests/trainer/test_memplan.py",
+              "tests/trainer/test_modeling.py", "tests/trainer/test_attention.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(session, config, items):
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        if path.startswith(SLOW_DIRS) or path in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
 
     def weight(item) -> int:
