@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from trainer.config import QuantizeConfig
+from trainer.post import quantsize
 from trainer.errors import UserError
 
 # Our format names -> AutoRound's.
@@ -167,17 +168,7 @@ def _collect(staging: Path, target: Path, fmt: str, kept: torch.dtype, log: Call
 
 # What a quantized layer stores beside its packed weight (compressed-tensors and AutoRound's names):
 # these keep the dtype the format gives them.
-_QUANTIZED_PARTS = (
-    "weight_packed",
-    "weight_scale",
-    "weight_zero_point",
-    "weight_shape",
-    "weight_g_idx",
-    "qweight",
-    "qzeros",
-    "scales",
-    "g_idx",
-)
+_QUANTIZED_PARTS = quantsize.QUANTIZED_PARTS
 
 
 def keep_unquantized_dtype(folder: Path, dtype: torch.dtype) -> int:

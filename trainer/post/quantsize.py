@@ -269,7 +269,8 @@ def saved_dtype(model_dir: str) -> Optional[torch.dtype]:
 
 # ---- what the written files hold: measured, per served format -------------------------------------
 
-_STORED_QUANT = (
+# What a quantized layer stores beside its packed weight (compressed-tensors and AutoRound's names).
+QUANTIZED_PARTS = (
     "weight_packed",
     "weight_scale",
     "weight_zero_point",
@@ -293,7 +294,7 @@ def _stored_part(name: str, gguf: bool) -> str:
         return "embeddings"
     if name.startswith("lm_head"):
         return "head"
-    if name.rsplit(".", 1)[-1] in _STORED_QUANT:
+    if name.rsplit(".", 1)[-1] in QUANTIZED_PARTS:
         return "layers"
     return "norms and biases" if "norm" in name or name.endswith(".bias") else "layers"
 
