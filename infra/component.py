@@ -120,10 +120,7 @@ class FineTuneJob(pulumi.ComponentResource):
         cfg = args.config
         child = pulumi.ResourceOptions(parent=self)
         self.volume = shared_volume(name, cfg, self)
-        self.claim, self.volume_prep = self.volume.claim, self.volume.prep
         self.credentials = credentials(name, args, self)
-        self.secret, self.tracking_secret = self.credentials.hf_token, self.credentials.tracking
-        self.config_map = self.credentials.config_map
         pod = _with_claim(data_access_pod_manifest(cfg), self.volume.name)
         self.data_access = k8s.core.v1.Pod(
             f"{name}-data-access",
@@ -133,7 +130,8 @@ class FineTuneJob(pulumi.ComponentResource):
         )
         self.etcd = rendezvous_resources(name, cfg, child)
         api = for_api(cfg.job_api)
-        self.runtime, self.job = self._job(name, cfg, api)
+        job = api.manifest(cfg)
+        self.runtime, self.job = self._job(name, cfg, api, job)
         self.outputs = {
             "jobName": _created_name(self.job),
             "namespace": cfg.namespace,
@@ -141,7 +139,7 @@ class FineTuneJob(pulumi.ComponentResource):
             "dataAccessPod": self.data_access.metadata.apply(lambda m: m["name"]),
             "outputDir": cfg.output_dir,
             "run": cfg.run_hash,
-            "rendezvousId": api.rendezvous(api.manifest(cfg)),
+            "rendezvousId": api.rendezvous(job),
             "jobApi": cfg.job_api,
             "rendezvous": cfg.rendezvous,
             "commands": commands(cfg),
@@ -149,10 +147,10 @@ class FineTuneJob(pulumi.ComponentResource):
         self.register_outputs(self.outputs)
 
     def _job(
-        self, name: str, cfg: StackConfig, api: JobApi
+        self, name: str, cfg: StackConfig, api: JobApi, job: dict
     ) -> tuple[Optional[k8s.apiextensions.CustomResource], k8s.apiextensions.CustomResource]:
-        """The job API's runtime object where it has one (created first: the job names it), and the job."""
-        job = api.manifest(cfg)
+        """The job API's runtime object where it has one (created first: the job names it), and the job
+        (`job`: its rendered manifest, left as it is: the claim and credentials are linked into a copy)."""
         job_spec = self.credentials.link(_with_claim(job, self.volume.name))["spec"]
         created_runtime = None
         runtime = api.runtime(cfg)
