@@ -15,13 +15,18 @@ from trainer.data.batches import BatchOrder
 from trainer.monitor import samples
 from trainer.monitor.metrics import perplexity
 from trainer.runtime import distributed as D
-from trainer.train.net import Net
+from trainer.train.net import Net, Training
 
 
 class Evaluator:
-    def __init__(self, cfg: TrainerConfig, d: D.Dist, data: Prepared, tokenizer, net: Net, precision: D.Precision, log):
+    def __init__(self, cfg: TrainerConfig, d: D.Dist, data: Prepared, tokenizer, training: Training, precision: D.Precision, log):
         self.cfg, self.d, self.data, self.tokenizer = cfg, d, data, tokenizer
-        self.net, self.precision, self.log = net, precision, log
+        # The holder, not the model: Training.release() must leave nothing here keeping the model alive.
+        self.training, self.precision, self.log = training, precision, log
+
+    @property
+    def net(self) -> Net:
+        return self.training.net
 
     def due(self, step: int, last: bool) -> bool:
         every = self.cfg.training.eval_steps

@@ -66,7 +66,7 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.evaluator = Evaluator(
-            self.cfg, self.dist, self.data, self.tokenizer, self.training.net, self.placement.precision, self.log
+            self.cfg, self.dist, self.data, self.tokenizer, self.training, self.placement.precision, self.log
         )
 
     def train(self) -> dict[str, Any]:
