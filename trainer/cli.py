@@ -96,6 +96,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         from trainer.config import load_config
 
         cfg = load_config(args.config, args.overrides)
+        if args.command in ("finetune", "quantize", "evaluate"):
+            from trainer.runtime import allocator
+
+            allocator.configure()  # before anything large is allocated (the fine-tune's log names it)
         if args.command == "finetune":
             from trainer.train import finetune
 

@@ -17,6 +17,7 @@ from trainer.data import Prepared
 from trainer.errors import UserError
 from trainer.model import modeling
 from trainer.monitor.metrics import MetricsWriter
+from trainer.runtime import allocator
 from trainer.runtime import distributed as D
 from trainer.runtime.preemption import StopRequest
 from trainer.train import identity, net, optim
@@ -28,8 +29,9 @@ from trainer.train.steps import plan
 
 
 def prepare(cfg: TrainerConfig, d: D.Dist) -> None:
-    """Before anything is read: seeds, this process's threads, the world size checked against the
-    config, QLoRA's library importable."""
+    """Before anything is read: seeds, this process's threads and allocator, the world size checked
+    against the config, QLoRA's library importable."""
+    allocator.configure()
     torch.manual_seed(cfg.training.seed)
     random.seed(cfg.training.seed)
     if d.device.type == "cpu":
@@ -55,7 +57,8 @@ def build(cfg: TrainerConfig, d: D.Dist, log, stop: StopRequest) -> Trainer:
     path = modeling.resolve(cfg.model, token, d, data_module.cache_root(cfg), log)
     tokenizer = modeling.load_tokenizer(path)
     log(
-        f"world {d.world_size} (backend {d.backend or 'none'}, device {d.device.type}, {torch.get_num_threads()} threads/process)"
+        f"world {d.world_size} (backend {d.backend or 'none'}, device {d.device.type}, "
+        f"{torch.get_num_threads()} threads/process); {allocator.configure()}"
     )
     data = data_module.for_config(cfg, tokenizer, path, token, d, log)
     _log_data(cfg, data, log)
