@@ -21,7 +21,9 @@ preview against `resources.memory`. The terms, per process:
 - the loss's logits over the labelled positions (bf16 logits, their fp32 copy and its gradient);
 - the quantize stage (rank 0 alone, after training): final/ in its saved dtype, one layer in fp32.
 
-The estimate is checked against measured peaks in tests (tiny models) and bench/scale.py (7B).
+The estimate is checked against measured peaks in tests (tiny models) and bench/scale.py (7B, 13B). It
+counts what is allocated: the trainer makes glibc return freed blocks to the kernel
+(trainer/runtime/allocator.py); without that, the holes malloc kept were 2 GiB beyond it at 13B.
 """
 
 from __future__ import annotations
