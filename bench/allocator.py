@@ -53,6 +53,7 @@ def main() -> int:
     from trainer.runtime import allocator
 
     p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="llama-2-7b", help="a shape of bench/shapes.py (its width; --layers of it)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--tokens", type=int, default=256)
@@ -61,7 +62,7 @@ def main() -> int:
     libc = ctypes.CDLL("libc.so.6")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        path = write("llama-2-7b", Path(tmp) / "m", num_hidden_layers=args.layers)
+        path = write(args.shape, Path(tmp) / "m", num_hidden_layers=args.layers)
         with qlora.reading_not_mapping():
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch.bfloat16, quantization_config=qlora.quantization_config(4, torch.float32),
@@ -95,11 +96,14 @@ def main() -> int:
             seen[name]["seconds"].append(seconds)
             seen[name]["peak_gib"].append((vm("VmHWM") - before) / GIB)
             seen[name]["kept_gib"].append((vm("VmRSS") - before) / GIB)
-    h, i, t, v, layers = 4096, 11008, args.tokens, 32000, args.layers
+    from bench.shapes import SHAPES
+
+    shape = SHAPES[args.shape]
+    h, i, t, v, layers = shape["hidden_size"], shape["intermediate_size"], args.tokens, shape["vocab_size"], args.layers
     flops = 2 * t * (layers * (4 * h * h + 3 * h * i) + h * v) * 3 - 2 * t * h * v  # fwd + 2x bwd, no head grad wrt weight
     rate = rates().fp32 * 1e9 * torch.get_num_threads()
     out = {
-        "shape": f"llama-2-7b width, {layers} layers, QLoRA NF4 (bitsandbytes), fp32 compute, {t} tokens",
+        "shape": f"{args.shape} width, {layers} layers, QLoRA NF4 (bitsandbytes), fp32 compute, {t} tokens",
         "threads": torch.get_num_threads(),
         "thresholds_bytes": settings,
         **{name: {"seconds_median": round(statistics.median(s["seconds"]), 3),
