@@ -31,15 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 GIB = 1 << 30
-M_MMAP_THRESHOLD = -3
 DYNAMIC_MAX = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: where the dynamic threshold ends up
-
-
-def vm(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def main() -> int:
@@ -47,6 +39,7 @@ def main() -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from bench.memtrace import status_kib
     from bench.shapes import write
     from trainer.model import qlora
     from trainer.model.compute import rates
@@ -88,14 +81,14 @@ def main() -> int:
     seen: dict[str, dict[str, list[float]]] = {k: {"seconds": [], "peak_gib": [], "kept_gib": []} for k in settings}
     for _ in range(args.rounds):
         for name, threshold in settings.items():
-            libc.mallopt(M_MMAP_THRESHOLD, threshold)
+            libc.mallopt(allocator.M_MMAP_THRESHOLD, threshold)
             libc.malloc_trim(0)  # each round starts from what the other setting left, returned
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-            before = vm("VmRSS")
+            before = status_kib("VmRSS") * 1024
             seconds = step()
             seen[name]["seconds"].append(seconds)
-            seen[name]["peak_gib"].append((vm("VmHWM") - before) / GIB)
-            seen[name]["kept_gib"].append((vm("VmRSS") - before) / GIB)
+            seen[name]["peak_gib"].append((status_kib("VmHWM") * 1024 - before) / GIB)
+            seen[name]["kept_gib"].append((status_kib("VmRSS") * 1024 - before) / GIB)
     from bench.shapes import SHAPES
 
     shape = SHAPES[args.shape]

@@ -166,11 +166,6 @@ def _collect(staging: Path, target: Path, fmt: str, kept: torch.dtype, log: Call
     return path
 
 
-# What a quantized layer stores beside its packed weight (compressed-tensors and AutoRound's names):
-# these keep the dtype the format gives them.
-_QUANTIZED_PARTS = quantsize.QUANTIZED_PARTS
-
-
 def keep_unquantized_dtype(folder: Path, dtype: torch.dtype) -> int:
     """Cast the floating tensors a Hugging Face quantized checkpoint holds unquantized (embeddings,
     norms, an untied head) to `dtype`, file by file, and name it in config.json; returns how many
@@ -191,11 +186,12 @@ def keep_unquantized_dtype(folder: Path, dtype: torch.dtype) -> int:
             metadata = f.metadata()
             for key in f.keys():
                 tensor = f.get_tensor(key)
+                # A quantized layer's stored parts keep the dtype the format gives them.
                 if (
                     tensor.is_floating_point()
                     and tensor.dtype != dtype
                     and tensor.element_size() > torch.empty((), dtype=dtype).element_size()
-                    and key.rsplit(".", 1)[-1] not in _QUANTIZED_PARTS
+                    and key.rsplit(".", 1)[-1] not in quantsize.QUANTIZED_PARTS
                 ):
                     tensor = tensor.to(dtype)
                     narrowed += 1

@@ -26,7 +26,7 @@ import platform
 from typing import Mapping, Optional
 
 MMAP_THRESHOLD = 1 << 20
-_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
 _PRELOADED = ("jemalloc", "tcmalloc", "mimalloc")
 _done: Optional[str] = None
 
@@ -48,7 +48,7 @@ def _configure(env: Mapping[str, str]) -> str:
     if "MALLOC_MMAP_THRESHOLD_" in env or "mmap_threshold" in env.get("GLIBC_TUNABLES", ""):
         return "allocator: glibc malloc, its mmap threshold as set in the environment"
     try:
-        ok = ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        ok = ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     except (OSError, AttributeError):
         ok = 0
     if not ok:
